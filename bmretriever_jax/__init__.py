@@ -1,0 +1,3 @@
+"""bmretriever_jax: decoder-only LLMs -> biomedical dense retrievers, in JAX."""
+
+__version__ = "0.1.0"
