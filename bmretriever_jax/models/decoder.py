@@ -1,0 +1,302 @@
+"""One pure-functional decoder for every family: params are nested dicts, layers stacked on axis 0.
+
+Precision: the residual stream, norms, softmax and rotary maths are float32; matmuls take their inputs in
+`dtype` (bf16 by default) and accumulate in float32 (`preferred_element_type`), which is what makes this
+CPU's AMX units (and TPU/GPU tensor cores) pay off without giving up f32 accuracy in reductions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bmretriever_jax.models.config import ModelConfig
+
+Params = dict
+NEG_INF = -1e30  # finite: a fully masked row (left padding + causal) must not produce NaN
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter shapes and initialisation
+# ----------------------------------------------------------------------------------------------------
+def _linear_shape(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, L: Optional[int]) -> dict:
+    lead = () if L is None else (L,)
+    p = {"kernel": lead + (n_in, n_out)}
+    if bias:
+        p["bias"] = lead + (n_out,)
+    return p
+
+
+def _norm_shape(cfg: ModelConfig, dim: int, L: Optional[int]) -> dict:
+    lead = () if L is None else (L,)
+    p = {"scale": lead + (dim,)}
+    if cfg.norm == "layer":
+        p["bias"] = lead + (dim,)
+    return p
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Nested dict of shapes (tuples) with the same structure as the params."""
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attn = {
+        "q": _linear_shape(cfg, D, q_dim, cfg.attn_bias, L),
+        "k": _linear_shape(cfg, D, kv_dim, cfg.attn_bias, L),
+        "v": _linear_shape(cfg, D, kv_dim, cfg.attn_bias, L),
+        "o": _linear_shape(cfg, q_dim, D, cfg.attn_bias, L),
+    }
+    mlp = {"up": _linear_shape(cfg, D, F, cfg.mlp_bias, L), "down": _linear_shape(cfg, F, D, cfg.mlp_bias, L)}
+    if cfg.gated_mlp:
+        mlp["gate"] = _linear_shape(cfg, D, F, cfg.mlp_bias, L)
+    layers = {"attn_norm": _norm_shape(cfg, D, L), "attn": attn, "mlp_norm": _norm_shape(cfg, D, L), "mlp": mlp}
+    if cfg.qk_norm:
+        layers["q_norm"] = {"scale": (L, cfg.head_dim)}
+        layers["k_norm"] = {"scale": (L, cfg.head_dim)}
+    if cfg.sandwich_norm:
+        layers["post_attn_norm"] = _norm_shape(cfg, D, L)
+        layers["post_mlp_norm"] = _norm_shape(cfg, D, L)
+    shapes = {"embed": {"embedding": (cfg.vocab_size, D)}, "layers": layers, "final_norm": _norm_shape(cfg, D, None)}
+    return shapes
+
+
+def _is_shape(x):
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random init (normal(0.02) matrices, unit norms): for tests and from-scratch runs.
+
+    Use under `jax.eval_shape` / `jax.jit(out_shardings=...)` to avoid materialising big models on one host.
+    """
+    shapes = param_shapes(cfg)
+    paths, treedef = jax.tree.flatten_with_path(shapes, is_leaf=_is_shape)
+    keys = jax.random.split(key, len(paths))
+    leaves = []
+    for (path, shape), k in zip(paths, keys):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if name.endswith("scale"):
+            # Gemma-style norms hold w with scale = 1 + w: unit scale is w = 0
+            leaves.append(jnp.full(shape, 1.0 - cfg.norm_offset, dtype))
+        elif name.endswith("bias"):
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            leaves.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------
+def linear(p: dict, x: jax.Array, dtype, dropout_key: Optional[jax.Array] = None, dropout: float = 0.0):
+    """x [..., in] -> [..., out] float32; matmul inputs in `dtype`, accumulation in float32.
+
+    A LoRA adapter rides along as p["lora_a"] [in, r] and p["lora_b"] [r, out] (already scaled).
+    """
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    if "lora_a" in p:
+        xa = x
+        if dropout > 0.0 and dropout_key is not None:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, x.shape)
+            xa = jnp.where(keep, x / (1.0 - dropout), 0.0)
+        h = jnp.einsum("...i,ir->...r", xa.astype(dtype), p["lora_a"].astype(dtype), preferred_element_type=jnp.float32)
+        y = y + jnp.einsum("...r,ro->...o", h.astype(dtype), p["lora_b"].astype(dtype),
+                           preferred_element_type=jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y
+
+
+def norm(cfg: ModelConfig, p: dict, x: jax.Array, eps: Optional[float] = None) -> jax.Array:
+    eps = cfg.norm_eps if eps is None else eps
+    x = x.astype(jnp.float32)
+    scale = p["scale"].astype(jnp.float32) + cfg.norm_offset
+    if cfg.norm == "layer":
+        mu = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mu).mean(-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + eps) * scale + p["bias"].astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps) * scale
+
+
+def activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.act == "silu":
+        return jax.nn.silu(x)
+    if cfg.act == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if cfg.act == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unknown activation {cfg.act!r}; allowed: silu, gelu, gelu_tanh")
+
+
+def rope_inv_freq(cfg: ModelConfig, theta: float) -> jax.Array:
+    rd = cfg.rotary_dim
+    inv = 1.0 / (theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = jnp.where(wavelen > old_ctx / lo, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        return jnp.where(is_mid, mid, scaled)
+    raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array, theta: float):
+    """positions [B, T] -> (cos, sin) [B, T, 1, rotary_dim] float32 (rotate-half layout, as HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg, theta)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, hd]; rotates the first rotary_dim features (all of them unless GPT-NeoX)."""
+    rd = cos.shape[-1]
+    xr, xp = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return jnp.concatenate([xr * cos + rotated * sin, xp], axis=-1)
+
+
+def attention_bias(attention_mask: jax.Array, *, causal: bool, window: Optional[int]) -> jax.Array:
+    """attention_mask [B, T] (1 = token) -> additive bias [B, 1, 1, T, T] float32 (query, key).
+
+    Windows follow transformers: causal keeps 0 <= q - k < window; bidirectional keeps a window of the
+    same total width centred on the query, |q - k| <= window // 2 (transformers' Gemma 3 rule).
+    """
+    T = attention_mask.shape[1]
+    q = jnp.arange(T)[:, None]
+    k = jnp.arange(T)[None, :]
+    allowed = jnp.ones((T, T), bool)
+    if causal:
+        allowed &= k <= q
+    if window is not None:
+        allowed &= (q - k < window) if causal else (jnp.abs(q - k) <= window // 2)
+    allowed = allowed[None] & (attention_mask[:, None, :] > 0)
+    return jnp.where(allowed, 0.0, NEG_INF)[:, None, None]
+
+
+def attention(cfg: ModelConfig, p: dict, x, cos, sin, bias, dtype, keys=None, dropout=0.0):
+    """x [B, T, D] -> [B, T, D]; grouped-query attention, bias [B, 1, 1, T, T]."""
+    B, T, _ = x.shape
+    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    k_ = (lambda i: None) if keys is None else (lambda i: keys[i])
+    q = linear(p["attn"]["q"], x, dtype, k_(0), dropout).reshape(B, T, H, hd)
+    k = linear(p["attn"]["k"], x, dtype, k_(1), dropout).reshape(B, T, K, hd)
+    v = linear(p["attn"]["v"], x, dtype, k_(2), dropout).reshape(B, T, K, hd)
+    if cfg.qk_norm:
+        q = norm(cfg, p["q_norm"], q)
+        k = norm(cfg, p["k_norm"], k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+    q = (q * scale).reshape(B, T, K, H // K, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q.astype(dtype), k.astype(dtype), preferred_element_type=jnp.float32)
+    if cfg.attn_logit_softcap:
+        s = jnp.tanh(s / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    probs = jax.nn.softmax(s + bias, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
+    return linear(p["attn"]["o"], o.reshape(B, T, H * hd), dtype, k_(3), dropout)
+
+
+def mlp(cfg: ModelConfig, p: dict, x, dtype, keys=None, dropout=0.0):
+    k_ = (lambda i: None) if keys is None else (lambda i: keys[i])
+    up = linear(p["mlp"]["up"], x, dtype, k_(4), dropout)
+    if cfg.gated_mlp:
+        h = activation(cfg, linear(p["mlp"]["gate"], x, dtype, k_(5), dropout)) * up
+    else:
+        h = activation(cfg, up)
+    return linear(p["mlp"]["down"], h, dtype, k_(6), dropout)
+
+
+def block(cfg: ModelConfig, p: dict, x, rope, bias, dtype, keys=None, dropout=0.0):
+    """One decoder layer on x [B, T, D] float32 (p holds this layer's slice of the stacked params)."""
+    cos, sin = rope
+    h = attention(cfg, p, norm(cfg, p["attn_norm"], x), cos, sin, bias, dtype, keys, dropout)
+    if cfg.sandwich_norm:
+        h = norm(cfg, p["post_attn_norm"], h)
+    if cfg.parallel_residual:
+        return x + h + mlp(cfg, p, norm(cfg, p["mlp_norm"], x), dtype, keys, dropout)
+    x = x + h
+    h = mlp(cfg, p, norm(cfg, p["mlp_norm"], x), dtype, keys, dropout)
+    if cfg.sandwich_norm:
+        h = norm(cfg, p["post_mlp_norm"], h)
+    return x + h
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+def embed_tokens(cfg: ModelConfig, params: Params, input_ids: jax.Array) -> jax.Array:
+    x = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(jnp.float32)
+    if cfg.embed_scale:
+        # transformers rounds sqrt(hidden) to the weight dtype before multiplying
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, params["embed"]["embedding"].dtype).astype(jnp.float32)
+    return x
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Left padding: the first real token is position 0 (rotary attention is shift-invariant anyway)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    dtype: Any = jnp.bfloat16,
+    bidirectional: bool = False,
+    remat: bool = False,
+    dropout: float = 0.0,
+    dropout_key: Optional[jax.Array] = None,
+) -> jax.Array:
+    """input_ids, attention_mask [B, T] -> final hidden states [B, T, D] float32 (after the final norm).
+
+    bidirectional: every token sees every (non-pad) token (STM's option); sliding windows stay.
+    dropout: LoRA dropout on the adapter inputs (only where adapters are present), needs dropout_key.
+    """
+    dtype = jnp.dtype(dtype)
+    x = embed_tokens(cfg, params, input_ids)
+    positions = positions_from_mask(attention_mask)
+    rope_global = rope_tables(cfg, positions, cfg.rope_theta)
+    rope_local = rope_tables(cfg, positions, cfg.rope_local_theta or cfg.rope_theta)
+    bias_full = attention_bias(attention_mask, causal=not bidirectional, window=None)
+    bias_local = bias_full
+    if cfg.sliding_window is not None:
+        bias_local = attention_bias(attention_mask, causal=not bidirectional, window=cfg.sliding_window)
+    sliding = jnp.asarray(cfg.layer_is_sliding)
+    use_dropout = dropout > 0.0 and dropout_key is not None
+    layer_keys = (jax.random.split(dropout_key, cfg.num_layers) if use_dropout
+                  else jnp.zeros((cfg.num_layers, 2), jnp.uint32))
+
+    def body(x, xs):
+        p, is_sliding, key = xs
+        rope = jax.tree.map(lambda a, b: jnp.where(is_sliding, a, b), rope_local, rope_global)
+        bias = jnp.where(is_sliding, bias_local, bias_full)
+        keys = jax.random.split(key, 7) if use_dropout else None
+        return block(cfg, p, x, rope, bias, dtype, keys, dropout if use_dropout else 0.0), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, _ = jax.lax.scan(body, x, (params["layers"], sliding, layer_keys))
+    return norm(cfg, params["final_norm"], x)
+
+
+def logits(cfg: ModelConfig, params: Params, hidden: jax.Array, dtype: Any = jnp.bfloat16) -> jax.Array:
+    """hidden [..., D] -> vocabulary logits [..., V] float32 (tied or separate LM head)."""
+    if cfg.tie_embeddings:
+        w = params["embed"]["embedding"]
+        return jnp.einsum("...d,vd->...v", hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    if "lm_head" not in params:
+        raise ValueError("this checkpoint has an untied LM head that was not loaded (a base-model checkpoint): "
+                         "load the CausalLM checkpoint to generate text")
+    return linear(params["lm_head"], hidden, dtype)

@@ -1,0 +1,57 @@
+"""Tiny random transformers models of every family, saved to disk (shared by parity and export tests)."""
+import torch
+import transformers
+
+VOCAB = 97
+
+
+def tiny_hf_config(family: str, bidirectional: bool = False):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(**common, rotary_pct=0.25, tie_word_embeddings=False)
+    if family == "llama":
+        return transformers.LlamaConfig(**common, num_key_value_heads=2, rope_theta=5000.0, tie_word_embeddings=True)
+    if family == "mistral":
+        return transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False)
+    if family == "gemma":
+        return transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=32)
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+            sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                           "full_attention"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+            use_bidirectional_attention=bidirectional)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    raise ValueError(family)
+
+
+def tiny_hf_model(family: str, path: str, bidirectional: bool = False, seed: int = 0):
+    """Build, randomise (norm weights too, so offsets are tested) and save a tiny base model; return it."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModel.from_config(tiny_hf_config(family, bidirectional))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "layernorm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if family.startswith("gemma") else 1.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+def padded_batch(seed: int = 0, batch: int = 3, length: int = 11):
+    """Left-padded ids/mask as int64 torch tensors: rows of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        pad = (b * 3) % length
+        mask[b, :pad] = 0
+        ids[b, :pad] = 0
+    return ids, mask
