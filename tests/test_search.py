@@ -99,8 +99,14 @@ def test_sharded_over_8_devices_equals_single_device():
         np.testing.assert_array_equal(sharded[0], single[0])
         np.testing.assert_array_equal(single[1], brute_force(q, c, k)[1])
     mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    two_axes = topk_search(q, c, 10, block_size=64, similarity="cos", mesh=mesh)
-    np.testing.assert_array_equal(two_axes[1], brute_force(q, c, 10, "cos")[1])
+    two_axes = topk_search(q, c, 10, block_size=64, similarity="dot", mesh=mesh)
+    np.testing.assert_array_equal(two_axes[1], brute_force(q, c, 10)[1])
+    # Cosine on continuous data (no near-ties that rounding could flip), sharded.
+    qf, cf = rng.normal(size=(7, 16)).astype(np.float32), rng.normal(size=(500, 16)).astype(np.float32)
+    s, i = topk_search(qf, cf, 10, block_size=128, similarity="cos", mesh=mesh)
+    ref_s, ref_i = brute_force(qf, cf, 10, "cos")
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, rtol=0, atol=1e-6)
 
 
 def test_merge_topk_prefers_first_argument_on_ties():

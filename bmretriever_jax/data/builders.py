@@ -132,17 +132,22 @@ def read_id_list(path: str) -> set[str]:
     return ids
 
 
-def medquad_pairs(pairs_path: str, *, exclude_documents: str | None,
-                  exclude_overlapping_text: bool = True) -> list[Pair]:
+def medquad_pairs(pairs_path: str, *, exclude_documents: str | None, exclude_same_questions: bool = True,
+                  exclude_same_answers: bool = False) -> list[Pair]:
     """MedQuAD question -> answer pairs from the {"id","question","answer",...} jsonl(.gz), in file order.
 
     exclude_documents: a file listing held-out source documents, one a line, by document id
     ("GHR_0000001"), URL, or any pair id of the document ("GHR_0000001_Sec3"); every pair of those
     documents is left out. It is a required argument on purpose: pass None to use every pair. An id list
     that matches no pair at all raises (it is in some other format, and training would leak silently).
-    exclude_overlapping_text: also leave out pairs of other documents whose question or answer text
-    (case- and whitespace-insensitive) equals one of a held-out pair: MedQuAD repeats "What is (are) X ?"
-    and some answers across sources, and such a pair would put a test query or a test positive in training.
+    exclude_same_questions: also leave out pairs of other documents that ask a held-out question (case and
+      whitespace aside): MedQuAD repeats "What is (are) X ?" across sources, and such a pair would put a
+      test query in training. (data/medquad holds out such documents together, so there it removes nothing.)
+    exclude_same_answers: also leave out pairs whose answer equals a held-out answer. Off by default: the
+      repeated answers are boilerplate ("This condition is inherited in an autosomal recessive pattern..."
+      answers 331 inheritance questions), which the benchmark never uses as a positive, and dropping them
+      would remove most inheritance questions from training. Turn it on for a held-out list whose queries
+      may have such answers as positives.
     """
     opener = gzip.open if pairs_path.endswith(".gz") else open
     rows = []
@@ -173,13 +178,13 @@ def medquad_pairs(pairs_path: str, *, exclude_documents: str | None,
     for i, r in enumerate(rows):
         if i in held:
             continue
-        if exclude_overlapping_text and held and (_norm(r["question"]) in held_questions
-                                                  or _norm(r["answer"]) in held_answers):
+        if (exclude_same_questions and _norm(r["question"]) in held_questions) or \
+                (exclude_same_answers and _norm(r["answer"]) in held_answers):
             overlapping += 1
             continue
-        pairs.append(Pair(query=r["question"].strip(), positive={"title": "", "text": r["answer"].strip(), "id": r["id"]},
-                          task="medquad", id=r["id"]))
-    log.info("%s: %d pairs kept, %d in held-out documents, %d sharing a held-out question or answer",
+        positive = {"title": "", "text": r["answer"].strip(), "id": r["id"]}
+        pairs.append(Pair(query=r["question"].strip(), positive=positive, task="medquad", id=r["id"]))
+    log.info("%s: %d pairs kept, %d in held-out documents, %d more sharing a held-out question/answer",
              pairs_path, len(pairs), len(held), overlapping)
     return pairs
 

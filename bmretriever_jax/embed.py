@@ -1,0 +1,217 @@
+"""Text -> vectors, BMRetriever's way.
+
+query   -> "{instruction}\\nQuery: {query}"
+passage -> "Represent this passage\\npassage: {title} {text}"
+tokenise without padding, truncate to max_length - 1, append EOS by hand, pad on the LEFT, run the
+backbone, take the last token (or the masked mean), L2-normalise.
+
+Behaviour at the edges (documented and tested): an empty text is encoded as the template alone (for
+`encode_texts`, BOS + EOS); a text longer than max_length is truncated (the EOS is always kept);
+max_length beyond the model's context raises.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmretriever_jax.models import ModelConfig, forward
+
+# BMRetriever's task instructions (its evaluation code and mteb's BMRetriever settings); keys are the task
+# names used by the data builders and `bmr eval`.
+TASK_INSTRUCTIONS = {
+    "scifact": "Given a scientific claim, retrieve documents that support or refute the claim",
+    "nfcorpus": "Given a question, retrieve relevant documents that best answer the question",
+    "trec-covid": "Given a query on COVID-19, retrieve documents that answer the query",
+    "scidocs": "Given a scientific paper title, retrieve paper abstracts that are cited by the given paper",
+    "pubmedqa": "Given a biomedical question, retrieve documents that answer the question",
+    "medquad": "Given a consumer health question, retrieve passages that answer the question",
+    "consumer-health": "Given a consumer health question, retrieve passages that answer the question",
+    "biosses": "Retrieve semantically similar text",
+    "pretrain": "Given a title of a biomedical article, retrieve its abstract",
+}
+PASSAGE_TEMPLATE = "Represent this passage\npassage: {title} {text}"
+QUERY_TEMPLATE = "{instruction}\nQuery: {query}"
+
+
+def instruction_for(task_or_instruction: Optional[str]) -> str:
+    """A task name from TASK_INSTRUCTIONS, or a literal instruction."""
+    if not task_or_instruction:
+        return ""
+    return TASK_INSTRUCTIONS.get(task_or_instruction.lower(), task_or_instruction)
+
+
+def format_query(query: str, instruction: str) -> str:
+    return QUERY_TEMPLATE.format(instruction=instruction, query=query) if instruction else query
+
+
+def format_passage(doc) -> str:
+    if isinstance(doc, str):
+        return PASSAGE_TEMPLATE.format(title="", text=doc).replace("passage:  ", "passage: ")
+    title, text = (doc.get("title") or "").strip(), (doc.get("text") or "").strip()
+    return PASSAGE_TEMPLATE.format(title=title, text=text).replace("passage:  ", "passage: ").rstrip()
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> List[List[int]]:
+    """Token ids per text: tokenizer's own special tokens (BOS), truncated to max_length - 1, + EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token: last-token pooling needs one")
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length - 1,
+                    padding=False, return_attention_mask=False)["input_ids"]
+    return [ids + [eos] for ids in enc]
+
+
+def pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int, rows: Optional[int] = None):
+    """-> input_ids, attention_mask [rows, length] int32, left padded (extra rows are all padding)."""
+    rows = rows or len(seqs)
+    ids = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for i, s in enumerate(seqs):
+        s = s[-length:]
+        ids[i, length - len(s):] = s
+        mask[i, length - len(s):] = 1
+    return ids, mask
+
+
+def pool(hidden: jax.Array, mask: jax.Array, pooling: str, normalize: bool) -> jax.Array:
+    """hidden [B, T, D], mask [B, T] -> [B, D] float32 (last token: left padding puts it at T-1)."""
+    if pooling == "last":
+        v = hidden[:, -1]
+    elif pooling == "mean":
+        m = mask[..., None].astype(hidden.dtype)
+        v = (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; allowed: last, mean")
+    if normalize:
+        v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    return v
+
+
+def embed_batch(cfg: ModelConfig, params, input_ids, attention_mask, *, pooling="last", normalize=True,
+                dtype=jnp.bfloat16, bidirectional=False, **fwd_kw) -> jax.Array:
+    """[B, T] ids/mask -> [B, D] vectors; the function training differentiates."""
+    h = forward(cfg, params, input_ids, attention_mask, dtype=dtype, bidirectional=bidirectional, **fwd_kw)
+    return pool(h, attention_mask, pooling, normalize)
+
+
+def _bucket(n: int, max_length: int) -> int:
+    """Round sequence lengths up to a few sizes so a corpus compiles a handful of programs, not hundreds."""
+    for b in (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048):
+        if n <= b:
+            return min(b, max_length)
+    return max_length
+
+
+class Encoder:
+    """A retriever: backbone params + tokenizer + pooling settings. Thread-compatible, not thread-safe."""
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer, *, max_length: int = 512, pooling: str = "last",
+                 normalize: bool = True, dtype: str = "bfloat16", bidirectional: bool = False,
+                 source: str = "", instructions: Optional[Dict[str, str]] = None):
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling={pooling!r}; allowed: last, mean")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: needs room for at least one token and EOS")
+        if max_length > cfg.max_position_embeddings:
+            raise ValueError(f"max_length={max_length} exceeds the model's context ({cfg.max_position_embeddings})")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.max_length, self.pooling, self.normalize = max_length, pooling, normalize
+        self.dtype = jnp.dtype(dtype)
+        self.bidirectional = bidirectional
+        self.instructions = dict(TASK_INSTRUCTIONS, **(instructions or {}))
+        self.source = source
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._fn = jax.jit(functools.partial(embed_batch, cfg, pooling=pooling, normalize=normalize,
+                                             dtype=self.dtype, bidirectional=bidirectional))
+        self._fingerprint = None
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str, *, max_length: Optional[int] = None, pooling: Optional[str] = None,
+             normalize: Optional[bool] = None, dtype: str = "bfloat16", bidirectional: Optional[bool] = None,
+             quiet: bool = False) -> "Encoder":
+        """From a model name, .gguf, transformers folder or `bmr export` folder (its bmretriever.json wins
+        over the defaults; explicit arguments win over both)."""
+        from bmretriever_jax import hub
+
+        cfg, params, tok, folder = hub.load(name_or_path, quiet=quiet)
+        s = hub.retriever_settings(folder)
+        pick = lambda arg, key, default: arg if arg is not None else s.get(key, default)  # noqa: E731
+        return cls(cfg, params, tok, max_length=pick(max_length, "max_length", 512),
+                   pooling=pick(pooling, "pooling", "last"), normalize=pick(normalize, "normalize", True),
+                   dtype=dtype, bidirectional=pick(bidirectional, "bidirectional", False),
+                   source=_source_id(folder), instructions=s.get("instructions"))
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.hidden_size
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when weights, pooling, length, precision or attention change (keys vector caches)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([self.source, self.max_length, self.pooling, self.normalize, str(self.dtype),
+                                 self.bidirectional, self.cfg.to_dict()], sort_keys=True, default=str).encode())
+            if not self.source:  # in-memory params (e.g. mid-training): hash a sample of every leaf
+                for leaf in jax.tree.leaves(self.params):
+                    h.update(np.asarray(leaf).ravel()[:4096].tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def instruction(self, task_or_instruction: Optional[str]) -> str:
+        if not task_or_instruction:
+            return ""
+        return self.instructions.get(task_or_instruction.lower(), task_or_instruction)
+
+    # ------------------------------------------------------------------------------------------------
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False,
+                     desc: str = "encoding") -> np.ndarray:
+        """Raw texts (no template) -> [n, d] float32, in input order. Sorted by length for speed."""
+        from tqdm.auto import tqdm
+
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        if any(not isinstance(t, str) for t in texts):
+            bad = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+            raise TypeError(f"text {bad} is {type(texts[bad]).__name__}, not str")
+        seqs = tokenize(self.tokenizer, texts, self.max_length)
+        order = np.argsort([-len(s) for s in seqs], kind="stable")
+        out = np.zeros((len(texts), self.dim), np.float32)
+        with tqdm(total=len(texts), desc=desc, disable=not progress, unit="text") as bar:
+            for start in range(0, len(texts), batch_size):
+                idx = order[start:start + batch_size]
+                batch = [seqs[i] for i in idx]
+                T = _bucket(max(len(s) for s in batch), self.max_length)
+                ids, mask = pad_left(batch, T, self.pad_id, rows=batch_size)  # fixed rows: one compile per T
+                vecs = self._fn(self.params, ids, mask)
+                out[idx] = np.asarray(vecs[: len(idx)], np.float32)
+                bar.update(len(idx))
+        return out
+
+    def encode_queries(self, queries: Sequence[str], instruction: Optional[str] = None, batch_size: int = 32,
+                       progress: bool = False) -> np.ndarray:
+        instr = self.instruction(instruction)
+        return self.encode_texts([format_query(q, instr) for q in queries], batch_size, progress, "queries")
+
+    def encode_passages(self, docs: Sequence, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        return self.encode_texts([format_passage(d) for d in docs], batch_size, progress, "passages")
+
+
+def _source_id(folder: str) -> str:
+    """Identity of a model folder's weights: path + size + mtime of its safetensors files."""
+    parts = [os.path.abspath(folder)]
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors") or f in ("bmretriever.json", "config.json"):
+            st = os.stat(os.path.join(folder, f))
+            parts.append(f"{f}:{st.st_size}:{int(st.st_mtime)}")
+    return "|".join(parts)
