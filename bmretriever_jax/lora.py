@@ -70,12 +70,11 @@ def _join(module: str, leaf: str) -> str:
 
 def target_paths(params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
     """Kernel paths selected by cfg.targets. Raises ValueError for a regex that matches no kernel."""
-    kernels = [p for p in treeutil.flatten(params) if p.rsplit("/", 1)[-1] == KERNEL]
-    # Match the module path too, so r"layers/attn/q" works as well as r"layers/attn/q/kernel".
-    names = {p: (p, _module_of(p)) for p in kernels}
-    treeutil.check_patterns(cfg.targets, kernels + [_module_of(p) for p in kernels], what="LoRA target")
-    chosen = [p for p in kernels if any(treeutil.matches(n, cfg.targets) for n in names[p])]
     flat = treeutil.flatten(params)
+    kernels = [p for p in flat if p.rsplit("/", 1)[-1] == KERNEL]
+    # Match the module path too, so r"layers/attn/q" works as well as r"layers/attn/q/kernel".
+    treeutil.check_patterns(cfg.targets, kernels + [_module_of(p) for p in kernels], what="LoRA target")
+    chosen = [p for p in kernels if treeutil.matches(p, cfg.targets) or treeutil.matches(_module_of(p), cfg.targets)]
     for p in chosen:
         if len(flat[p].shape) < 2:
             raise ValueError(f"LoRA target {p!r} has shape {tuple(flat[p].shape)}; a kernel is [..., in, out]")

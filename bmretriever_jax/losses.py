@@ -291,7 +291,7 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
 
     # -- 3. re-embed chunk by chunk and pull the cotangents back to the parameters --
     def accumulate(acc: PyTree, chunks: PyTree, cot: Array, cut: _Chunking) -> PyTree:
-        cot_chunks = constrain(cut.split(cot, "repeat"), chunked_spec)
+        cot_chunks = constrain(cut.split(cot, "zeros"), chunked_spec)
 
         def step(acc, xs):
             chunk, chunk_cot = xs

@@ -215,7 +215,7 @@ def _resolve_options(method: str, n_models: int, options: Mapping[str, Any]) -> 
         if value is _REQUIRED or value is None and default is _REQUIRED:
             raise ValueError(f"merge method {method!r} needs {name!r}")
         if name in _PER_MODEL:
-            values = [value] * n_models if np.isscalar(value) else list(value)
+            values = [value] * n_models if np.ndim(value) == 0 else list(value)
             if len(values) != n_models:
                 raise ValueError(f"{name!r} has {len(values)} values for {n_models} models")
             value = tuple(float(v) for v in values)
@@ -372,6 +372,10 @@ class SafetensorsWriter:
         self._total = 0
         if not self._single_file:
             os.makedirs(self.path, exist_ok=True)
+            # Stale shards or an index from an earlier merge would be read back mixed with this one.
+            stale = [f for f in os.listdir(self.path) if f.endswith(".safetensors") or f == INDEX_NAME]
+            if stale:
+                raise FileExistsError(f"{self.path} already holds {sorted(stale)[:3]}; write to a new directory")
 
     def write(self, path, value):
         arr = np.ascontiguousarray(np.asarray(value))
@@ -493,6 +497,8 @@ def merge_streamed(method: str, readers: Sequence[LeafReader], base_reader: Leaf
         raise ValueError(f"merge method {method!r} needs {want} model(s) besides the base, got {n}")
     opts = _resolve_options(method, n, options)
     labels = list(names) if names is not None else [f"models[{i}]" for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} names for {n} models")
     all_readers = ([base_reader] if base_reader is not None else []) + readers
     all_labels = ([base_name] if base_reader is not None else []) + labels
     paths = _validate(all_readers, all_labels)
@@ -706,7 +712,7 @@ def parse_merge_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeCo
         if base in models:
             # As mergekit: the base's own per-model parameters are not used by base-relative methods.
             j = models.index(base)
-            if params[j] and method != "slerp":
+            if params[j]:
                 warnings.warn(f"merge config: parameters of base_model {base!r} are ignored by {method}")
             del models[j], params[j]
     elif base is not None and base not in models:

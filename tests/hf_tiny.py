@@ -55,3 +55,51 @@ def padded_batch(seed: int = 0, batch: int = 3, length: int = 11):
         mask[b, :pad] = 0
         ids[b, :pad] = 0
     return ids, mask
+
+
+WORDS = ("the a of in and to is for with on by as at from that this are was be it claim query passage "
+         "represent retrieve documents given scientific support refute gene protein cell cancer drug "
+         "patients risk blood heart brain virus covid vaccine study trial dose effect increase decrease "
+         "treatment disease mouse human expression level response immune").split()
+
+
+def save_tiny_tokenizer(path: str):
+    """A word-level tokenizer over VOCAB ids (unknown words -> <unk>), saved as transformers files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials)}
+    for w in WORDS + [f"w{i}" for i in range(VOCAB)]:
+        if len(vocab) >= VOCAB:
+            break
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def tiny_model_dir(path: str, family: str = "gemma3", seed: int = 0) -> str:
+    """A tiny random model + tokenizer folder that every `bmr` command accepts as --model."""
+    tiny_hf_model(family, path, seed=seed)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def tiny_pairs(n: int = 64, seed: int = 0):
+    """Learnable synthetic pairs: the query shares two topic words with its positive passage."""
+    import random
+
+    rng = random.Random(seed)
+    topics = WORDS[20:]
+    out = []
+    for i in range(n):
+        a, b = rng.sample(topics, 2)
+        filler = " ".join(rng.sample(WORDS[:20], 4))
+        out.append({"query": f"{a} {b} query", "positive": {"title": "", "text": f"{filler} {a} {b}"},
+                    "negatives": [{"title": "", "text": f"{filler} {rng.choice(topics)} {rng.choice(topics)}"}],
+                    "task": "scifact"})
+    return out

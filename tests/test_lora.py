@@ -1,4 +1,5 @@
 """LoRA adapters: init layout, combine, merge / unmerge, target selection."""
+import dataclasses
 import math
 
 import jax
@@ -29,6 +30,10 @@ def make_params(seed=0, dtype=jnp.float32):
     return treeutil.unflatten({p: jnp.asarray(rng.normal(size=s), dtype) for p, s in shapes.items()})
 
 
+def normal(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def randomize_b(adapters, seed=1):
     """Adapters with non-zero B, so merges do something."""
     rng = np.random.default_rng(seed)
@@ -36,7 +41,9 @@ def randomize_b(adapters, seed=1):
                                for p, v in treeutil.flatten(adapters).items()})
 
 
-# The train loop runs these under jit; so do the tests (one compile instead of one per eager op).
+# The train loop runs these under jit; so do the tests (one compile instead of one per eager op). Every
+# test inits with CFG (alpha only matters to combine / merge), so init compiles once for this file.
+CFG = lora.LoraConfig(rank=R)
 init = jax.jit(lora.init, static_argnums=1)
 merge = jax.jit(lora.merge, static_argnums=2)
 unmerge = jax.jit(lora.unmerge, static_argnums=2)
@@ -51,7 +58,7 @@ def dense(layer, x):
 
 
 def test_init_returns_only_adapter_leaves_with_stacked_shapes():
-    cfg = lora.LoraConfig(rank=R)
+    cfg = CFG
     params = make_params()
     adapters = init(params, cfg, jax.random.key(0))
     flat = treeutil.flatten(adapters)
@@ -73,17 +80,17 @@ def test_init_returns_only_adapter_leaves_with_stacked_shapes():
 
 def test_init_depends_only_on_key_and_path():
     params = make_params()
-    full = init(params, lora.LoraConfig(rank=R), jax.random.key(3))
+    full = init(params, CFG, jax.random.key(3))
     only_q = init(params, lora.LoraConfig(rank=R, targets=[r"layers/attn/q"]), jax.random.key(3))
     assert list(treeutil.flatten(only_q)) == ["layers/attn/q/lora_a", "layers/attn/q/lora_b"]
     np.testing.assert_array_equal(only_q["layers"]["attn"]["q"]["lora_a"], full["layers"]["attn"]["q"]["lora_a"])
-    other = init(params, lora.LoraConfig(rank=R), jax.random.key(4))
+    other = init(params, CFG, jax.random.key(4))
     assert not np.allclose(other["layers"]["attn"]["q"]["lora_a"], full["layers"]["attn"]["q"]["lora_a"])
 
 
 def test_init_under_eval_shape():
     params = jax.eval_shape(make_params)
-    shapes = jax.eval_shape(lambda: lora.init(params, lora.LoraConfig(rank=R), jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: lora.init(params, CFG, jax.random.key(0)))
     assert shapes["layers"]["mlp"]["down"]["lora_a"].shape == (L, F, R)
 
 
@@ -93,10 +100,10 @@ def test_scale():
 
 
 def test_zero_init_leaves_outputs_unchanged():
-    cfg = lora.LoraConfig(rank=R)
+    cfg = CFG
     params = make_params()
     combined = lora.combine(params, init(params, cfg, jax.random.key(0)), cfg)
-    x = jax.random.normal(jax.random.key(5), (L, 3, D))
+    x = normal((L, 3, D), 5)
     for name in ("q", "k", "v"):
         layer = combined["layers"]["attn"][name]
         assert set(layer) >= {"kernel", "lora_a", "lora_b"}
@@ -104,26 +111,26 @@ def test_zero_init_leaves_outputs_unchanged():
 
 
 def test_combine_scales_b_and_matches_merged_kernel():
-    cfg = lora.LoraConfig(rank=R, alpha=12.0)  # scale 3
+    cfg = dataclasses.replace(CFG, alpha=12.0)  # scale 3
     params = make_params()
-    adapters = randomize_b(init(params, cfg, jax.random.key(0)))
+    adapters = randomize_b(init(params, CFG, jax.random.key(0)))
     combined = jax.jit(lora.combine, static_argnums=2)(params, adapters, cfg)
     q_ad = adapters["layers"]["attn"]["q"]
     np.testing.assert_allclose(combined["layers"]["attn"]["q"]["lora_b"], 3.0 * q_ad["lora_b"], rtol=1e-6)
     np.testing.assert_array_equal(combined["layers"]["attn"]["q"]["bias"], params["layers"]["attn"]["q"]["bias"])
     np.testing.assert_array_equal(combined["embed"]["embedding"], params["embed"]["embedding"])
     merged = merge(params, adapters, cfg)
-    x = jax.random.normal(jax.random.key(6), (L, 3, HD))
+    x = normal((L, 3, HD), 6)
     layer = combined["layers"]["attn"]["o"]
     np.testing.assert_allclose(dense(layer, x), dense(merged["layers"]["attn"]["o"], x), rtol=1e-5, atol=1e-5)
 
 
 def test_grads_through_combine_equal_grads_through_merge():
     # combine folds the scale into B inside the differentiated function, so d/dB must match the merged form.
-    cfg = lora.LoraConfig(rank=R, alpha=8.0)
+    cfg = dataclasses.replace(CFG, alpha=8.0)
     params = make_params()
-    adapters = randomize_b(init(params, cfg, jax.random.key(0)))
-    x = jax.random.normal(jax.random.key(7), (L, 3, D))
+    adapters = randomize_b(init(params, CFG, jax.random.key(0)))
+    x = normal((L, 3, D), 7)
 
     def loss_combined(ad):
         return jnp.sum(dense(lora.combine(params, ad, cfg)["layers"]["mlp"]["up"], x) ** 2)
@@ -138,9 +145,9 @@ def test_grads_through_combine_equal_grads_through_merge():
 
 
 def test_merge_equals_explicit_formula():
-    cfg = lora.LoraConfig(rank=R, alpha=6.0)  # scale 1.5
+    cfg = dataclasses.replace(CFG, alpha=6.0)  # scale 1.5
     params = make_params()
-    adapters = randomize_b(init(params, cfg, jax.random.key(0)))
+    adapters = randomize_b(init(params, CFG, jax.random.key(0)))
     merged = merge(params, adapters, cfg)
     for name in ("gate", "up", "down"):
         w = np.asarray(params["layers"]["mlp"][name]["kernel"], np.float64)
@@ -153,9 +160,9 @@ def test_merge_equals_explicit_formula():
 
 
 def test_merge_unmerge_round_trip():
-    cfg = lora.LoraConfig(rank=R)
+    cfg = CFG
     params = make_params()
-    adapters = randomize_b(init(params, cfg, jax.random.key(0)))
+    adapters = randomize_b(init(params, CFG, jax.random.key(0)))
     flat = treeutil.flatten(params)
     for tree in (unmerge(merge(params, adapters, cfg), adapters, cfg),
                  merge(unmerge(params, adapters, cfg), adapters, cfg)):
@@ -164,9 +171,9 @@ def test_merge_unmerge_round_trip():
 
 
 def test_merge_keeps_kernel_dtype():
-    cfg = lora.LoraConfig(rank=R)
-    params = make_params(dtype=jnp.bfloat16)
-    merged = merge(params, randomize_b(init(params, cfg, jax.random.key(0))), cfg)
+    cfg = CFG
+    adapters = randomize_b(init(make_params(), CFG, jax.random.key(0)))
+    merged = merge(make_params(dtype=jnp.bfloat16), adapters, cfg)
     assert merged["layers"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
 
 
@@ -181,7 +188,7 @@ def test_target_matching_nothing_raises_with_available_paths():
 
 
 def test_combine_rejects_adapters_that_do_not_fit():
-    cfg = lora.LoraConfig(rank=R)
+    cfg = CFG
     params = make_params()
     adapters = init(params, cfg, jax.random.key(0))
     bad = treeutil.unflatten({**treeutil.flatten(adapters), "layers/attn/q/lora_b": jnp.zeros((L, R, HD + 1))})
@@ -189,3 +196,23 @@ def test_combine_rejects_adapters_that_do_not_fit():
         lora.combine(params, bad, cfg)
     with pytest.raises(ValueError, match="no kernel"):
         merge(params, {"nope": {"lora_a": jnp.zeros((D, R)), "lora_b": jnp.zeros((R, D))}}, cfg)
+
+
+def test_treeutil_paths_and_regex_rules():
+    # The path helpers every selector (LoRA targets, merge `stacked`, freezing) is built on.
+    tree = {"a": {"b": 1, "c": {"d": 2}}, "e": 3}
+    assert treeutil.flatten(tree) == {"a/b": 1, "a/c/d": 2, "e": 3}
+    assert treeutil.unflatten(treeutil.flatten(tree)) == tree
+    with pytest.raises(ValueError, match="runs through leaf 'a/b'"):
+        treeutil.unflatten({"a/b": 1, "a/b/c": 2})
+    with pytest.raises(ValueError, match="without '/'"):
+        treeutil.flatten({"a/b": 1})
+    # fullmatch, first rule wins, not_fn for the rest.
+    out = treeutil.tree_map_with_regex(lambda x, v: x * v, tree, [(r"a/.*", 10), (r"a/b", 100)],
+                                       not_fn=lambda x: -x)
+    assert out == {"a": {"b": 10, "c": {"d": 20}}, "e": -3}
+    assert treeutil.select(tree, [r"a/c/.*", r"e"]) == ["a/c/d", "e"]
+    assert treeutil.select(tree, [r"c/d"]) == []
+    assert treeutil.first_match("layers/x", [(r"emb.*", 0), (r"layers/.*", 1)], 5) == 1
+    with pytest.raises(ValueError, match=r"'\[' is not a valid regex"):
+        treeutil.check_patterns(["["], ["a"])

@@ -159,8 +159,8 @@ def test_sharded_matches_plain(mesh_name, similarity):
     assert rel_err(loss_s, loss_p) <= 1e-6
     assert_trees_close(met_s, met_p, 1e-6)
     assert_trees_close(g_s, g_p, 1e-5)
-    # A wrong all_gather transpose (e.g. no reduce-scatter) would make these differ by a factor or a pattern.
-    assert float(jnp.abs(g_p[1]).max()) > 0
+    # Passage gradients must be non-trivial, or the check above would not test the all_gather transpose.
+    assert float(jnp.abs(g_p[1]).min()) > 0
 
     # Temperature path (no scale operand) too.
     loss_t, _ = jax.jit(functools.partial(sharded_info_nce, mesh=mesh, axis=axis, temperature=0.1,
