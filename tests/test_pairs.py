@@ -116,14 +116,16 @@ def test_scifact_train_pairs_never_test():
         pairs = builders.scifact_train_pairs(d)
     train, test = load_qrels(f"{d}/qrels/train.tsv"), load_qrels(f"{d}/qrels/test.tsv")
     assert len(train) == 809 and sum(map(len, train.values())) == 919
+    dev = load_qrels(f"{d}/qrels/dev.tsv")
+    assert len(dev) == 100 and set(dev) <= set(train) and sum(map(len, dev.values())) == 110
     # One pair per train judgement: 919, minus the judgements of claims 871 and 1291 (one each), whose text
-    # is word for word that of test claims 870 and 1292.
-    assert len(pairs) == 917 and len({p.id for p in pairs}) == 807
-    assert {p.id for p in pairs} == set(train) - {"871", "1291"}
+    # is word for word that of test claims 870 and 1292, minus the 110 judgements of the 100 dev claims.
+    assert len(pairs) == 807 and len({p.id for p in pairs}) == 707
+    assert {p.id for p in pairs} == set(train) - {"871", "1291"} - set(dev)
     assert not {p.id for p in pairs} & set(test)
     assert all(p.task == "scifact" and p.positive["id"] in train[p.id] for p in pairs)
     assert sorted((p.id, p.positive["id"]) for p in pairs) == sorted(
-        (q, doc) for q, judged in train.items() if q not in ("871", "1291") for doc in judged)
+        (q, doc) for q, judged in train.items() if q not in ("871", "1291") and q not in dev for doc in judged)
     with pytest.raises(ValueError, match="refusing"):
         builders.beir_train_pairs(d, task="scifact", split="test")
 
@@ -238,7 +240,7 @@ def test_build_and_cli(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         assert builders.main(["scifact", "--source", os.path.join(DATA, "scifact"), "--out", str(out)]) == 0
-        assert len(read_pairs(out)) == 917
+        assert len(read_pairs(out)) == 807
         pairs = builders.build("pubmedqa", os.path.join(DATA, "pubmedqa_pqal"))
     assert len(pairs) == 500
     with pytest.raises(ValueError, match="unknown builder"):

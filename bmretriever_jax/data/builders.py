@@ -86,6 +86,11 @@ def beir_train_pairs(data_dir: str, *, task: str, split: str = "train", min_scor
         if duplicates:
             warnings.warn(f"{data_dir}: dropped {len(duplicates)} {split} quer(y/ies) whose text is also a test "
                           f"query: {sorted(duplicates)[:5]}", DataWarning, stacklevel=2)
+    # A dev split carved out of train (SciFact: qrels/dev.tsv, 100 train claims) is held out of training.
+    dev_path = os.path.join(data_dir, "qrels", "dev.tsv")
+    if split != "dev" and os.path.exists(dev_path):
+        _, _, dev_qrels = load_beir(data_dir, "dev", strict=False)
+        duplicates |= set(dev_qrels)
     pairs = []
     for qid, judged in qrels.items():
         if qid in duplicates:
@@ -102,7 +107,8 @@ def beir_train_pairs(data_dir: str, *, task: str, split: str = "train", min_scor
 
 def scifact_train_pairs(data_dir: str) -> list[Pair]:
     """SciFact claim -> abstract pairs from qrels/train.tsv: 809 claims, 919 judgements; 917 pairs from
-    807 claims once the two claims that repeat test claims are dropped (see `beir_train_pairs`)."""
+    807 claims once the two claims that repeat test claims are dropped (see `beir_train_pairs`), less the
+    100 claims of qrels/dev.tsv (a seeded sample of train claims held out for dev evaluation)."""
     return beir_train_pairs(data_dir, task="scifact", split="train")
 
 
