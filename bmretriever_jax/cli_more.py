@@ -1,6 +1,127 @@
-"""`bmr` subcommands beyond encode / info / train / plot."""
+"""`bmr` subcommands beyond encode / info / train / plot: eval, mine, pairs."""
 from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict
+
+
+def _data_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def default_task(path: str) -> str:
+    """Task name of a shipped data folder (its instruction comes from embed.TASK_INSTRUCTIONS)."""
+    name = _data_name(path).lower()
+    for task in ("scifact", "pubmedqa", "medquad", "biosses", "nfcorpus", "trec-covid", "scidocs"):
+        if name.startswith(task.split("-")[0]):
+            return task
+    return ""
+
+
+def make_encoder(name: str, *, max_length=None, dtype="bfloat16", quiet=False):
+    if name == "minilm":
+        from bmretriever_jax.eval.baselines import MiniLMEncoder
+
+        return MiniLMEncoder()
+    from bmretriever_jax.embed import Encoder
+
+    return Encoder.load(name, max_length=max_length, dtype=dtype, quiet=quiet)
+
+
+def evaluate_all(models, datasets, *, split="test", instruction=None, max_length=None, dtype="bfloat16",
+                 cache_dir=None, quiet=False) -> Dict[str, Dict[str, float]]:
+    """models: names (bm25, minilm, gemma3-270m, paths); datasets: BEIR folders or STS .tsv files.
+    -> {"model | data": {metric: value}} with NDCG@10 etc. (retrieval) or Spearman/Pearson (STS)."""
+    from bmretriever_jax.embed import instruction_for
+    from bmretriever_jax.eval.evaluate import evaluate_bm25, evaluate_retrieval, evaluate_sts
+
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bmretriever_jax", "vectors")
+    results = {}
+    for m in models:
+        enc = None if m == "bm25" else make_encoder(m, max_length=max_length, dtype=dtype, quiet=quiet)
+        label = "bm25" if m == "bm25" else ("minilm" if m == "minilm" else _data_name(m))
+        for d in datasets:
+            t0 = time.time()
+            key = f"{label} | {_data_name(d)}"
+            if d.endswith(".tsv"):
+                if enc is None:
+                    continue  # BM25 has no sentence similarity
+                row = evaluate_sts(enc, d)
+            elif enc is None:
+                row = evaluate_bm25(d, split)
+            else:
+                instr = instruction_for(instruction if instruction is not None else default_task(d))
+                if m == "minilm":
+                    instr = ""
+                row = evaluate_retrieval(enc, d, split, instr, cache_dir=cache_dir)
+            row = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            row["seconds"] = round(time.time() - t0, 1)
+            results[key] = row
+            if not quiet:
+                print(f"  {key}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
+                                              if k in ("ndcg@10", "recall@100", "spearman")), flush=True)
+    return results
+
+
+def print_table(results: Dict[str, Dict[str, float]]) -> str:
+    cols = ["ndcg@10", "mrr@10", "recall@100", "spearman", "pearson", "seconds"]
+    cols = [c for c in cols if any(c in r for r in results.values())]
+    w = max([len(k) for k in results] + [10])
+    lines = [f"{'model | data':<{w}}  " + "  ".join(f"{c:>10}" for c in cols), "-" * (w + 12 * len(cols))]
+    for k, r in results.items():
+        lines.append(f"{k:<{w}}  " + "  ".join(f"{r[c]:>10.4f}" if c in r and c != "seconds" else
+                                                 (f"{r[c]:>10.1f}" if c in r else f"{'':>10}") for c in cols))
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def cmd_eval(a):
+    models = list(a.model or []) + list(a.baseline or [])
+    if not models:
+        raise SystemExit("bmr eval: name at least one --model or --baseline")
+    res = evaluate_all(models, a.data, split=a.split, instruction=a.instruction, max_length=a.max_length,
+                       dtype=a.dtype, cache_dir=a.cache_dir, quiet=a.quiet)
+    print_table(res)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def cmd_mine(a):
+    from bmretriever_jax.data import mining
+
+    raise SystemExit(mining.main(a.args))
+
+
+def cmd_pairs(a):
+    from bmretriever_jax.data import builders
+
+    raise SystemExit(builders.main(a.args))
 
 
 def add_commands(sub) -> None:
-    return None
+    s = sub.add_parser("eval", help="NDCG@10 etc. on BEIR folders and Spearman on STS files")
+    s.add_argument("--model", nargs="*", default=[], help="gemma3-270m, a model folder, runs/X/model, ...")
+    s.add_argument("--baseline", nargs="*", choices=["bm25", "minilm"], default=[])
+    s.add_argument("--data", nargs="+", required=True, help="BEIR folders (data/scifact) and/or STS .tsv files")
+    s.add_argument("--split", default="test")
+    s.add_argument("--instruction", default=None, help="task name or literal query instruction (default: by data)")
+    s.add_argument("--max-length", type=int, default=None)
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default ~/.cache/bmretriever_jax/vectors)")
+    s.add_argument("--out", default=None, help="write the results as JSON")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("mine", help="hard-negative mining (BM25 or a dense retriever); see `bmr mine -h`",
+                       add_help=False)
+    s.add_argument("args", nargs="*")
+    s.set_defaults(fn=cmd_mine)
+
+    s = sub.add_parser("pairs", help="build training pairs from shipped data (scifact, pubmedqa, medquad, pretrain)",
+                       add_help=False)
+    s.add_argument("args", nargs="*")
+    s.set_defaults(fn=cmd_pairs)

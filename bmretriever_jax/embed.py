@@ -145,7 +145,7 @@ class Encoder:
         cfg, params, tok, folder = hub.load(name_or_path, quiet=quiet)
         s = hub.retriever_settings(folder)
         pick = lambda arg, key, default: arg if arg is not None else s.get(key, default)  # noqa: E731
-        return cls(cfg, params, tok, max_length=pick(max_length, "max_length", 512),
+        return cls(cfg, params, tok, max_length=pick(max_length, "max_length", min(512, cfg.max_position_embeddings)),
                    pooling=pick(pooling, "pooling", "last"), normalize=pick(normalize, "normalize", True),
                    dtype=dtype, bidirectional=pick(bidirectional, "bidirectional", False),
                    source=_source_id(folder), instructions=s.get("instructions"))

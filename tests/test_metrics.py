@@ -24,7 +24,8 @@ def _random_case(seed: int, n_queries: int = 60):
         run_q = {d: float(rng.randrange(levels)) / 7.0 for d in docs}
         judged_pool = docs + rng.sample(pool, 10)  # some relevant docs are never retrieved
         n_judged = rng.choice([0, 1, 3, 8, 25])
-        judged = {d: rng.choice([-1, 0, 0, 1, 1, 2, 3]) for d in rng.sample(judged_pool, min(n_judged, len(judged_pool)))}
+        judged_docs = rng.sample(judged_pool, min(n_judged, len(judged_pool)))
+        judged = {d: rng.choice([-1, 0, 0, 1, 1, 2, 3]) for d in judged_docs}
         if rng.random() < 0.1:
             judged = {d: 0 for d in judged}  # judged query with no relevant document
         if judged and rng.random() < 0.95:

