@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bmretriever_jax import checkpoint as ckpt
 from bmretriever_jax import lora as lora_lib
-from bmretriever_jax import losses, treeutil
+from bmretriever_jax import losses, sharding, treeutil
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
 from bmretriever_jax.embed import embed_batch, format_passage, format_query, instruction_for, pad_left, tokenize
 from bmretriever_jax.models import ModelConfig
@@ -125,8 +125,9 @@ def merged_params(run: RunConfig, trainable_model: dict, frozen: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------------
-def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mesh):
-    """Returns jitted train_step(state, frozen, batch) -> (state, metrics); `state` is donated."""
+def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mesh, state_shardings=None):
+    """Returns jitted train_step(state, frozen, batch) -> (state, metrics); `state` is donated and keeps
+    `state_shardings` (FSDP / tensor-parallel layout from `sharding.tree_shardings`)."""
     t, m = run.train, run.model
     sharded = mesh.size > 1
     loss_fn = losses.make_loss(temperature=t.temperature, similarity=t.similarity,
@@ -179,7 +180,8 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
             metrics["temperature"] = jnp.exp(-trainable["log_scale"])
         return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=out)
 
 
 def init_state(run: RunConfig, trainable_model: dict, optimizer) -> dict:
@@ -246,9 +248,10 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     optimizer = make_optimizer(run)
     key = jax.random.PRNGKey(run.train.seed)
     trainable_model, frozen = split_params(base, run, key)
-    replicated = NamedSharding(mesh, P())
-    frozen = jax.device_put(frozen, replicated)
-    state = jax.device_put(init_state(run, trainable_model, optimizer), replicated)
+    frozen = sharding.shard(frozen, mesh)
+    state = init_state(run, trainable_model, optimizer)
+    state_shardings = sharding.tree_shardings(state, mesh)
+    state = jax.device_put(state, state_shardings)
 
     pairs = load_training_pairs(run)
     loader = PairLoader(pairs, run.train.global_batch_size, seed=run.train.seed, num_negatives=run.data.num_negatives,
@@ -261,7 +264,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     restored = ckpt.restore(mngr, jax.eval_shape(lambda s: s, state))
     if restored is not None:
         step0, state, data_state, _ = restored
-        state = jax.device_put(state, replicated)
+        state = jax.device_put(state, state_shardings)
         loader.restore(data_state)
         if not quiet and _host0():
             print(f"resumed from step {step0} ({run.out}/checkpoints)", flush=True)
@@ -269,7 +272,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
         with open(os.path.join(run.out, "config.yaml"), "w") as f:
             f.write(dump(run))
 
-    train_step = make_train_step(model_cfg, run, optimizer, mesh)
+    train_step = make_train_step(model_cfg, run, optimizer, mesh, state_shardings)
     accum = run.train.grad_accum
     total_micro = run.train.steps * accum
     micro = int(state["step"])

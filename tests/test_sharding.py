@@ -1,0 +1,79 @@
+"""One train step on data / FSDP / tensor-parallel meshes of 8 fake CPU devices equals the 1-device step:
+the loss and the gradients (read off an SGD(lr=1) update, new = old - grad)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bmretriever_jax import sharding, treeutil
+from bmretriever_jax.config import load_config
+from bmretriever_jax.convert.hf import load_hf
+from bmretriever_jax.train import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global
+from hf_tiny import tiny_model_dir, tiny_pairs
+
+import transformers
+
+
+def _step(model_dir, mesh_over, lora: bool, grad_cache: int = 0):
+    run = load_config(None, [f"model.name={model_dir}", "model.dtype=float32", "model.max_length=16",
+                             "model.query_max_length=8", f"lora.enabled={str(lora).lower()}",
+                             f"train.grad_cache_chunk={grad_cache}", "data.num_negatives=1", *mesh_over])
+    cfg, base = load_hf(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    mesh = make_mesh(run)
+    trainable, frozen = split_params(base, run, jax.random.PRNGKey(0))
+    if lora:  # non-zero B so every adapter leaf gets a gradient
+        trainable = jax.tree.map(lambda x: x + 0.01, trainable)
+    opt = optax.sgd(1.0)
+    before = jax.device_get(trainable)  # the state is donated to the step
+    state = init_state(run, trainable, opt)
+    sh = sharding.tree_shardings(state, mesh)
+    state = jax.device_put(state, sh)
+    frozen = sharding.shard(frozen, mesh)
+    items = []
+    for i, p in enumerate(tiny_pairs(8)):
+        items.append({"query": p["query"], "task": "scifact", "instruction": None, "positive": p["positive"],
+                      "negatives": p["negatives"], "index": i})
+    batch = to_global(make_tokenize_fn(tok, run)(items), mesh)
+    new, metrics = make_train_step(cfg, run, opt, mesh, sh)(state, frozen, batch)
+    grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), before,
+                         jax.device_get(new["trainable"]["model"]))
+    return float(metrics["loss"]), treeutil.flatten(grads), new
+
+
+MESHES = [
+    ["mesh.data=8"],
+    ["mesh.data=2", "mesh.fsdp=4"],
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"],
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(str(tmp_path_factory.mktemp("m") / "model"), family="llama")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_meshes_match_one_device(model_dir, lora):
+    loss1, g1, _ = _step(model_dir, ["mesh.data=1"], lora)
+    for over in MESHES:
+        loss, g, new = _step(model_dir, over, lora)
+        assert abs(loss - loss1) <= 1e-5 * abs(loss1), (over, loss, loss1)
+        for k in g1:
+            err = np.linalg.norm(g[k] - g1[k]) / max(np.linalg.norm(g1[k]), 1e-12)
+            assert err <= 1e-5, (over, k, err)
+    # parameters really are sharded on the FSDP x tensor mesh (full fine-tuning)
+    if not lora:
+        _, _, new = _step(model_dir, MESHES[2], lora)
+        spec = new["trainable"]["model"]["layers"]["mlp"]["up"]["kernel"].sharding.spec
+        assert tuple(spec) == (None, "fsdp", "tensor")
+
+
+def test_grad_cache_on_mesh_matches(model_dir):
+    loss1, g1, _ = _step(model_dir, ["mesh.data=1"], True)
+    loss, g, _ = _step(model_dir, ["mesh.data=4", "mesh.fsdp=2"], True, grad_cache=1)
+    assert abs(loss - loss1) <= 1e-5 * abs(loss1)
+    for k in g1:
+        assert np.linalg.norm(g[k] - g1[k]) <= 1e-5 * max(np.linalg.norm(g1[k]), 1e-12), k
