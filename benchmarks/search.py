@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "search.json"))
     args = ap.parse_args()
 
+    load = os.getloadavg()
     rng = np.random.default_rng(0)
     corpus = np.empty((args.docs, args.dim), np.float32)
     for start in range(0, args.docs, 100_000):  # chunked: no float64 temporaries of the whole corpus
@@ -111,7 +112,8 @@ def main() -> None:
 
     lines = [f"Exact top-{args.k}: {args.queries} queries x {args.docs:,} x {args.dim} float32 corpus, "
              f"{os.cpu_count()} CPU cores; matmul peak (2048^2, jax): fp32 {peak['float32']:.0f} GFLOP/s, "
-             f"bf16->f32 {peak['bfloat16']:.0f} GFLOP/s", "",
+             f"bf16->f32 {peak['bfloat16']:.0f} GFLOP/s; load average at start {load[0]:.1f} "
+             "(other processes share the cores when > 0.5)", "",
              "| method | seconds | queries/s | GFLOP/s | fraction of peak | vs faiss | check |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -125,7 +127,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args) | {"out": None}, "matmul_peak_gflops": peak, "results": rows,
-                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                   "machine": {"cpus": os.cpu_count(), "load_average_at_start": load, "platform": platform.platform(),
                                "jax": jax.__version__, "faiss": __import__("faiss").__version__},
                    "table": lines}, f, indent=1)
 

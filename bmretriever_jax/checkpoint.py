@@ -59,5 +59,11 @@ def restore_params_only(directory: str, step: Optional[int] = None):
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint")
-        r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        # target: the stored shapes on this process's first device, whatever topology wrote it
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        tree = mngr.item_metadata(step)["state"].tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree,
+                              is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                       meta=ocp.args.JsonRestore()))
         return step, r["state"], r["meta"]

@@ -132,6 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from bmretriever_jax.config import ConfigError
+    from bmretriever_jax.distributed import maybe_initialize
+
+    maybe_initialize()
 
     try:
         args.fn(args)

@@ -411,6 +411,54 @@ class SafetensorsWriter:
         return self.path
 
 
+class OrbaxReader:
+    """LeafReader over the arrays of one Orbax PyTree item directory (e.g. RUN/checkpoints/STEP/state), under
+    `prefix` (e.g. "trainable/model"). Each read is a partial restore of that one leaf as numpy, so a fully
+    fine-tuned checkpoint streams leaf by leaf instead of being restored whole (with its optimizer state)."""
+
+    def __init__(self, item_dir: str | os.PathLike, prefix: str = ""):
+        import orbax.checkpoint as ocp
+        from etils import epath
+
+        self.path = epath.Path(os.fspath(item_dir))
+        if not (self.path / "_METADATA").exists():
+            raise FileNotFoundError(f"{item_dir}: not an Orbax PyTree item (no _METADATA)")
+        self._handler = ocp.PyTreeCheckpointHandler()
+        tree = self._handler.metadata(self.path).tree
+        for key in [k for k in prefix.split("/") if k]:
+            if not isinstance(tree, Mapping) or key not in tree:
+                raise KeyError(f"{item_dir}: checkpoint has no {prefix!r} subtree (missing {key!r})")
+            tree = tree[key]
+        self._prefix = [k for k in prefix.split("/") if k]
+        self._meta = treeutil.flatten(tree) if isinstance(tree, Mapping) else {}
+
+    def keys(self):
+        return list(self._meta)
+
+    def shape(self, path):
+        return tuple(self._meta[path].shape)
+
+    def dtype(self, path):
+        return np.dtype(self._meta[path].dtype)
+
+    def read(self, path):
+        import orbax.checkpoint as ocp
+
+        if path not in self._meta:
+            raise KeyError(f"{self.path}: no leaf {path!r} under {'/'.join(self._prefix) or '<root>'}")
+        full = self._prefix + path.split("/")
+        leaf = jax.ShapeDtypeStruct(self.shape(path), self.dtype(path))
+        item = restore_args = None
+        for key in reversed(full):
+            item = {key: leaf if item is None else item}
+            restore_args = {key: ocp.RestoreArgs(restore_type=np.ndarray) if restore_args is None else restore_args}
+        out = self._handler.restore(self.path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+        for key in full:
+            out = out[key]
+        return np.asarray(out)
+
+
 def open_reader(path: str | os.PathLike) -> LeafReader:
     """Default model resolver of `run_merge`: safetensors files or directories."""
     p = os.fspath(path)

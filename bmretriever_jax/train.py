@@ -309,49 +309,57 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
             if step % run.train.save_every == 0 or micro == total_micro:
                 ckpt.save(mngr, micro, state, loader.state(), meta)
             if run.data.dev and run.train.eval_every and step % run.train.eval_every == 0 and micro < total_micro:
-                _log(log_path, {"step": step, **dev_eval(run, model_cfg, state, frozen, tokenizer, quiet=quiet)})
+                params, _ = host_params(run, state, frozen)  # every process takes part in the gather
+                if _host0():
+                    _log(log_path, {"step": step, **dev_eval(run, model_cfg, params, tokenizer)})
         mngr.wait_until_finished()
     finally:
         bar.close()
         mngr.close()
     result = dict(last)
-    if micro == total_micro and _host0():
-        export_model(run, model_cfg, state, frozen, folder, os.path.join(run.out, "model"))
-        if run.data.dev:
-            ev = dev_eval(run, model_cfg, state, frozen, tokenizer, quiet=quiet)
-            _log(log_path, {"step": micro // accum, **ev})
-            result.update(ev)
+    if micro == total_micro:
+        params, trainable = host_params(run, state, frozen)
+        if _host0():
+            export_model(run, model_cfg, params, trainable, folder, os.path.join(run.out, "model"))
+            if run.data.dev:
+                ev = dev_eval(run, model_cfg, params, tokenizer)
+                _log(log_path, {"step": micro // accum, **ev})
+                result.update(ev)
     return result
 
 
-def _encoder_from_state(run, model_cfg, state, frozen, tokenizer):
+def host_params(run: RunConfig, state, frozen) -> Tuple[dict, dict]:
+    """(plain backbone params with LoRA folded in, trainable tree) as host numpy arrays; a collective:
+    every process must call it."""
+    from jax.experimental import multihost_utils
+
+    trainable = multihost_utils.process_allgather(state["trainable"]["model"], tiled=True)
+    frozen = multihost_utils.process_allgather(frozen, tiled=True)
+    merged = jax.tree.map(lambda x: np.asarray(x, np.float32), merged_params(run, trainable, frozen))
+    return merged, trainable
+
+
+def dev_eval(run: RunConfig, model_cfg, params, tokenizer) -> dict:
+    """NDCG@10 etc. on the dev split of data.dev with the given (merged) weights."""
     from bmretriever_jax.embed import Encoder
-
-    params = merged_params(run, state["trainable"]["model"], frozen)
-    return Encoder(model_cfg, params, tokenizer, max_length=run.model.max_length, pooling=run.model.pooling,
-                   normalize=run.model.normalize, dtype=run.model.dtype, bidirectional=run.model.bidirectional)
-
-
-def dev_eval(run: RunConfig, model_cfg, state, frozen, tokenizer, quiet=False) -> dict:
-    """NDCG@10 etc. on the dev split of data.dev with the current weights."""
     from bmretriever_jax.eval.evaluate import evaluate_retrieval
 
-    enc = _encoder_from_state(run, model_cfg, state, frozen, tokenizer)
+    enc = Encoder(model_cfg, params, tokenizer, max_length=run.model.max_length, pooling=run.model.pooling,
+                  normalize=run.model.normalize, dtype=run.model.dtype, bidirectional=run.model.bidirectional)
     res = evaluate_retrieval(enc, run.data.dev, run.data.dev_split, instruction_for(run.data.dev_task),
                              cache_dir=os.path.join(run.out, "vector_cache"))
     return {f"dev_{k}": v for k, v in res.items() if isinstance(v, (int, float))}
 
 
-def export_model(run: RunConfig, model_cfg, state, frozen, source_folder: str, out: str) -> str:
-    """The trained retriever as a transformers folder (+ tokenizer + bmretriever.json) and, with LoRA, the
-    adapter tree (adapter.safetensors) for PEFT export."""
+def export_model(run: RunConfig, model_cfg, params, trainable, source_folder: str, out: str) -> str:
+    """The trained retriever (merged `params` from `host_params`) as a transformers folder (+ tokenizer +
+    bmretriever.json) and, with LoRA, the adapter tree (adapter.safetensors) for PEFT export."""
     import shutil
 
     from safetensors.numpy import save_file
 
     from bmretriever_jax.convert.hf import save_hf
 
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), merged_params(run, state["trainable"]["model"], frozen))
     save_hf(model_cfg, params, out, bidirectional=run.model.bidirectional)
     for f in os.listdir(source_folder):
         if f.startswith("tokenizer") or f in ("special_tokens_map.json", "chat_template.jinja"):
@@ -362,6 +370,6 @@ def export_model(run: RunConfig, model_cfg, state, frozen, source_folder: str, o
     with open(os.path.join(out, "bmretriever.json"), "w") as f:
         json.dump(settings, f, indent=2)
     if run.lora.enabled:
-        flat = {k: np.asarray(v, np.float32) for k, v in treeutil.flatten(state["trainable"]["model"]).items()}
+        flat = {k: np.asarray(v, np.float32) for k, v in treeutil.flatten(trainable).items()}
         save_file(flat, os.path.join(out, "adapter.safetensors"))
     return out

@@ -101,6 +101,8 @@ def retrieve(encoder, corpus: Corpus, queries: Mapping[str, str], instruction: s
              block_size: int = 65536) -> dict[str, dict[str, float]]:
     """Dense retrieval run {query id: {doc id: score}} with the top min(k, N) documents per query."""
     doc_ids = list(corpus)
+    if not doc_ids:
+        raise ValueError(f"{data_dir}: empty corpus")
     chunks = cached_corpus_vectors(encoder, corpus, data_dir, cache_dir, chunk_size=chunk_size,
                                    batch_size=batch_size)
     query_ids = list(queries)

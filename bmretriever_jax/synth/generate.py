@@ -252,13 +252,18 @@ def greedy_no_cache(cfg: ModelConfig, params: dict, input_ids, attention_mask, m
     from bmretriever_jax.models import forward, logits
 
     fwd = jax.jit(lambda p, i, m: logits(cfg, p, forward(cfg, p, i, m, dtype=dtype)[:, -1], dtype=dtype))
-    ids, mask = jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
+    ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+    B, T = ids.shape
+    # the growing sequence is left-padded to a fixed T + N columns (more left padding changes nothing), so
+    # the forward compiles once
+    ids = np.concatenate([np.zeros((B, max_new_tokens), np.int32), ids], axis=1)
+    mask = np.concatenate([np.zeros((B, max_new_tokens), np.int32), mask], axis=1)
     out = []
     for _ in range(max_new_tokens):
-        nxt = jnp.argmax(fwd(params, ids, mask), axis=-1).astype(jnp.int32)
-        out.append(np.asarray(nxt))
-        ids = jnp.concatenate([ids, nxt[:, None]], axis=1)
-        mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], axis=1)
+        nxt = np.asarray(jnp.argmax(fwd(params, jnp.asarray(ids), jnp.asarray(mask)), axis=-1), np.int32)
+        out.append(nxt)
+        ids = np.concatenate([ids[:, 1:], nxt[:, None]], axis=1)
+        mask = np.concatenate([mask[:, 1:], np.ones((B, 1), np.int32)], axis=1)
     return np.stack(out, axis=1)
 
 

@@ -1,0 +1,693 @@
+"""Open any retriever tensor by tensor, and write it for the PyTorch world: transformers, sentence-transformers, PEFT.
+
+Sources (`open_source`):
+  RUN/, RUN/checkpoints, RUN/checkpoints/STEP   a training run's Orbax checkpoint (latest step unless given):
+                                                LoRA adapters are folded into the base tensor by tensor; a full
+                                                fine-tune's leaves are restored one at a time
+  a model folder                                config.json + safetensors (+ tokenizer, bmretriever.json,
+                                                adapter.safetensors), e.g. RUN/model or a `bmr merge` output
+  a known name or .gguf                         gemma3-270m, smollm2-135m, ... (bmretriever_jax.hub)
+Every source is a `LeafReader` (merge.py) over transformers base-model tensor names ("layers.3.self_attn.q_proj.weight")
+in one canonical order (the name table's), so export and `bmr merge` stream one tensor at a time, and merging acts on
+exactly the per-layer tensors mergekit sees.
+
+Formats (`export`):
+  hf                     config.json + model.safetensors + tokenizer files + bmretriever.json; `transformers.AutoModel`
+  sentence-transformers  hf + modules.json (Transformer -> Pooling(lasttoken | mean) -> Normalize), sentence_bert_config.json,
+                         config_sentence_transformers.json (query / passage / per-task prompts); its tokenizer_args
+                         make the tokenizer append EOS and pad on the left, so that
+                         `SentenceTransformer(DIR).encode(texts, prompt_name="query")` gives our vectors, while the
+                         tokenizer files stay as they are (our Encoder.load reads the same folder and appends EOS itself)
+  peft                   adapter_config.json + adapter_model.safetensors (LoRA sources only);
+                         `peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), DIR)`
+
+Truncation: ours tokenises with the tokenizer's own special tokens truncated to max_length - 1, then appends EOS. With
+add_eos_token the tokenizer appends EOS itself, and transformers truncates the text so that text plus special tokens fit
+max_seq_length (= our max_length): the same ids, long texts included, checked on probe texts at export time (export
+refuses a tokenizer for which they differ). Older sentence-transformers / transformers 4 honour add_eos_token only for
+tokenizer classes that implement it (Llama, Gemma, GPT-NeoX fast tokenizers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from bmretriever_jax import lora as lora_lib
+from bmretriever_jax import treeutil
+from bmretriever_jax.convert.hf import SafetensorsDir, config_from_hf, config_to_hf
+from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, rules_for
+from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS
+from bmretriever_jax.models.config import ModelConfig
+from bmretriever_jax.models.decoder import param_shapes
+
+FORMATS = ("hf", "sentence-transformers", "peft")
+SETTINGS_FILE = "bmretriever.json"
+ADAPTER_FILE = "adapter.safetensors"  # written by train.export_model: the flattened adapter tree, raw lora_b
+# BMRetriever's general question-answering instruction (its NFCorpus one); `instruction=` overrides it.
+DEFAULT_INSTRUCTION = TASK_INSTRUCTIONS["nfcorpus"]
+QUERY_PROMPT = QUERY_TEMPLATE.split("{query}")[0]  # "{instruction}\nQuery: "
+PASSAGE_PROMPT = PASSAGE_TEMPLATE.split("{title}")[0]  # "Represent this passage\npassage: "
+_TOKENIZER_EXTRA = ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+                    "spiece.model")
+# Families whose transformers model honours bidirectional attention from config.json (use_bidirectional_attention).
+_BIDIRECTIONAL_IN_HF = ("gemma3",)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tensor layout of a family: transformers base-model names, in the name table's order
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    rule: Rule
+    layer: Optional[int]
+    shape: Tuple[int, ...]
+
+
+def _hf_shape(rule: Rule, ours: Tuple[int, ...]) -> Tuple[int, ...]:
+    if rule.kind == "copy":
+        return ours
+    if rule.kind == "linear":
+        return tuple(reversed(ours))
+    if rule.kind == "neox_qkv":  # kernels [D, H*hd] -> [3*H*hd, D]; biases [H*hd] -> [3*H*hd]
+        return (3 * ours[-1],) + tuple(reversed(ours[:-1]))
+    raise ValueError(f"unknown conversion kind {rule.kind!r}")
+
+
+def hf_layout(cfg: ModelConfig) -> Dict[str, Slot]:
+    """{transformers base-model tensor name: Slot} for cfg, per layer, in the name table's order (no LM head)."""
+    shapes = treeutil.flatten(param_shapes(cfg))
+    out: Dict[str, Slot] = {}
+    for rule in rules_for(cfg):
+        ours = tuple(shapes[rule.jax[0]])
+        if rule.per_layer:
+            for i in range(cfg.num_layers):
+                out[rule.hf.format(i=i)] = Slot(rule, i, _hf_shape(rule, ours[1:]))
+        else:
+            out[rule.hf] = Slot(rule, None, _hf_shape(rule, ours))
+    return out
+
+
+class TensorReader:
+    """LeafReader (merge.py) over a model's transformers base-model tensors, float32, one tensor per read.
+
+    fetch(name) returns the tensor; its shape is checked against the config, naming the tensor on a mismatch."""
+
+    def __init__(self, cfg: ModelConfig, fetch: Callable[[str], np.ndarray], label: str):
+        self.cfg, self._fetch, self.label = cfg, fetch, label
+        self.layout = hf_layout(cfg)
+
+    def keys(self) -> List[str]:
+        return list(self.layout)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self.layout[name].shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self.layout:
+            raise KeyError(f"{self.label}: {name!r} is not a tensor of a {self.cfg.family} base model")
+        x = np.asarray(self._fetch(name), np.float32)
+        if tuple(x.shape) != self.layout[name].shape:
+            raise ValueError(f"{self.label}: tensor {name!r} has shape {tuple(x.shape)}, the config implies "
+                             f"{self.layout[name].shape}")
+        return x
+
+
+def _folder_fetch(cfg: ModelConfig, folder: str) -> Callable[[str], np.ndarray]:
+    files = SafetensorsDir(folder)
+    missing = [n for n in hf_layout(cfg) if not files.has(n)]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise KeyError(f"{folder}: missing tensor(s) {shown} of a {cfg.family} model")
+    return files.get
+
+
+def _module_of(kernel_path: str) -> Optional[str]:
+    return kernel_path[: -len("/kernel")] if kernel_path.endswith("/kernel") else None
+
+
+def _lora_fetch(cfg: ModelConfig, base: Callable[[str], np.ndarray], adapters: Mapping[str, np.ndarray],
+                lcfg: lora_lib.LoraConfig) -> Callable[[str], np.ndarray]:
+    """fetch over base tensors with scale * lora_a[i] @ lora_b[i] added to each adapted kernel (float32), i.e.
+    lora.merge done one transformers tensor at a time (GPT-NeoX's fused q/k/v gets all three deltas)."""
+    layout = hf_layout(cfg)
+    modules = _adapter_modules(cfg, adapters)
+    s = np.float32(lora_lib.scale(lcfg))
+
+    def fetch(name: str) -> np.ndarray:
+        slot = layout[name]
+        tensor = np.asarray(base(name), np.float32)
+        hit = [p for p in slot.rule.jax if _module_of(p) in modules]
+        if not hit:
+            return tensor
+        if slot.layer is None:
+            raise ValueError(f"adapter on a non-layer parameter ({hit}) is not supported")
+        parts = _hf_to_jax(slot.rule, cfg, tensor)
+        for j, p in enumerate(slot.rule.jax):
+            mod = _module_of(p)
+            if mod in modules:
+                a, b = modules[mod]
+                parts[j] = parts[j] + s * (np.asarray(a[slot.layer], np.float32) @ np.asarray(b[slot.layer], np.float32))
+        return _jax_to_hf(slot.rule, cfg, parts)
+
+    return fetch
+
+
+def _full_fetch(cfg: ModelConfig, base: Callable[[str], np.ndarray], trained) -> Callable[[str], np.ndarray]:
+    """fetch over a full fine-tune: leaves in `trained` (a LeafReader over our "/"-paths, stacked [L, ...]) replace
+    the base's. Only the current rule's stacked leaves stay cached: the canonical order visits one rule's layers in a
+    row, so each leaf is restored once and memory holds one stacked leaf (three for GPT-NeoX's fused q/k/v)."""
+    layout = hf_layout(cfg)
+    trained_paths = set(trained.keys())
+    cache: Dict[str, np.ndarray] = {}
+
+    def fetch(name: str) -> np.ndarray:
+        slot = layout[name]
+        hit = [p for p in slot.rule.jax if p in trained_paths]
+        if not hit:
+            return base(name)
+        for p in [p for p in cache if p not in slot.rule.jax]:
+            del cache[p]
+        for p in hit:
+            if p not in cache:
+                cache[p] = np.asarray(trained.read(p), np.float32)
+        parts = (_hf_to_jax(slot.rule, cfg, np.asarray(base(name), np.float32)) if len(hit) < len(slot.rule.jax)
+                 else [None] * len(slot.rule.jax))
+        for j, p in enumerate(slot.rule.jax):
+            if p in cache:
+                parts[j] = cache[p][slot.layer] if slot.layer is not None else cache[p]
+        return _jax_to_hf(slot.rule, cfg, parts)
+
+    return fetch
+
+
+def _adapter_modules(cfg: ModelConfig, adapters: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """{module path (e.g. "layers/attn/q"): (lora_a [L, in, r], lora_b [L, r, out])}, checked against cfg."""
+    flat = treeutil.flatten(adapters) if any(isinstance(v, Mapping) for v in adapters.values()) else dict(adapters)
+    shapes = treeutil.flatten(param_shapes(cfg))
+    modules: Dict[str, Dict[str, Any]] = {}
+    for path, x in flat.items():
+        mod, _, leaf = path.rpartition("/")
+        if leaf not in ("lora_a", "lora_b"):
+            raise ValueError(f"adapter leaf {path!r} is not a lora_a / lora_b leaf")
+        modules.setdefault(mod, {})[leaf] = x
+    out = {}
+    for mod, ab in modules.items():
+        kernel = f"{mod}/kernel"
+        if set(ab) != {"lora_a", "lora_b"}:
+            raise ValueError(f"adapter {mod!r} has only {sorted(ab)}")
+        if kernel not in shapes or not kernel.startswith("layers/"):
+            raise ValueError(f"adapter {mod!r} does not target a per-layer linear layer of a {cfg.family} model")
+        a, b = ab["lora_a"], ab["lora_b"]
+        k = shapes[kernel]
+        if tuple(a.shape[:-1]) != tuple(k[:-1]) or tuple(b.shape[:-2]) != tuple(k[:-2]) or b.shape[-1] != k[-1] \
+                or a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"adapter {mod!r}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not fit kernel {k}")
+        out[mod] = (a, b)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelSource:
+    """A retriever opened for streaming. reader: TensorReader (the merged weights); settings: bmretriever.json
+    contents (pooling, normalize, max_length, bidirectional, base_model, lora, ...); adapters: the raw LoRA tree
+    (flat "/"-paths, lora_b unscaled) with its LoraConfig, when the source is a LoRA expert."""
+    label: str
+    cfg: ModelConfig
+    reader: TensorReader
+    tokenizer_folder: Optional[str]
+    settings: Dict[str, Any]
+    adapters: Optional[Dict[str, np.ndarray]] = None
+    lora: Optional[lora_lib.LoraConfig] = None
+    base_folder: Optional[str] = None
+    step: Optional[int] = None
+
+
+def _read_config(folder: str) -> ModelConfig:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder}: no config.json (not a transformers model folder)")
+    with open(path) as f:
+        return config_from_hf(json.load(f))
+
+
+def _lora_config(d: Optional[Mapping[str, Any]]) -> Optional[lora_lib.LoraConfig]:
+    if not d or not d.get("enabled", True):
+        return None
+    return lora_lib.LoraConfig(rank=int(d["rank"]), alpha=float(d["alpha"]), rslora=bool(d.get("rslora", False)),
+                               dropout=float(d.get("dropout", 0.0)),
+                               targets=tuple(d.get("targets") or lora_lib.DEFAULT_TARGETS))
+
+
+def _step_dir(path: str, step: Optional[int]) -> Optional[str]:
+    """The checkpoint step directory of a run folder / checkpoint root / step dir, or None if `path` is none."""
+    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
+        if step is not None and os.path.basename(os.path.normpath(path)) != str(step):
+            raise ValueError(f"{path} is the checkpoint of one step; do not pass step={step}")
+        return path
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()
+                   and os.path.isdir(os.path.join(root, d, "state"))) if os.path.isdir(root) else []
+    if not steps:
+        if root != path:
+            raise FileNotFoundError(f"{root}: no checkpoint")
+        return None
+    if step is None:
+        from bmretriever_jax import checkpoint as ckpt
+
+        with ckpt.manager(root, async_save=False) as m:  # the manager knows which steps finished writing
+            step = m.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{root}: no finished checkpoint")
+    if step not in steps:
+        raise FileNotFoundError(f"{root}: no checkpoint of step {step} (steps: {steps})")
+    return os.path.join(root, str(step))
+
+
+def _open_run(step_dir: str) -> ModelSource:
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from bmretriever_jax.merge import OrbaxReader
+
+    meta = ocp.JsonCheckpointHandler().restore(epath.Path(os.path.join(step_dir, "meta")))
+    run = meta.get("config") or {}
+    base_folder = meta.get("model_folder")
+    if not base_folder or not os.path.isdir(base_folder):
+        raise FileNotFoundError(f"{step_dir}: the run's base model folder {base_folder!r} is gone; re-create it "
+                                f"(e.g. `bmr info {run.get('model', {}).get('name', 'MODEL')}`) and retry")
+    cfg = _read_config(base_folder)
+    base = _folder_fetch(cfg, base_folder)
+    trained = OrbaxReader(os.path.join(step_dir, "state"), "trainable/model")
+    m = run.get("model", {})
+    lcfg = _lora_config(run.get("lora"))
+    settings = {"pooling": m.get("pooling", "last"), "normalize": m.get("normalize", True),
+                "max_length": m.get("max_length", 512), "bidirectional": m.get("bidirectional", False),
+                "base_model": m.get("name", base_folder), "lora": dict(run["lora"]) if lcfg else None}
+    label = os.path.normpath(step_dir)
+    step = int(os.path.basename(label))
+    if lcfg is not None:
+        adapters = {p: np.asarray(trained.read(p), np.float32) for p in trained.keys()}
+        fetch = _lora_fetch(cfg, base, adapters, lcfg)
+        return ModelSource(label, cfg, TensorReader(cfg, fetch, label), base_folder, settings, adapters, lcfg,
+                           base_folder, step)
+    return ModelSource(label, cfg, TensorReader(cfg, _full_fetch(cfg, base, trained), label), base_folder, settings,
+                       step=step)
+
+
+def _open_folder(folder: str, label: str) -> ModelSource:
+    from bmretriever_jax import hub
+
+    cfg = _read_config(folder)
+    settings = hub.retriever_settings(folder)
+    reader = TensorReader(cfg, _folder_fetch(cfg, folder), label)
+    adapters = lcfg = base_folder = None
+    if os.path.exists(os.path.join(folder, ADAPTER_FILE)) and settings.get("lora"):
+        from safetensors.numpy import load_file
+
+        adapters = load_file(os.path.join(folder, ADAPTER_FILE))
+        lcfg = _lora_config(settings["lora"])
+        _adapter_modules(cfg, adapters)
+        try:
+            base_folder = hub.resolve(settings.get("base_model") or "", quiet=True)
+        except (FileNotFoundError, KeyError):
+            base_folder = None
+    tok = folder if any(f.startswith("tokenizer") for f in os.listdir(folder)) else None
+    return ModelSource(label, cfg, reader, tok, settings, adapters, lcfg, base_folder)
+
+
+def open_source(src: str, *, step: Optional[int] = None, quiet: bool = True) -> ModelSource:
+    """A run folder, checkpoint root or step dir, a model folder, or a known model name / .gguf -> ModelSource."""
+    from bmretriever_jax import hub
+
+    src = os.fspath(src)
+    if os.path.isdir(src) and not os.path.exists(os.path.join(src, "config.json")):
+        step_dir = _step_dir(src, step)
+        if step_dir is not None:
+            return _open_run(step_dir)
+        if os.path.exists(os.path.join(src, "model", "config.json")):
+            return _open_folder(os.path.join(src, "model"), src)
+        raise FileNotFoundError(f"{src}: neither a model folder (config.json) nor a run (checkpoints/)")
+    if step is not None:
+        raise ValueError(f"step={step} only applies to a training run, not to the model {src!r}")
+    return _open_folder(hub.resolve(src, quiet=quiet), src)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writers
+# ----------------------------------------------------------------------------------------------------
+def _prepare_out(out: str) -> None:
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists and is not empty; export to a new directory")
+    os.makedirs(out, exist_ok=True)
+
+
+def tokenizer_files(folder: Optional[str]) -> List[str]:
+    if not folder or not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.startswith("tokenizer") or f in _TOKENIZER_EXTRA)
+
+
+def copy_tokenizer(folder: Optional[str], out: str) -> List[str]:
+    files = tokenizer_files(folder)
+    for f in files:
+        shutil.copy(os.path.join(folder, f), os.path.join(out, f))
+    return files
+
+
+def write_weights(reader, out: str, dtype: str = "float32") -> None:
+    """Stream every tensor of `reader` into out/model.safetensors (sharded above 5 GiB)."""
+    from bmretriever_jax.merge import SafetensorsWriter
+
+    writer = SafetensorsWriter(out)
+    for name in reader.keys():
+        writer.write(name, np.asarray(reader.read(name)).astype(_np_dtype(dtype)))
+    writer.close()
+
+
+def _np_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype {dtype!r}; allowed: float32, float16, bfloat16")
+    return np.dtype(dtype)
+
+
+def write_model_files(cfg: ModelConfig, out: str, settings: Mapping[str, Any], tokenizer_folder: Optional[str], *,
+                      dtype: str = "float32") -> None:
+    """config.json (AutoModel base class of the family) + tokenizer files + bmretriever.json beside the weights."""
+    bidirectional = bool(settings.get("bidirectional", False))
+    if bidirectional and cfg.family not in _BIDIRECTIONAL_IN_HF:
+        warnings.warn(f"{cfg.family}: transformers has no bidirectional switch for this family; AutoModel will run the "
+                      f"exported model causally (our Encoder.load reads bidirectional from {SETTINGS_FILE})")
+    d = config_to_hf(cfg, bidirectional=bidirectional)
+    d["torch_dtype"] = d["dtype"] = dtype
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)
+    if not copy_tokenizer(tokenizer_folder, out):
+        warnings.warn(f"no tokenizer files found in {tokenizer_folder!r}; {out} holds weights only")
+    with open(os.path.join(out, SETTINGS_FILE), "w") as f:
+        json.dump(dict(settings), f, indent=2)
+
+
+def _settings_for_export(source: ModelSource, max_length: Optional[int] = None) -> Dict[str, Any]:
+    s = {"pooling": "last", "normalize": True, "max_length": min(512, source.cfg.max_position_embeddings),
+         "bidirectional": False, "base_model": None, "lora": None}
+    s.update(source.settings)
+    if max_length is not None:
+        s["max_length"] = int(max_length)
+    return s
+
+
+def export_hf(source: ModelSource, out: str, *, dtype: str = "float32", max_length: Optional[int] = None) -> str:
+    """Weights (LoRA folded) + config.json + tokenizer + bmretriever.json; `load_hf(out)` gives the same tree."""
+    _prepare_out(out)
+    settings = _settings_for_export(source, max_length)
+    if source.adapters is not None:
+        settings["lora"] = dataclasses.asdict(source.lora) | {"enabled": True}
+    write_weights(source.reader, out, dtype)
+    write_model_files(source.cfg, out, settings, source.tokenizer_folder, dtype=dtype)
+    if source.adapters is not None:  # keep the adapter beside the merged weights, so `--format peft` works on `out`
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in source.adapters.items()},
+                  os.path.join(out, ADAPTER_FILE))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- sentence-transformers
+def _probe_texts(max_length: int) -> List[str]:
+    long = " ".join(["retrieve documents that support the claim"] * (max_length + 8))
+    return ["", "a", "Given a claim\nQuery: gene expression in cancer cells", PASSAGE_PROMPT + "blood pressure", long]
+
+
+def st_tokenizer_args(folder: str, max_length: int) -> Dict[str, Any]:
+    """Tokenizer arguments that make sentence-transformers' tokenizer of `folder` append EOS and pad on the left,
+    checked: for every probe text (long ones included) its ids equal our embed.tokenize's.
+
+    They go to sentence_bert_config.json ("tokenizer_args", passed to AutoTokenizer.from_pretrained), not into the
+    tokenizer files, so the same folder still loads unchanged in our Encoder (which appends EOS itself).
+    add_eos_token / add_bos_token make transformers rebuild the post-processor as [BOS] text EOS."""
+    import transformers
+
+    from bmretriever_jax.embed import tokenize
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{folder}: the tokenizer has no EOS token; last-token pooling needs one")
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    adds_bos = bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id
+    args = {"add_eos_token": True, "add_bos_token": adds_bos, "padding_side": "left"}
+    st_tok = transformers.AutoTokenizer.from_pretrained(folder, **args)
+    texts = _probe_texts(max_length)
+    ours = tokenize(tok, texts, max_length)
+    theirs = st_tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    for text, a, b in zip(texts, ours, theirs):
+        if a != b:
+            raise RuntimeError(f"{folder}: with {args} the tokenizer gives {b} for {text[:40]!r}, ours {a}: cannot "
+                               "make sentence-transformers tokenise like our encoder")
+    return args
+
+
+def st_prompts(instruction: str, instructions: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Prompt names -> prefixes: query (the default instruction), passage / document, and one per known task."""
+    prompts = {"query": QUERY_PROMPT.format(instruction=instruction), "passage": PASSAGE_PROMPT,
+               "document": PASSAGE_PROMPT}
+    for task, instr in {**TASK_INSTRUCTIONS, **(instructions or {})}.items():
+        prompts.setdefault(task, QUERY_PROMPT.format(instruction=instr))
+    return prompts
+
+
+def export_sentence_transformers(source: ModelSource, out: str, *, instruction: Optional[str] = None,
+                                 max_length: Optional[int] = None, dtype: str = "float32") -> str:
+    """The hf export + the sentence-transformers module files (legacy layout, which every version since 2.x loads)."""
+    from bmretriever_jax.embed import instruction_for
+
+    settings = _settings_for_export(source, max_length)
+    if settings.get("bidirectional") and source.cfg.family not in _BIDIRECTIONAL_IN_HF:
+        raise ValueError(f"a bidirectional {source.cfg.family} retriever cannot be expressed for sentence-transformers "
+                         "(transformers runs this family causally); export --format hf and load it with our Encoder")
+    pooling = settings["pooling"]
+    if pooling not in ("last", "mean"):
+        raise ValueError(f"pooling {pooling!r}; allowed: last, mean")
+    if not source.tokenizer_folder:
+        raise ValueError(f"{source.label}: no tokenizer files; sentence-transformers needs the tokenizer")
+    instr = instruction_for(instruction) if instruction else settings.get("instruction") or DEFAULT_INSTRUCTION
+    L = int(settings["max_length"])
+    tokenizer_args = st_tokenizer_args(source.tokenizer_folder, L)  # before writing anything: it may refuse
+    export_hf(source, out, dtype=dtype, max_length=max_length)
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if settings.get("normalize", True):
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out, "2_Normalize"), exist_ok=True)
+    os.makedirs(os.path.join(out, "1_Pooling"), exist_ok=True)
+    pool = {"word_embedding_dimension": source.cfg.hidden_size, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": pooling == "last", "include_prompt": True}
+    files = {"modules.json": modules, "1_Pooling/config.json": pool,
+             "sentence_bert_config.json": {"max_seq_length": L, "do_lower_case": False, "tokenizer_args": tokenizer_args},
+             "config_sentence_transformers.json": {
+                 "__version__": {"bmretriever_jax": _version()}, "model_type": "SentenceTransformer",
+                 "prompts": st_prompts(instr, settings.get("instructions")), "default_prompt_name": None,
+                 "similarity_fn_name": "cosine" if settings.get("normalize", True) else "dot"}}
+    for name, obj in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(_ST_README.format(L=L, pooling=pooling, instruction=instr))
+    return out
+
+
+_ST_README = """# BMRetriever-style dense retriever (exported by bmretriever_jax)
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer(PATH)
+q = model.encode(["what lowers blood pressure?"], prompt_name="query")      # instruction + "\\nQuery: "
+d = model.encode(["Beta blockers reduce ..."], prompt_name="passage")        # "Represent this passage\\npassage: "
+```
+Prompts: `query` ({instruction!r}), `passage` / `document`, and one per task (e.g. `scifact`). With a title,
+pass `f"{{title}} {{text}}"`. Pooling: {pooling} token, L2-normalised; the tokenizer pads on the left and appends EOS;
+max_seq_length {L} (EOS included).
+"""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bmretriever_jax")
+    except Exception:  # noqa: BLE001 - a missing distribution only loses the version stamp
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------- PEFT
+PEFT_PREFIX = "base_model.model."
+_QKV_META = "bmretriever_neox_qkv"  # safetensors metadata: which of q,k,v the fused adapter blocks hold
+
+
+def _hf_module(rule: Rule) -> str:
+    return rule.hf[: -len(".weight")]
+
+
+def peft_tensors(cfg: ModelConfig, adapters: Mapping[str, Any], lcfg: lora_lib.LoraConfig
+                 ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], Dict[str, str]]:
+    """Our adapter tree -> (PEFT state dict, adapter_config fields, safetensors metadata).
+
+    lora_A.weight = lora_a[i].T [r, in], lora_B.weight = lora_b[i].T [out, r] (PEFT multiplies by its own scale).
+    GPT-NeoX's fused query_key_value: the q/k/v adapters become one of rank r * (number adapted): A stacks their
+    A's, B places each B in its heads' rows of the fused [q,k,v]-per-head layout (zeros elsewhere), so B @ A is
+    exactly the fused delta; rank_pattern / alpha_pattern keep the scale alpha / r (or alpha / sqrt(r))."""
+    modules = _adapter_modules(cfg, adapters)
+    tensors: Dict[str, np.ndarray] = {}
+    targets, rank_pattern, alpha_pattern, meta = set(), {}, {}, {}
+    r = lcfg.rank
+    for rule in rules_for(cfg):
+        if not rule.per_layer or rule.kind not in ("linear", "neox_qkv"):
+            continue
+        mods = [_module_of(p) for p in rule.jax]
+        present = [j for j, m in enumerate(mods) if m in modules]
+        if not present:
+            continue
+        name = _hf_module(rule)
+        leaf_name = name.rsplit(".", 1)[-1]
+        targets.add(leaf_name)
+        for i in range(cfg.num_layers):
+            if rule.kind == "linear":
+                a, b = modules[mods[0]]
+                A, B = np.asarray(a[i], np.float32).T, np.asarray(b[i], np.float32).T
+            else:
+                r_tot = r * len(present)
+                A = np.concatenate([np.asarray(modules[mods[j]][0][i], np.float32).T for j in present], 0)
+                ext = []
+                for j in range(3):  # per component a "kernel" [r_tot, H*hd] holding its B in its rank block
+                    e = np.zeros((r_tot, cfg.num_heads * cfg.head_dim), np.float32)
+                    if j in present:
+                        n = present.index(j)
+                        e[n * r:(n + 1) * r] = np.asarray(modules[mods[j]][1][i], np.float32)
+                    ext.append(e)
+                B = _jax_to_hf(rule, cfg, ext)  # [3*H*hd, r_tot]
+            key = f"{PEFT_PREFIX}{name.format(i=i)}"
+            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(A)
+            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(B)
+        if rule.kind == "neox_qkv":
+            k = len(present)
+            rank_pattern[leaf_name] = k * r
+            alpha_pattern[leaf_name] = lcfg.alpha * (math.sqrt(k) if lcfg.rslora else k)
+            meta[_QKV_META] = ",".join("qkv"[j] for j in present)
+    config = {"r": r, "lora_alpha": lcfg.alpha, "use_rslora": lcfg.rslora, "lora_dropout": lcfg.dropout,
+              "target_modules": sorted(targets), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    return tensors, config, meta
+
+
+def export_peft(source: ModelSource, out: str, *, base_model: Optional[str] = None) -> str:
+    """adapter_config.json + adapter_model.safetensors (+ tokenizer files and bmretriever.json, which PEFT ignores)."""
+    from safetensors.numpy import save_file
+
+    if source.adapters is None or source.lora is None:
+        raise ValueError(f"{source.label} has no LoRA adapter (a full fine-tune, a merge or a plain model): "
+                         "export it with --format hf or sentence-transformers instead")
+    base = base_model or source.base_folder or source.settings.get("base_model")
+    if not base:
+        raise ValueError(f"{source.label}: unknown base model; pass base_model= (--base-model)")
+    _prepare_out(out)
+    tensors, fields, meta = peft_tensors(source.cfg, source.adapters, source.lora)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt", **meta})
+    config = {"peft_type": "LORA", "task_type": "FEATURE_EXTRACTION", "base_model_name_or_path": base,
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": None, "revision": None, **fields}
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    copy_tokenizer(source.tokenizer_folder, out)
+    settings = _settings_for_export(source)
+    settings["lora"] = dataclasses.asdict(source.lora) | {"enabled": True}
+    with open(os.path.join(out, SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=2)
+    return out
+
+
+def load_peft(folder: str, cfg: ModelConfig) -> Tuple[lora_lib.LoraConfig, dict]:
+    """A PEFT LoRA folder (ours or PEFT's own, for a base model of cfg's family) -> (LoraConfig, adapter tree)."""
+    from safetensors import safe_open
+
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        c = json.load(f)
+    if c.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type {c.get('peft_type')!r}, only LORA is supported")
+    r, alpha, rslora = int(c["r"]), float(c["lora_alpha"]), bool(c.get("use_rslora", False))
+    path = os.path.join(folder, "adapter_model.safetensors")
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    # PEFT's own saves drop the adapter name; tolerate both "lora_A.weight" and "lora_A.default.weight"
+    stored = {k.replace(".default.weight", ".weight"): v for k, v in stored.items()}
+    flat: Dict[str, np.ndarray] = {}
+    for rule in rules_for(cfg):
+        if not rule.per_layer or rule.kind not in ("linear", "neox_qkv"):
+            continue
+        name = PEFT_PREFIX + _hf_module(rule)
+        if f"{name.format(i=0)}.lora_A.weight" not in stored:
+            continue
+        A = np.stack([stored[f"{name.format(i=i)}.lora_A.weight"] for i in range(cfg.num_layers)])
+        B = np.stack([stored[f"{name.format(i=i)}.lora_B.weight"] for i in range(cfg.num_layers)])
+        mods = [_module_of(p) for p in rule.jax]
+        if rule.kind == "linear":
+            flat[f"{mods[0]}/lora_a"] = np.swapaxes(A, 1, 2)
+            flat[f"{mods[0]}/lora_b"] = np.swapaxes(B, 1, 2)
+            continue
+        comps = meta.get(_QKV_META)
+        if not comps:
+            raise ValueError(f"{folder}: a fused query_key_value adapter without the {_QKV_META} metadata (not written by "
+                             "bmretriever_jax) cannot be split into q/k/v adapters")
+        for n, ch in enumerate(comps.split(",")):
+            j = "qkv".index(ch)
+            a = np.swapaxes(A[:, n * r:(n + 1) * r], 1, 2)  # [L, D, r]
+            b = np.stack([_hf_to_jax(rule, cfg, B[i])[j][n * r:(n + 1) * r] for i in range(cfg.num_layers)])
+            flat[f"{mods[j]}/lora_a"], flat[f"{mods[j]}/lora_b"] = a, b
+    if not flat:
+        raise ValueError(f"{folder}: no LoRA tensors of a {cfg.family} model found")
+    modules = sorted({p.rpartition("/")[0] for p in flat})
+    lcfg = lora_lib.LoraConfig(rank=r, alpha=alpha, rslora=rslora, dropout=float(c.get("lora_dropout", 0.0)),
+                               targets=tuple(f"{m}/kernel" for m in modules))
+    return lcfg, treeutil.unflatten(flat)
+
+
+# ----------------------------------------------------------------------------------------------------------- API
+def export(src, out: str, fmt: str = "hf", *, step: Optional[int] = None, instruction: Optional[str] = None,
+           max_length: Optional[int] = None, dtype: str = "float32", base_model: Optional[str] = None,
+           quiet: bool = True) -> str:
+    """Export `src` (run folder / checkpoint / model folder / name, or an opened ModelSource) to `out` as fmt:
+    "hf", "sentence-transformers" or "peft". Returns out."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    source = src if isinstance(src, ModelSource) else open_source(src, step=step, quiet=quiet)
+    if fmt == "hf":
+        return export_hf(source, out, dtype=dtype, max_length=max_length)
+    if fmt == "sentence-transformers":
+        return export_sentence_transformers(source, out, instruction=instruction, max_length=max_length, dtype=dtype)
+    return export_peft(source, out, base_model=base_model)
+
+
+def load_tree(source: ModelSource) -> dict:
+    """The whole model of a source as our parameter tree (numpy float32): for in-memory use (search, tests)."""
+    from bmretriever_jax.convert.names import hf_to_params
+
+    flat = {n: source.reader.read(n) for n in source.reader.keys()}
+    return hf_to_params(source.cfg, flat.__getitem__, flat.__contains__)

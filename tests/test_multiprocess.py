@@ -1,0 +1,66 @@
+"""Two local processes with jax.distributed (CPU collectives) train to the same parameters as one process
+with 2 fake devices, and their checkpoint restores in a single process."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from bmretriever_jax import checkpoint as ckpt
+from bmretriever_jax import treeutil
+from bmretriever_jax.data.pairs import write_pairs
+from hf_tiny import tiny_model_dir, tiny_pairs
+
+HERE = os.path.dirname(__file__)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(model, pairs, out, steps=4):
+    return ["-q", "train", "/dev/null", f"model.name={model}", f"data.train=[{pairs}]", f"out={out}",
+            "model.max_length=16", "model.query_max_length=8", "model.dtype=float32", "train.global_batch_size=8",
+            f"train.steps={steps}", "train.save_every=2", "train.log_every=1", "train.lr=1e-3", "mesh.data=2"]
+
+
+def _env(devices, **extra):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    for k in ("BMR_COORDINATOR", "BMR_NUM_PROCESSES", "BMR_PROCESS_ID"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def test_two_processes_equal_one(tmp_path):
+    model = tiny_model_dir(str(tmp_path / "model"), family="llama")
+    pairs = str(tmp_path / "pairs.jsonl")
+    write_pairs(pairs, tiny_pairs(32))
+    cmd = [sys.executable, "-m", "bmretriever_jax.cli"]
+    # one process, 2 fake devices
+    r = subprocess.run(cmd + _args(model, pairs, tmp_path / "one"), env=_env(2), capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    # two processes, 1 device each
+    port = _free_port()
+    procs = [subprocess.Popen(cmd + _args(model, pairs, tmp_path / "two"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=_env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2",
+                                       BMR_PROCESS_ID=str(i)))
+             for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-3000:]
+    # the 2-process checkpoint restores in this (single) process
+    _, a, meta = ckpt.restore_params_only(str(tmp_path / "one" / "checkpoints"))
+    _, b, _ = ckpt.restore_params_only(str(tmp_path / "two" / "checkpoints"))
+    fa, fb = treeutil.flatten(a["trainable"]), treeutil.flatten(b["trainable"])
+    assert fa.keys() == fb.keys() and meta["config"]["mesh"]["data"] == 2
+    for k in fa:
+        np.testing.assert_allclose(np.asarray(fb[k]), np.asarray(fa[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    # only host 0 wrote the exported model and the metrics log
+    assert os.path.exists(tmp_path / "two" / "model" / "model.safetensors")
+    assert len(open(tmp_path / "two" / "metrics.jsonl").readlines()) == 4
