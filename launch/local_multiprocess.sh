@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# N local processes on one machine (CPU collectives), e.g. to rehearse a multi-host run:
+#   launch/local_multiprocess.sh 2 configs/quickstart.yaml train.steps=10
+set -euo pipefail
+n=${1:?number of processes}; config=${2:?config.yaml}; shift 2
+port=${BMR_PORT:-12355}
+pids=()
+for ((i = 0; i < n; i++)); do
+  BMR_COORDINATOR="127.0.0.1:${port}" BMR_NUM_PROCESSES="$n" BMR_PROCESS_ID="$i" \
+  XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=1}" \
+    python -m bmretriever_jax.cli train "$config" "$@" &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit "$status"

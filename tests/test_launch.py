@@ -1,0 +1,24 @@
+"""Launch scripts only set the environment and call the package: they must at least parse (and pass
+shellcheck where it is installed)."""
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+SCRIPTS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch", "*")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_script_parses(script):
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    assert "python -m bmretriever_jax.cli train" in text
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_shellcheck(script):
+    r = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
