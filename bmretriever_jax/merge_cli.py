@@ -1,0 +1,562 @@
+"""`bmr merge`, `bmr merge-search` and `bmr export`: merging retrievers from mergekit configs, choosing merge weights on
+dev sets, and handing the result to transformers / sentence-transformers / PEFT.
+
+`bmr merge CONFIG.yaml --out DIR` runs a mergekit-format config (merge.parse_merge_config) whose `model:` entries may be
+training runs (LoRA experts are folded into their base tensor by tensor), model folders or known names. Every input is
+read as transformers base-model tensors (export.open_source), one tensor per input at a time, into a safetensors writer:
+memory is about one output shard plus one tensor per input, and each per-layer tensor is merged as its own tensor, as
+mergekit does. The output folder (config.json + model.safetensors + tokenizer + bmretriever.json) is what Encoder.load,
+`bmr eval` and `bmr export` take.
+
+`bmr merge-search` scores merge weights by NDCG@10 on dev splits: a grid (weights on the simplex in steps of 0.1, i.e.
+{0.1..0.9} for two experts, times TIES/DARE densities {0.3, 0.5, 0.7}) or CMA-ES (a self-contained implementation below)
+over softmax-normalised weights and a density in [0.05, 1]. Candidates are merged in memory; one encoder's weights are
+swapped per candidate so the forward compiles once; corpus vectors are cached per candidate (OUT/vector_cache), so a
+rerun costs no encoding. It writes candidates.tsv, search.json, the chosen config as merge.yaml and the merged model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from bmretriever_jax import export as ex
+from bmretriever_jax.merge import (METHODS, DictReader, DictWriter, MergeConfig, SafetensorsWriter, merge_streamed,
+                                   parse_merge_config, run_merge)
+
+SPARSE_METHODS = ("ties", "dare_ties", "dare_linear")
+WEIGHTED_METHODS = ("linear", "task_arithmetic") + SPARSE_METHODS
+DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
+_RETRIEVER_KEYS = ("pooling", "normalize", "max_length", "bidirectional")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bmr merge
+# ----------------------------------------------------------------------------------------------------
+def _as_config(config) -> MergeConfig:
+    return config if isinstance(config, MergeConfig) else parse_merge_config(config)
+
+
+def input_refs(mc: MergeConfig) -> List[str]:
+    """Every model the merge reads: the models, then the base (when the method uses one)."""
+    refs = list(mc.models)
+    if METHODS[mc.method].needs_base and mc.base_model not in refs:
+        refs.append(mc.base_model)
+    return refs
+
+
+def open_inputs(mc: MergeConfig, *, quiet: bool = True) -> Dict[str, ex.ModelSource]:
+    sources = {ref: ex.open_source(ref, quiet=quiet) for ref in input_refs(mc)}
+    check_same_architecture(sources)
+    return sources
+
+
+def check_same_architecture(sources: Mapping[str, ex.ModelSource]) -> None:
+    """Raise naming the models and the config fields that differ (merging needs one architecture)."""
+    items = list(sources.items())
+    ref_name, ref = items[0]
+    for name, s in items[1:]:
+        if s.cfg != ref.cfg:
+            diff = [f"{f.name}: {getattr(ref.cfg, f.name)!r} vs {getattr(s.cfg, f.name)!r}"
+                    for f in dataclasses.fields(ref.cfg) if getattr(ref.cfg, f.name) != getattr(s.cfg, f.name)]
+            raise ValueError(f"cannot merge {ref_name!r} and {name!r}: different architectures ({'; '.join(diff[:6])})")
+
+
+def _tokenizer_folder(mc: MergeConfig, sources: Mapping[str, ex.ModelSource], override: Optional[str]) -> Optional[str]:
+    choice = override or mc.extra.get("tokenizer_source")
+    if isinstance(mc.extra.get("tokenizer"), Mapping) and not choice:
+        choice = mc.extra["tokenizer"].get("source")
+    if choice == "union":
+        raise ValueError("tokenizer_source: union is not supported (the models must share one tokenizer)")
+    if choice == "base":
+        if mc.base_model is None:
+            raise ValueError("tokenizer_source: base, but the config has no base_model")
+        choice = mc.base_model
+    if choice:
+        if choice in sources:
+            return sources[choice].tokenizer_folder
+        return ex.open_source(choice).tokenizer_folder
+    order = ([mc.base_model] if mc.base_model in sources else []) + list(mc.models)
+    return next((sources[r].tokenizer_folder for r in order if sources[r].tokenizer_folder), None)
+
+
+def _jsonable(options: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+
+
+def merged_settings(mc: MergeConfig, sources: Mapping[str, ex.ModelSource], seed: int = 0) -> Dict[str, Any]:
+    """bmretriever.json of a merge: the experts' retriever settings (they should agree) + what was merged."""
+    experts = [sources[r] for r in mc.models if r != mc.base_model] or [sources[r] for r in mc.models]
+    first = experts[0].settings
+    for s in experts[1:]:
+        for k in _RETRIEVER_KEYS:
+            if k in first and k in s.settings and first[k] != s.settings[k]:
+                warnings.warn(f"merged models disagree on {k}: {first[k]!r} ({experts[0].label}) vs {s.settings[k]!r} "
+                              f"({s.label}); the merge uses {first[k]!r}")
+    out = {k: first[k] for k in _RETRIEVER_KEYS if k in first}
+    base = sources.get(mc.base_model) if mc.base_model else None
+    out["base_model"] = (base.settings.get("base_model") if base is not None else None) or mc.base_model or \
+        first.get("base_model")
+    out["lora"] = None
+    out["merge"] = {"method": mc.method, "models": list(mc.models), "base_model": mc.base_model,
+                    "options": _jsonable(mc.options), "seed": seed}
+    return out
+
+
+def merge_to_folder(config, out: str, *, seed: int = 0, tokenizer_source: Optional[str] = None,
+                    quiet: bool = True) -> str:
+    """Run a mergekit-format config (path, YAML text, dict or MergeConfig) streamed into the model folder `out`."""
+    mc = _as_config(config)
+    sources = open_inputs(mc, quiet=quiet)
+    tok = _tokenizer_folder(mc, sources, tokenizer_source)
+    settings = merged_settings(mc, sources, seed)
+    ex._prepare_out(out)
+    dtype = mc.dtype or "float32"
+    # The readers present per-layer transformers tensors: no stacked axes (each tensor is merged whole, as mergekit).
+    run_merge(mc, resolve_reader=lambda ref: sources[ref].reader, out_writer=SafetensorsWriter(out), key=seed,
+              stacked=())
+    ex.write_model_files(sources[input_refs(mc)[0]].cfg, out, settings, tok, dtype=dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-memory merges (search)
+# ----------------------------------------------------------------------------------------------------
+def load_flat(source: ex.ModelSource) -> Dict[str, np.ndarray]:
+    """{transformers tensor name: float32 array} of a whole source."""
+    return {n: source.reader.read(n) for n in source.reader.keys()}
+
+
+def merge_flat(mc: MergeConfig, flats: Mapping[str, Mapping[str, np.ndarray]], options: Mapping[str, Any], *,
+               seed: int = 0) -> Dict[str, np.ndarray]:
+    """The same merge as merge_to_folder, of tensors held in memory ({ref: flat}), with `options` replacing the
+    config's method options. Returns {tensor name: array}."""
+    base = DictReader(flats[mc.base_model], flat=True) if METHODS[mc.method].needs_base else None
+    return merge_streamed(mc.method, [DictReader(flats[r], flat=True) for r in mc.models], base,
+                          DictWriter(flat=True), key=seed, stacked=(), names=list(mc.models),
+                          base_name=mc.base_model or "base", **options)
+
+
+def flat_to_tree(cfg, flat: Mapping[str, np.ndarray]) -> dict:
+    from bmretriever_jax.convert.names import hf_to_params
+
+    return hf_to_params(cfg, flat.__getitem__, flat.__contains__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CMA-ES (Hansen's (mu/mu_w, lambda)-CMA-ES with rank-one and rank-mu updates; minimises)
+# ----------------------------------------------------------------------------------------------------
+class CMAES:
+    """Small, self-contained CMA-ES (Hansen 2016, "The CMA Evolution Strategy: A Tutorial", default parameters).
+
+    es = CMAES(x0, sigma0, seed=0); while ...: xs = es.ask(); es.tell(xs, [f(x) for x in xs])  (minimisation).
+    Deterministic for a seed."""
+
+    def __init__(self, x0: Sequence[float], sigma0: float, *, popsize: Optional[int] = None, seed: int = 0):
+        self.mean = np.asarray(x0, np.float64).copy()
+        n = self.n = self.mean.size
+        if n < 1:
+            raise ValueError("CMA-ES needs at least one dimension")
+        self.sigma = float(sigma0)
+        self.lam = int(popsize or 4 + int(3 * math.log(n)))
+        if self.lam < 2:
+            raise ValueError(f"popsize must be >= 2, got {self.lam}")
+        self.mu = self.lam // 2
+        w = math.log(self.mu + 0.5) - np.log(np.arange(1, self.mu + 1))
+        self.weights = w / w.sum()
+        self.mueff = 1.0 / float(np.sum(self.weights ** 2))
+        self.cc = (4 + self.mueff / n) / (n + 4 + 2 * self.mueff / n)
+        self.cs = (self.mueff + 2) / (n + self.mueff + 5)
+        self.c1 = 2 / ((n + 1.3) ** 2 + self.mueff)
+        self.cmu = min(1 - self.c1, 2 * (self.mueff - 2 + 1 / self.mueff) / ((n + 2) ** 2 + self.mueff))
+        self.damps = 1 + 2 * max(0.0, math.sqrt((self.mueff - 1) / (n + 1)) - 1) + self.cs
+        self.chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
+        self.pc = np.zeros(n)
+        self.ps = np.zeros(n)
+        self.C = np.eye(n)
+        self.generation = 0
+        self.rng = np.random.default_rng(seed)
+
+    def _eig(self):
+        d2, B = np.linalg.eigh((self.C + self.C.T) / 2)
+        return np.sqrt(np.maximum(d2, 1e-20)), B
+
+    def ask(self) -> np.ndarray:
+        """-> [popsize, n] candidate points."""
+        D, B = self._eig()
+        z = self.rng.standard_normal((self.lam, self.n))
+        return self.mean + self.sigma * (z * D) @ B.T
+
+    def tell(self, xs: np.ndarray, fs: Sequence[float]) -> None:
+        xs, fs = np.asarray(xs, np.float64), np.asarray(fs, np.float64)
+        if xs.shape != (self.lam, self.n) or fs.shape != (self.lam,):
+            raise ValueError(f"tell needs {self.lam} points of dimension {self.n} and their values")
+        order = np.argsort(fs, kind="stable")[: self.mu]
+        y = (xs[order] - self.mean) / self.sigma
+        y_w = self.weights @ y
+        self.mean = self.mean + self.sigma * y_w
+        D, B = self._eig()
+        c_inv_sqrt_y = B @ ((B.T @ y_w) / D)
+        self.ps = (1 - self.cs) * self.ps + math.sqrt(self.cs * (2 - self.cs) * self.mueff) * c_inv_sqrt_y
+        self.generation += 1
+        norm_ps = float(np.linalg.norm(self.ps))
+        hsig = norm_ps / math.sqrt(1 - (1 - self.cs) ** (2 * self.generation)) / self.chi_n < 1.4 + 2 / (self.n + 1)
+        self.pc = (1 - self.cc) * self.pc + hsig * math.sqrt(self.cc * (2 - self.cc) * self.mueff) * y_w
+        rank_mu = (self.weights[:, None] * y).T @ y
+        self.C = ((1 - self.c1 - self.cmu) * self.C
+                  + self.c1 * (np.outer(self.pc, self.pc) + (1 - hsig) * self.cc * (2 - self.cc) * self.C)
+                  + self.cmu * rank_mu)
+        self.sigma *= math.exp((self.cs / self.damps) * (norm_ps / self.chi_n - 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Search spaces
+# ----------------------------------------------------------------------------------------------------
+def simplex_grid(n: int, step: float = 0.1) -> List[Tuple[float, ...]]:
+    """Every weight vector of n positive multiples of `step` summing to 1 (n=2, step 0.1: (0.1, 0.9) .. (0.9, 0.1))."""
+    k = round(1 / step)
+    if not math.isclose(k * step, 1.0, rel_tol=1e-9) or k < n:
+        raise ValueError(f"grid step {step} must divide 1 into at least {n} parts")
+    out = []
+    for cuts in itertools.combinations(range(1, k), n - 1):
+        parts = np.diff([0, *cuts, k])
+        out.append(tuple(round(float(p) / k, 10) for p in parts))
+    return out
+
+
+def grid_candidates(method: str, n_models: int, *, step: float = 0.1,
+                    densities: Sequence[float] = DEFAULT_DENSITIES) -> List[Dict[str, Any]]:
+    """STM's grid: normalised weights on the simplex, times densities for TIES / DARE."""
+    if method not in WEIGHTED_METHODS:
+        raise ValueError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {method!r} has none")
+    weights = simplex_grid(n_models, step)
+    if method not in SPARSE_METHODS:
+        return [{"weights": w} for w in weights]
+    return [{"weights": w, "density": float(d)} for w in weights for d in densities]
+
+
+def decode_cmaes(x: np.ndarray, method: str, n_models: int) -> Dict[str, Any]:
+    """A CMA-ES point -> options: softmax weights (sum 1) and, for TIES / DARE, density = 0.05 + 0.95 sigmoid."""
+    z = np.asarray(x[:n_models], np.float64)
+    w = np.exp(z - z.max())
+    w = w / w.sum()
+    out: Dict[str, Any] = {"weights": tuple(float(v) for v in w)}
+    if method in SPARSE_METHODS:
+        out["density"] = float(0.05 + 0.95 / (1 + math.exp(-float(x[n_models]))))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------
+class CandidateEncoder:
+    """Duck-typed encoder (encode_queries / encode_passages / fingerprint / max_length) whose weights are swapped per
+    candidate: one Encoder, so its jitted forward compiles once for the whole search."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.fingerprint = ""
+
+    @property
+    def max_length(self):
+        return self.encoder.max_length
+
+    def set_params(self, params, tag: str) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        self.encoder.params = jax.tree.map(jnp.asarray, params)
+        h = hashlib.sha256(tag.encode())
+        for leaf in jax.tree.leaves(params):  # a strided sample of every leaf: the weights themselves key the cache
+            x = np.asarray(leaf).ravel()
+            h.update(np.ascontiguousarray(x[:: max(1, x.size // 4096)][:4096]).tobytes())
+        self.fingerprint = h.hexdigest()[:16]
+
+    def encode_queries(self, queries, instruction=None, batch_size: int = 32, **kw):
+        return self.encoder.encode_queries(queries, instruction, batch_size=batch_size)
+
+    def encode_passages(self, docs, batch_size: int = 32, **kw):
+        return self.encoder.encode_passages(docs, batch_size=batch_size)
+
+
+def _dev_instruction(dev: str, instruction: Optional[str]) -> str:
+    from bmretriever_jax.cli_more import default_task
+    from bmretriever_jax.embed import instruction_for
+
+    return instruction_for(instruction if instruction is not None else default_task(dev))
+
+
+def _label(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+@dataclasses.dataclass
+class SearchResult:
+    candidates: List[Dict[str, Any]]
+    best: Dict[str, Any]
+    config: Dict[str, Any]  # the chosen merge as a mergekit config dict
+    out: Optional[str] = None
+
+
+def chosen_config(mc: MergeConfig, options: Mapping[str, Any], dtype: Optional[str] = None) -> Dict[str, Any]:
+    """A mergekit config dict (runnable by `bmr merge`) of mc with the method options `options`."""
+    models = []
+    for i, ref in enumerate(mc.models):
+        p = {}
+        if "weights" in options:
+            p["weight"] = float(options["weights"][i])
+        if "density" in options and mc.method in SPARSE_METHODS:
+            d = options["density"]
+            p["density"] = float(d[i] if isinstance(d, (list, tuple)) else d)
+        models.append({"model": ref, "parameters": p} if p else {"model": ref})
+    cfg: Dict[str, Any] = {"merge_method": mc.method, "models": models}
+    if mc.base_model is not None:
+        cfg["base_model"] = mc.base_model
+    glob = {}
+    if "normalize" in options:
+        glob["normalize"] = bool(options["normalize"])
+    if "lambda_" in options:
+        glob["lambda"] = float(options["lambda_"])
+    if "rescale" in options and mc.method in SPARSE_METHODS:
+        r = options["rescale"]
+        if r == "density":
+            raise ValueError("rescale='density' has no mergekit spelling; use the Python API")
+        glob["rescale"] = r in (True, "l1")
+    if glob:
+        cfg["parameters"] = glob
+    if dtype or mc.dtype:
+        cfg["dtype"] = dtype or mc.dtype
+    if mc.extra.get("tokenizer_source"):
+        cfg["tokenizer_source"] = mc.extra["tokenizer_source"]
+    return cfg
+
+
+def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "dev",
+           instruction: Optional[str] = None, out: Optional[str] = None, grid_step: float = 0.1,
+           densities: Sequence[float] = DEFAULT_DENSITIES, budget: int = 24, popsize: Optional[int] = None,
+           sigma: float = 0.5, seed: int = 0, max_length: Optional[int] = None, dtype: str = "bfloat16",
+           batch_size: int = 32, cache_dir: Optional[str] = None, write_model: bool = True,
+           quiet: bool = False, log: Callable[[str], None] = print) -> SearchResult:
+    """Choose merge weights (and TIES / DARE density) by mean NDCG@10 over the `dev` BEIR folders' `split`.
+
+    config: a mergekit config (its weights / densities are the search's to choose; its other parameters stay).
+    strategy: "grid" (simplex weights in `grid_step` x `densities`) or "cmaes" (`budget` evaluations, the equal-weight
+    point first). The best candidate (first on ties) is written as OUT/merge.yaml and merged into OUT/model."""
+    import transformers
+
+    from bmretriever_jax.embed import Encoder
+    from bmretriever_jax.eval.evaluate import evaluate_retrieval
+
+    mc = _as_config(config)
+    if mc.method not in WEIGHTED_METHODS:
+        raise ValueError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {mc.method!r} has none")
+    if strategy not in ("grid", "cmaes"):
+        raise ValueError(f"strategy {strategy!r}; allowed: grid, cmaes")
+    if not dev:
+        raise ValueError("merge-search needs at least one dev BEIR folder")
+    for d in dev:
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"dev folder {d!r} does not exist")
+    n = len(mc.models)
+    sources = open_inputs(mc, quiet=True)
+    settings = merged_settings(mc, sources, seed)
+    tok_folder = _tokenizer_folder(mc, sources, None)
+    if not tok_folder:
+        raise ValueError("no input has tokenizer files: cannot encode dev queries")
+    cfg = sources[input_refs(mc)[0]].cfg
+    flats = {ref: load_flat(s) for ref, s in sources.items()}
+    fixed = {k: v for k, v in mc.options.items() if k not in ("weights", "density")}
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+    cache_dir = cache_dir or (os.path.join(out, "vector_cache") if out else None)
+    instructions = {d: _dev_instruction(d, instruction) for d in dev}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_folder)
+    L = int(max_length or settings.get("max_length") or min(512, cfg.max_position_embeddings))
+    enc: Optional[CandidateEncoder] = None
+    rows: List[Dict[str, Any]] = []
+    seen: Dict[str, Dict[str, Any]] = {}
+
+    def evaluate(options: Dict[str, Any], generation: int) -> float:
+        nonlocal enc
+        key = json.dumps(options, sort_keys=True)
+        t0 = time.time()
+        if key in seen:  # the same point twice (CMA-ES or rounding): reuse its score
+            row = dict(seen[key], id=len(rows), generation=generation, seconds=0.0)
+            rows.append(row)
+            return row["ndcg@10"]
+        merged = merge_flat(mc, flats, {**fixed, **options}, seed=seed)
+        params = flat_to_tree(cfg, merged)
+        del merged
+        if enc is None:
+            enc = CandidateEncoder(Encoder(cfg, params, tokenizer, max_length=L,
+                                           pooling=settings.get("pooling", "last"),
+                                           normalize=settings.get("normalize", True), dtype=dtype,
+                                           bidirectional=settings.get("bidirectional", False)))
+        enc.set_params(params, json.dumps([input_refs(mc), mc.method, key, seed]))
+        scores = {}
+        for d in dev:
+            res = evaluate_retrieval(enc, d, split, instructions[d], cache_dir=cache_dir, batch_size=batch_size)
+            scores[_label(d)] = float(res["ndcg@10"])
+        mean = float(np.mean(list(scores.values())))
+        row = {"id": len(rows), "strategy": strategy, "generation": generation, "weights": list(options["weights"]),
+               "density": options.get("density"), "scores": scores, "ndcg@10": mean,
+               "seconds": round(time.time() - t0, 2)}
+        rows.append(row)
+        seen[key] = row
+        if not quiet:
+            dens = f" density={row['density']:.3f}" if row["density"] is not None else ""
+            log(f"  [{row['id']:3d}] weights=" + ",".join(f"{w:.3f}" for w in row["weights"]) + dens +
+                f"  ndcg@10={mean:.4f}")
+        return mean
+
+    if strategy == "grid":
+        for options in grid_candidates(mc.method, n, step=grid_step, densities=densities):
+            evaluate(options, 0)
+    else:
+        dim = n + (1 if mc.method in SPARSE_METHODS else 0)
+        es = CMAES(np.zeros(dim), sigma, popsize=popsize, seed=seed)
+        evaluate(decode_cmaes(np.zeros(dim), mc.method, n), 0)  # the equal-weight, mid-density start
+        while len(rows) < budget:
+            xs = es.ask()
+            take = min(len(xs), budget - len(rows))
+            fs = [-evaluate(decode_cmaes(x, mc.method, n), es.generation + 1) for x in xs[:take]]
+            if take < len(xs):
+                break
+            es.tell(xs, fs)
+
+    best = max(rows, key=lambda r: (r["ndcg@10"], -r["id"]))
+    best_options = {"weights": tuple(best["weights"])}
+    if best["density"] is not None:
+        best_options["density"] = best["density"]
+    chosen = chosen_config(mc, {**fixed, **best_options})
+    result = SearchResult(rows, best, chosen, out)
+    if out is not None:
+        _write_search(out, rows, best, chosen, dict(method=mc.method, models=list(mc.models), base_model=mc.base_model,
+                                                    strategy=strategy, dev=list(dev), split=split, seed=seed,
+                                                    max_length=L, dtype=dtype))
+        if write_model:
+            del flats
+            merge_to_folder(chosen, os.path.join(out, "model"), seed=seed)
+        if not quiet:
+            log(f"best: candidate {best['id']} ndcg@10={best['ndcg@10']:.4f} -> {out}/merge.yaml" +
+                (f", {out}/model" if write_model else ""))
+    return result
+
+
+def _write_search(out: str, rows, best, chosen, info) -> None:
+    import yaml
+
+    devs = list(rows[0]["scores"]) if rows else []
+    with open(os.path.join(out, "candidates.tsv"), "w") as f:
+        f.write("\t".join(["id", "strategy", "generation", "weights", "density", *[f"ndcg@10:{d}" for d in devs],
+                           "ndcg@10", "seconds"]) + "\n")
+        for r in rows:
+            f.write("\t".join([str(r["id"]), r["strategy"], str(r["generation"]),
+                               ",".join(f"{w:.6g}" for w in r["weights"]),
+                               "" if r["density"] is None else f"{r['density']:.6g}",
+                               *[f"{r['scores'][d]:.6f}" for d in devs], f"{r['ndcg@10']:.6f}",
+                               str(r["seconds"])]) + "\n")
+    with open(os.path.join(out, "search.json"), "w") as f:
+        json.dump({**info, "candidates": rows, "best": best, "config": chosen}, f, indent=1)
+    with open(os.path.join(out, "merge.yaml"), "w") as f:
+        yaml.safe_dump(chosen, f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+def _fail(cmd: str, e: Exception):
+    raise SystemExit(f"bmr {cmd}: error: {e}")
+
+
+def cmd_merge(a):
+    try:
+        out = merge_to_folder(a.config, a.out, seed=a.seed, tokenizer_source=a.tokenizer_source, quiet=a.quiet)
+    except (ValueError, KeyError, FileExistsError) as e:
+        _fail("merge", e)
+    print(f"merged model written to {out}")
+
+
+def cmd_export(a):
+    try:
+        out = ex.export(a.source, a.out, a.format, step=a.step, instruction=a.instruction, max_length=a.max_length,
+                        dtype=a.dtype, base_model=a.base_model, quiet=a.quiet)
+    except (ValueError, KeyError, FileExistsError, RuntimeError) as e:
+        _fail("export", e)
+    print(f"{a.format} export written to {out}")
+
+
+def _search_config(a) -> Dict[str, Any] | str:
+    if a.config:
+        if a.method or a.models:
+            raise SystemExit("bmr merge-search: give either CONFIG or --method/--models, not both")
+        return a.config
+    if not a.method or not a.models:
+        raise SystemExit("bmr merge-search: give a mergekit CONFIG.yaml, or --method and --models (and --base-model)")
+    cfg: Dict[str, Any] = {"merge_method": a.method, "models": [{"model": m, "parameters": {"weight": 1.0}}
+                                                                for m in a.models]}
+    if a.base_model:
+        cfg["base_model"] = a.base_model
+    return cfg
+
+
+def cmd_merge_search(a):
+    try:
+        res = search(_search_config(a), a.dev, strategy=a.strategy, split=a.split, instruction=a.instruction,
+                     out=a.out, grid_step=a.grid_step, densities=a.densities, budget=a.budget, popsize=a.popsize,
+                     sigma=a.sigma, seed=a.seed, max_length=a.max_length, dtype=a.dtype, batch_size=a.batch_size,
+                     cache_dir=a.cache_dir, write_model=not a.no_model, quiet=a.quiet)
+    except (ValueError, KeyError, FileExistsError) as e:
+        _fail("merge-search", e)
+    print(json.dumps({"best": res.best, "config": res.config}, indent=1))
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("merge", help="merge models / runs / LoRA experts from a mergekit-format YAML config")
+    s.add_argument("config", help="mergekit YAML (merge_method, base_model, models, parameters, dtype)")
+    s.add_argument("--out", required=True, help="new folder for the merged model")
+    s.add_argument("--seed", type=int, default=0, help="PRNG seed of DARE's random drops")
+    s.add_argument("--tokenizer-source", default=None, help="base | a model whose tokenizer to copy (default: base)")
+    s.set_defaults(fn=cmd_merge)
+
+    s = sub.add_parser("export", help="export a run / checkpoint / model for transformers, sentence-transformers, PEFT")
+    s.add_argument("source", help="RUN folder, RUN/checkpoints[/STEP], a model folder or a model name")
+    s.add_argument("--format", choices=list(ex.FORMATS), default="hf")
+    s.add_argument("--out", required=True, help="new folder")
+    s.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: latest)")
+    s.add_argument("--instruction", default=None, help="sentence-transformers 'query' prompt: task name or text")
+    s.add_argument("--max-length", type=int, default=None, help="default: the model's bmretriever.json / run config")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--base-model", default=None, help="PEFT base_model_name_or_path (default: the run's base folder)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("merge-search", help="choose merge weights by NDCG@10 on dev splits (grid or CMA-ES)")
+    s.add_argument("config", nargs="?", default=None, help="mergekit YAML whose weights / densities are searched")
+    s.add_argument("--method", choices=list(WEIGHTED_METHODS), default=None)
+    s.add_argument("--models", nargs="*", default=[], help="experts (runs, folders) when no CONFIG is given")
+    s.add_argument("--base-model", default=None)
+    s.add_argument("--dev", nargs="+", required=True, help="BEIR folders scored on --split")
+    s.add_argument("--split", default="dev")
+    s.add_argument("--instruction", default=None, help="query instruction for every dev folder (default: by folder)")
+    s.add_argument("--strategy", choices=["grid", "cmaes"], default="grid")
+    s.add_argument("--grid-step", type=float, default=0.1)
+    s.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES))
+    s.add_argument("--budget", type=int, default=24, help="CMA-ES: number of candidates scored")
+    s.add_argument("--popsize", type=int, default=None)
+    s.add_argument("--sigma", type=float, default=0.5, help="CMA-ES initial step size (weight logits)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-length", type=int, default=None)
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default OUT/vector_cache)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--no-model", action="store_true", help="write the table and merge.yaml only")
+    s.set_defaults(fn=cmd_merge_search)
