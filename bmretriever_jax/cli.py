@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
     s.set_defaults(fn=cmd_plot)
 
-    from bmretriever_jax import cli_more
+    import importlib
 
-    cli_more.add_commands(sub)
+    # subcommands live beside the code they drive; each module adds its own parsers
+    for mod in ("cli_more", "merge_cli", "plan", "sweep", "synth.cli"):
+        importlib.import_module(f"bmretriever_jax.{mod}").add_commands(sub)
     return p
 
 
