@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -49,7 +50,7 @@ def _load_chunk(path: str, rows: int) -> np.ndarray | None:
 
 
 def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str | None, *,
-                          chunk_size: int = 1024, batch_size: int = 32) -> list[np.ndarray]:
+                          chunk_size: int = 1024, batch_size: int = 32, progress: bool = True) -> list[np.ndarray]:
     """Corpus vectors as a list of [<=chunk_size, d] float32 chunks (memory-mapped when cached), corpus order.
 
     Without cache_dir everything is encoded in memory. With it, chunks live in
@@ -76,13 +77,18 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
         with open(manifest_path, "w") as f:
             json.dump({"key": key, "dataset": os.path.abspath(data_dir), "created": time.time()}, f, indent=1)
 
+    from tqdm.auto import tqdm
+
     chunks = []
+    bar = tqdm(total=len(doc_ids), desc=f"corpus {os.path.basename(os.path.normpath(data_dir))}", unit="doc",
+               disable=not progress)
+    inner = {"progress": True} if progress and "progress" in inspect.signature(encoder.encode_passages).parameters else {}
     for i, (a, b) in enumerate(bounds):
         path = _chunk_path(folder, i)
         arr = _load_chunk(path, b - a)
         if arr is None:
-            vecs = np.asarray(encoder.encode_passages([corpus[d] for d in doc_ids[a:b]], batch_size=batch_size),
-                              dtype=np.float32)
+            vecs = np.asarray(encoder.encode_passages([corpus[d] for d in doc_ids[a:b]], batch_size=batch_size,
+                                                      **inner), dtype=np.float32)
             if vecs.shape[0] != b - a:
                 raise ValueError(f"encoder returned {vecs.shape[0]} vectors for {b - a} passages")
             # Write then rename, so a killed run never leaves a truncated chunk that looks complete.
@@ -92,6 +98,8 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
             os.replace(tmp, path)
             arr = np.load(path, mmap_mode="r")
         chunks.append(arr)
+        bar.update(b - a)
+    bar.close()
     return chunks
 
 
