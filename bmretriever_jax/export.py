@@ -41,8 +41,8 @@ import numpy as np
 
 from bmretriever_jax import lora as lora_lib
 from bmretriever_jax import treeutil
-from bmretriever_jax.convert.hf import SafetensorsDir, config_from_hf, config_to_hf
-from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, rules_for
+from bmretriever_jax.convert.hf import PICKLE_FILES, config_from_hf, config_to_hf
+from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, rules_for, strip_prefix
 from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.decoder import param_shapes
@@ -123,12 +123,21 @@ class TensorReader:
 
 
 def _folder_fetch(cfg: ModelConfig, folder: str) -> Callable[[str], np.ndarray]:
-    files = SafetensorsDir(folder)
-    missing = [n for n in hf_layout(cfg) if not files.has(n)]
+    """fetch over a transformers folder's tensors by base-model name (a CausalLM's "model." prefix is dropped).
+    Each read opens and closes the file, so no memory map keeps already merged tensors resident."""
+    from bmretriever_jax.merge import SafetensorsReader
+
+    pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(folder, p))]
+    if pickles and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        raise ValueError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); refusing to load pickle files "
+                         "(they can run arbitrary code). Convert them to safetensors first.")
+    files = SafetensorsReader(folder)
+    stored = strip_prefix(files.keys())
+    missing = [n for n in hf_layout(cfg) if n not in stored]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
         raise KeyError(f"{folder}: missing tensor(s) {shown} of a {cfg.family} model")
-    return files.get
+    return lambda name: files.read(stored[name])
 
 
 def _module_of(kernel_path: str) -> Optional[str]:

@@ -82,11 +82,28 @@ def _magnitude(delta: np.ndarray, density: float, rescale: str | None) -> np.nda
     if density <= 0 or n == 0:
         return np.zeros_like(delta)
     k = max(1, int(density * n))
-    # Stable sort on -|d|: among equal magnitudes the lower index wins (torch's order is unspecified).
-    top = np.argsort(-np.abs(delta), axis=-1, kind="stable")[:, :k]
-    mask = np.zeros_like(delta)
-    np.put_along_axis(mask, top, 1.0, axis=-1)
-    return _rescaled(delta, mask, rescale, density)
+    return _rescaled(delta, _top_k_mask(np.abs(delta), k), rescale, density)
+
+
+def _top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
+    """Float32 mask [S, N] of the k largest entries of each row of mag [S, N] (>= 0 or NaN), as a stable sort on
+    -mag would pick them: among equal magnitudes the lower index wins (torch's order is unspecified), NaN last.
+
+    A selection (np.partition, O(N)) finds the k-th largest value instead of sorting: a 262k x 640 embedding is one
+    168M-element tensor, which a sort takes tens of seconds and int64 indices of 8 bytes per element to order."""
+    s, n = mag.shape
+    if np.isnan(mag).any():
+        mag = np.where(np.isnan(mag), np.float32(-1), mag)  # below every magnitude: picked last, lower index first
+    mask = np.zeros(mag.shape, F32)
+    for r in range(s):
+        row = mag[r]
+        threshold = np.partition(row, n - k)[n - k]
+        above = row > threshold
+        mask[r] = above
+        need = k - int(np.count_nonzero(above))
+        if need > 0:  # entries equal to the threshold fill the rest in index order
+            mask[r, np.flatnonzero(row == threshold)[:need]] = 1.0
+    return mask
 
 
 def _random(delta: np.ndarray, density: float, rescale: str | None, key: jax.Array) -> np.ndarray:
