@@ -2,9 +2,11 @@
 
 1. load Gemma 3 270M (converted from its GGUF once, then cached)
 2. encode the SciFact corpus and show a few claims' top 3 abstracts (untrained)
-3. LoRA fine-tuning on the shipped SciFact-train + PubMedQA-train pairs (configs/quickstart.yaml)
-4. the same claims with the trained model
-5. the evaluation table: BM25, MiniLM, untrained and trained Gemma 3 270M on SciFact, PubMedQA, BIOSSES
+3. two LoRA experts (configs/quickstart.yaml): literature (SciFact-train + PubMedQA-train) and consumer
+   health (MedQuAD, its benchmark documents held out)
+4. a linear merge of the two (mergekit YAML), exported for sentence-transformers and loaded there
+5. the same claims with the merged model
+6. the evaluation table: BM25, MiniLM, untrained and merged Gemma 3 270M on SciFact, PubMedQA, BIOSSES
 
 Everything long has a progress bar; corpus vectors are cached, so a second run re-encodes nothing.
 """
@@ -72,17 +74,50 @@ def main(argv=None) -> int:
     claims = sorted(queries.items(), key=lambda kv: int(kv[0]))[:CLAIMS]
     show_top3(enc, ids, vecs, corpus, claims, instruction_for("scifact"))
 
-    _banner("3. LoRA fine-tuning on SciFact-train + PubMedQA-train pairs")
-    res = train(run)
-    print(json.dumps({k: round(v, 4) for k, v in res.items() if isinstance(v, float)}))
-    trained_dir = os.path.join(a.out, "model")
+    _banner("3. two LoRA experts: biomedical literature (SciFact + PubMedQA) and consumer health (MedQuAD)")
+    experts = {}
+    for name, train_data in (("literature", ["scifact", "pubmedqa"]), ("consumer", ["medquad"])):
+        print(f"\n--- expert '{name}': {', '.join(train_data)}", flush=True)
+        exp_run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+                              overrides + [f"out={os.path.join(a.out, name)}", f"data.train={json.dumps(train_data)}"])
+        exp_run.data.dev = None  # the table below evaluates the merge; `bmr train` alone reports dev NDCG
+        res = train(exp_run)
+        print(json.dumps({k: round(v, 4) for k, v in res.items() if isinstance(v, float)}))
+        experts[name] = os.path.join(a.out, name)
 
-    _banner("4. the same claims, trained model")
+    _banner("4. merge the experts (linear, mergekit YAML) and export for sentence-transformers")
+    from bmretriever_jax.export import export
+    from bmretriever_jax.merge_cli import merge_to_folder
+
+    merge_yaml = (f"merge_method: linear\nmodels:\n  - model: {experts['literature']}\n    parameters: {{weight: 0.5}}\n"
+                  f"  - model: {experts['consumer']}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    with open(os.path.join(a.out, "merge.yaml"), "w") as f:
+        f.write(merge_yaml)
+    merged = os.path.join(a.out, "merged")
+    import shutil
+
+    for d in (merged, merged + "-st"):
+        shutil.rmtree(d, ignore_errors=True)
+    merge_to_folder(os.path.join(a.out, "merge.yaml"), merged)
+    st_dir = export(merged, merged + "-st", "sentence-transformers", instruction=instruction_for("scifact"),
+                    max_length=run.model.max_length)
+    print(f"merged model: {merged}\nsentence-transformers export: {st_dir}")
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(st_dir, device="cpu")
+    st_q = st.encode([q for _, q in claims], prompt_name="query", normalize_embeddings=True)
+    menc = Encoder.load(merged, dtype="float32")
+    ours_q = menc.encode_queries([q for _, q in claims], "scifact")
+    print(f"SentenceTransformer(...).encode(claims, prompt_name='query') vs ours (fp32): "
+          f"max |diff| = {np.abs(st_q - ours_q).max():.2e}")
+    trained_dir = merged
+
+    _banner("5. the same claims, merged model")
     tenc = Encoder.load(trained_dir, dtype=run.model.dtype)
     tvecs = np.concatenate(cached_corpus_vectors(tenc, corpus, scifact, cache))
     show_top3(tenc, ids, tvecs, corpus, claims, instruction_for("scifact"))
 
-    _banner("5. evaluation (test splits)")
+    _banner("6. evaluation (test splits)")
     data = [scifact, os.path.join(ROOT, "data", "pubmedqa_pqal"), os.path.join(ROOT, "data", "biosses", "biosses.tsv")]
     models = ["bm25"] + ([] if a.skip_minilm else ["minilm"]) + ["gemma3-270m", trained_dir]
     results = evaluate_all(models, data, max_length=run.model.max_length, cache_dir=cache)
