@@ -28,6 +28,33 @@ def _banner(msg: str):
     print(f"\n=== {msg} " + "=" * max(3, 96 - len(msg)), flush=True)
 
 
+def subset_beir(src: str, dst: str, n_docs: int, seed: int = 0) -> str:
+    """A smaller copy of a BEIR folder: every document judged in any split + seeded random others up to
+    n_docs, all queries and qrels. Keeps the quickstart within minutes on 2 CPU cores; the full-corpus
+    numbers come from `bmr eval --data data/scifact`."""
+    import random
+    import shutil
+
+    if os.path.exists(os.path.join(dst, "corpus.jsonl")):
+        return dst
+    os.makedirs(os.path.join(dst, "qrels"), exist_ok=True)
+    judged = set()
+    for f in os.listdir(os.path.join(src, "qrels")):
+        with open(os.path.join(src, "qrels", f)) as fh:
+            judged |= {line.split("\t")[1] for line in list(fh)[1:] if line.strip()}
+        shutil.copy(os.path.join(src, "qrels", f), os.path.join(dst, "qrels", f))
+    shutil.copy(os.path.join(src, "queries.jsonl"), dst)
+    with open(os.path.join(src, "corpus.jsonl")) as fh:
+        lines = [line for line in fh if line.strip()]
+    ids = [json.loads(line)["_id"] for line in lines]
+    others = [i for i, d in enumerate(ids) if d not in judged]
+    random.Random(seed).shuffle(others)
+    keep = {i for i, d in enumerate(ids) if d in judged} | set(others[:max(0, n_docs - len(judged))])
+    with open(os.path.join(dst, "corpus.jsonl"), "w") as fh:
+        fh.writelines(lines[i] for i in sorted(keep))
+    return dst
+
+
 def show_top3(enc, corpus_ids, corpus_vecs, docs, queries, instruction):
     import numpy as np
 
@@ -45,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart"))
     p.add_argument("--steps", type=int, default=None, help="override train.steps of configs/quickstart.yaml")
     p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--scifact-docs", type=int, default=1500,
+                   help="SciFact corpus size for the demo and table (all judged docs + random others; 0 = all 5,183)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
@@ -57,6 +86,8 @@ def main(argv=None) -> int:
     from bmretriever_jax.train import train
 
     scifact = os.path.join(ROOT, "data", "scifact")
+    if a.scifact_docs:
+        scifact = subset_beir(scifact, os.path.join(a.out, "data", f"scifact-{a.scifact_docs}"), a.scifact_docs)
     cache = os.path.join(a.out, "vector_cache")
     overrides = [f"out={a.out}"] + ([f"train.steps={a.steps}"] if a.steps else [])
     run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), overrides)
