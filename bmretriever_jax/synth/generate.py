@@ -5,9 +5,11 @@ per-layer sliding windows and rope thetas, GPT-NeoX parallel residual) and reuse
 numerics are those of `decoder.forward` + `decoder.logits` with the same `dtype`: matmul inputs in `dtype`
 (bf16 by default), float32 accumulation, float32 residual stream, norms, softmax and rotary maths.
 
-Cache layout: k and v are each [L, B, T + N, K, hd] in `dtype` (decoder.attention casts k/v to `dtype`
-before its einsums, so storing them in `dtype` changes nothing). Slot s of the cache holds the token at
-column s of the left-padded prompt (s < T) or the (s - T)-th generated token. Because the real tokens of a
+Cache layout: k and v are each [L, B, K, T + N, hd] in `dtype` (decoder.attention casts k/v to `dtype`
+before its einsums, so storing them in `dtype` changes nothing). KV heads come before time so that each
+(row, KV head) sequence is contiguous and a decode step's attention is two plain batched matmuls, the layout
+decoder.attention uses, with no transpose of the cache per step. Slot s holds the token at column s of the
+left-padded prompt (s < T) or the (s - T)-th generated token. Because the real tokens of a
 row are contiguous (left padding), slot distances equal position distances, which is what the sliding-window
 rule `0 <= q - k < window` of `decoder.attention_bias` is written in.
 
@@ -27,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmretriever_jax.models.config import ModelConfig
-from bmretriever_jax.models.decoder import (NEG_INF, apply_rope, attention_bias, embed_tokens, linear, mlp, norm,
-                                            positions_from_mask, rope_tables)
+from bmretriever_jax.models.decoder import (NEG_INF, apply_rope, embed_tokens, linear, mlp, norm, positions_from_mask,
+                                            rope_tables)
 
 # SmolLM2's own template (ChatML) without its default system prompt: the fallback for tokenizers that
 # carry no chat template.
@@ -59,8 +61,8 @@ def _qkv(cfg: ModelConfig, p: dict, x, cos, sin, dtype):
 
 
 def _scores(cfg: ModelConfig, q, k, dtype):
-    """q [B, S, K, G, hd], k [B, T, K, hd] -> [B, K, G, S, T] float32 (soft-capped like decoder.attention)."""
-    s = jnp.einsum("bskgd,btkd->bkgst", q.astype(dtype), k, preferred_element_type=jnp.float32)
+    """q [N, Q, hd], k [N, S, hd] (N = rows x KV heads) -> [N, Q, S] float32 (soft-capped like decoder.attention)."""
+    s = jnp.einsum("bqd,bsd->bqs", q.astype(dtype), k, preferred_element_type=jnp.float32)
     if cfg.attn_logit_softcap:
         s = jnp.tanh(s / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     return s
@@ -85,31 +87,94 @@ def _ropes(cfg: ModelConfig, positions):
             rope_tables(cfg, positions, cfg.rope_local_theta or cfg.rope_theta))
 
 
-def prefill(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array, *, dtype):
-    """Run the prompt: input_ids, attention_mask [B, T] (left padded) ->
-    (hidden of the last column after the final norm [B, D] float32, k, v [L, B, T, K, hd] in `dtype`)."""
-    x = embed_tokens(cfg, params, input_ids)
-    rope_global, rope_local = _ropes(cfg, positions_from_mask(attention_mask))
-    bias_full = attention_bias(attention_mask, causal=True, window=None)
-    bias_local = bias_full
-    if cfg.sliding_window is not None:
-        bias_local = attention_bias(attention_mask, causal=True, window=cfg.sliding_window)
-    B, T = input_ids.shape
+def _prompt_bias(attention_mask: jax.Array, window: Optional[int]) -> jax.Array:
+    """attention_mask [B, T] -> causal additive bias [B, 1, 1, T, T] float32 (query, key); a window keeps
+    0 <= q - k < window (transformers' rule, as decoder.attention)."""
+    T = attention_mask.shape[1]
+    q, k = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= q - k < window
+    allowed = allowed[None] & (attention_mask[:, None, :] > 0)
+    return jnp.where(allowed, 0.0, NEG_INF)[:, None, None]
+
+
+def _select(is_sliding, local, full):
+    """Per-layer choice: a Python bool (unrolled layers) picks statically, a traced one (scan) with where."""
+    if isinstance(is_sliding, (bool, np.bool_)):
+        return local if is_sliding else full
+    return jax.tree.map(lambda a, b: jnp.where(is_sliding, a, b), local, full)
+
+
+def unstack_layers(params: dict) -> dict:
+    """params with "layers" stacked on axis 0 -> the same tree with "layers" a list of per-layer trees.
+
+    The generator loops over such a list in Python (unrolled) instead of `lax.scan`: on XLA:CPU a bf16
+    matmul inside a scan body runs up to 10x slower than the same matmul unrolled (measured at batch 4),
+    and decoding is nothing but small matmuls.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]}
+
+
+def _run_layers(cfg: ModelConfig, layers, x, layer_fn, per_layer=None):
+    """x -> (x, stacked ys) through every layer: layer_fn(p, is_sliding, x, per_layer slice) -> (x, ys).
+
+    `layers` stacked (scan, is_sliding traced) or a list (Python loop, is_sliding a bool); `per_layer` is an
+    optional tree of [L, ...] arrays sliced per layer (the caches).
+    """
+    sliding = cfg.layer_is_sliding
+    if isinstance(layers, (list, tuple)):
+        ys = []
+        for i, p in enumerate(layers):
+            extra = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
+            x, y = layer_fn(p, sliding[i], x, extra)
+            ys.append(y)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
     def body(x, xs):
-        p, is_sliding = xs
-        cos, sin = jax.tree.map(lambda a, b: jnp.where(is_sliding, a, b), rope_local, rope_global)
-        bias = jnp.where(is_sliding, bias_local, bias_full)
+        p, is_sliding, extra = xs
+        return layer_fn(p, is_sliding, x, extra)
+
+    return jax.lax.scan(body, x, (layers, jnp.asarray(sliding), per_layer))
+
+
+def prefill(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array, *, dtype):
+    """Run the prompt: input_ids, attention_mask [B, T] (left padded) ->
+    (hidden of the last column after the final norm [B, D] float32, k, v [L, B, K, T, hd] in `dtype`).
+
+    params["layers"] may be stacked or a list (`unstack_layers`)."""
+    x = embed_tokens(cfg, params, input_ids)
+    rope_global, rope_local = _ropes(cfg, positions_from_mask(attention_mask))
+    bias_full = _prompt_bias(attention_mask, None)
+    bias_local = bias_full if cfg.sliding_window is None else _prompt_bias(attention_mask, cfg.sliding_window)
+    B, T = input_ids.shape
+    K, hd = cfg.num_kv_heads, cfg.head_dim
+    G = cfg.num_heads // K
+
+    def layer(p, is_sliding, x, _):
+        cos, sin = _select(is_sliding, rope_local, rope_global)
+        bias = _select(is_sliding, bias_local, bias_full)
 
         def attend(p, h):
             q, k, v = _qkv(cfg, p, h, cos, sin, dtype)
-            probs = jax.nn.softmax(_scores(cfg, q, k, dtype) + bias, axis=-1)
-            o = jnp.einsum("bkgst,btkd->bskgd", probs.astype(dtype), v, preferred_element_type=jnp.float32)
-            return linear(p["attn"]["o"], o.reshape(B, T, -1), dtype), (k, v)
+            # heads before time, the G query heads of one KV head stacked along the query axis: each
+            # (row, KV head) is one plain [G*T, hd] x [hd, T] matmul (as decoder.attention)
+            q3 = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, hd)
+            k = k.transpose(0, 2, 1, 3)                                                   # [B, K, T, hd]
+            v = v.transpose(0, 2, 1, 3)
+            s = _scores(cfg, q3, k.reshape(B * K, T, hd), dtype).reshape(B, K, G, T, T) + bias
+            probs = jax.nn.softmax(s, axis=-1).astype(dtype).reshape(B * K, G * T, T)
+            o = jnp.einsum("bqs,bsd->bqd", probs, v.reshape(B * K, T, hd), preferred_element_type=jnp.float32)
+            o = o.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G * hd)
+            return linear(p["attn"]["o"], o, dtype), (k, v)
 
         return _block(cfg, p, x, attend, dtype)
 
-    x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], jnp.asarray(cfg.layer_is_sliding)))
+    x, (ks, vs) = _run_layers(cfg, params["layers"], x, layer)
     return norm(cfg, params["final_norm"], x[:, -1]), ks, vs
 
 
@@ -117,12 +182,14 @@ def decode_step(cfg: ModelConfig, params: dict, token: jax.Array, position: jax.
                 cache_v: jax.Array, key_valid: jax.Array, slot: jax.Array, *, dtype):
     """One new token per row against the cache.
 
-    token, position [B] int32; cache_k/v [L, B, S, K, hd]; key_valid [B, S] bool (cache slots this token
+    token, position [B] int32; cache_k/v [L, B, K, S, hd]; key_valid [B, S] bool (cache slots this token
     may see, excluding its own slot); slot: scalar int, the cache slot the token is written to.
     -> (hidden after the final norm [B, D] float32, cache_k, cache_v with slot filled).
     """
     B = token.shape[0]
-    S = cache_k.shape[2]
+    S = cache_k.shape[3]
+    K, hd = cfg.num_kv_heads, cfg.head_dim
+    G = cfg.num_heads // K
     x = embed_tokens(cfg, params, token[:, None])                                          # [B, 1, D]
     rope_global, rope_local = _ropes(cfg, position[:, None])
     bias_full = jnp.where(key_valid, 0.0, NEG_INF)                                         # [B, S]
@@ -131,28 +198,32 @@ def decode_step(cfg: ModelConfig, params: dict, token: jax.Array, position: jax.
         in_window = slot - jnp.arange(S) < cfg.sliding_window
         bias_local = jnp.where(key_valid & in_window[None], 0.0, NEG_INF)
 
-    def body(x, xs):
-        p, is_sliding, kc, vc = xs
-        cos, sin = jax.tree.map(lambda a, b: jnp.where(is_sliding, a, b), rope_local, rope_global)
-        bias = jnp.where(is_sliding, bias_local, bias_full)[:, None, None, None, :]      # [B, 1, 1, 1, S]
+    def layer(p, is_sliding, x, cache):
+        kc, vc = cache                                                                    # [B, K, S, hd]
+        cos, sin = _select(is_sliding, rope_local, rope_global)
+        bias = _select(is_sliding, bias_local, bias_full)[:, None, None, :]              # [B, 1, 1, S]
 
         def attend(p, h):
             q, k, v = _qkv(cfg, p, h, cos, sin, dtype)                                    # k, v [B, 1, K, hd]
+            q3 = q.reshape(B * K, G, hd)
+            k3, v3 = k.reshape(B * K, 1, hd), v.reshape(B * K, 1, hd)
             # scores against the cache and against the token itself, one softmax over both: the cache
             # is read in place instead of being copied into a concatenation every layer and step
-            s_cache = _scores(cfg, q, kc, dtype) + bias                                   # [B, K, G, 1, S]
-            s_self = _scores(cfg, q, k, dtype)                                            # [B, K, G, 1, 1]
+            s_cache = _scores(cfg, q3, kc.reshape(B * K, S, hd), dtype).reshape(B, K, G, S) + bias
+            s_self = _scores(cfg, q3, k3, dtype).reshape(B, K, G, 1)
             probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], axis=-1), axis=-1).astype(dtype)
-            o = (jnp.einsum("bkgst,btkd->bskgd", probs[..., :S], vc, preferred_element_type=jnp.float32)
-                 + jnp.einsum("bkgst,btkd->bskgd", probs[..., S:], v, preferred_element_type=jnp.float32))
-            return linear(p["attn"]["o"], o.reshape(B, 1, -1), dtype), (k[:, 0], v[:, 0])
+            probs = probs.reshape(B * K, G, S + 1)
+            o = (jnp.einsum("bgs,bsd->bgd", probs[..., :S], vc.reshape(B * K, S, hd),
+                            preferred_element_type=jnp.float32)
+                 + jnp.einsum("bgs,bsd->bgd", probs[..., S:], v3, preferred_element_type=jnp.float32))
+            return linear(p["attn"]["o"], o.reshape(B, 1, K * G * hd), dtype), (k[:, 0], v[:, 0])
 
         return _block(cfg, p, x, attend, dtype)
 
-    x, (ks, vs) = jax.lax.scan(body, x, (params["layers"], jnp.asarray(cfg.layer_is_sliding), cache_k, cache_v))
+    x, (ks, vs) = _run_layers(cfg, params["layers"], x, layer, (cache_k, cache_v))       # ks [L, B, K, hd]
     # one in-place write of the new slot for all layers (the while-loop carry is updated in place)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, ks[:, :, None], (0, 0, slot, 0, 0))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, vs[:, :, None], (0, 0, slot, 0, 0))
+    cache_k = jax.lax.dynamic_update_slice(cache_k, ks[:, :, :, None], (0, 0, 0, slot, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, vs[:, :, :, None], (0, 0, 0, slot, 0))
     return norm(cfg, params["final_norm"], x[:, 0]), cache_k, cache_v
 
 
@@ -199,11 +270,12 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature: float, top_p:
 
 
 def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: jax.Array,
-                    attention_mask: jax.Array, keys: jax.Array, *, max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0, dtype=jnp.bfloat16):
-    """Prefill + decode loop (pure; jit it with the keyword arguments static).
+                    attention_mask: jax.Array, keys: jax.Array, eos_ids: jax.Array, pad_id: jax.Array, *,
+                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, dtype=jnp.bfloat16):
+    """Prefill + decode loop (pure; jit it with cfg and the keyword arguments static).
 
-    input_ids, attention_mask [B, T] int32, left padded; keys [B] PRNG keys (one per row).
+    input_ids, attention_mask [B, T] int32, left padded; keys [B] PRNG keys (one per row); eos_ids [E] int32
+    (stop tokens; pass [-1] for none); pad_id: scalar int32 written after a row's EOS.
     -> (tokens [B, N] int32: generated ids, `pad_id` after a row's first EOS (the EOS itself is kept);
         steps: scalar int32, number of decode columns filled (the loop exits early when every row is done)).
     """
@@ -211,20 +283,21 @@ def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: 
     B, T = input_ids.shape
     N = max_new_tokens
     L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    eos = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
+    eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+    pad_id = jnp.asarray(pad_id, jnp.int32)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
     h, ks, vs = prefill(cfg, params, input_ids, attention_mask, dtype=dtype)
-    pad_slots = ((0, 0), (0, 0), (0, N), (0, 0), (0, 0))
-    cache_k, cache_v = jnp.pad(ks, pad_slots), jnp.pad(vs, pad_slots)                     # [L, B, T + N, K, hd]
-    assert cache_k.shape == (L, B, T + N, K, hd)
+    pad_slots = ((0, 0), (0, 0), (0, 0), (0, N), (0, 0))
+    cache_k, cache_v = jnp.pad(ks, pad_slots), jnp.pad(vs, pad_slots)                     # [L, B, K, T + N, hd]
+    assert cache_k.shape == (L, B, K, T + N, hd)
     prompt_len = attention_mask.sum(-1).astype(jnp.int32)                                  # [B]
     # generated slots are always real tokens; key_valid below also requires slot < current slot
     row_mask = jnp.concatenate([attention_mask > 0, jnp.ones((B, N), bool)], axis=1)     # [B, T + N]
     slots = jnp.arange(T + N)
 
     tok = sample_logits(head_logits(cfg, params, head, h, dtype), step_keys(keys, 0), temperature, top_p)
-    out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
+    out = jnp.full((B, N), pad_id).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
 
     def cond(state):
@@ -323,13 +396,13 @@ class Generator:
         self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
         self.dtype = jnp.dtype(dtype)
         self.batch_size = int(batch_size)
-        self.params = _tree_cast_kernels(params, self.dtype)
+        self.params = unstack_layers(_tree_cast_kernels(params, self.dtype))
         self.head = head_weights(cfg, params, self.dtype)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self._warned_template = False
         self._fn = jax.jit(functools.partial(generate_tokens, cfg),
-                           static_argnames=("max_new_tokens", "temperature", "top_p", "eos_ids", "pad_id", "dtype"))
+                           static_argnames=("max_new_tokens", "temperature", "top_p", "dtype"))
 
     @classmethod
     def load(cls, name_or_path: str, *, dtype: Any = "bfloat16", batch_size: int = 8, quiet: bool = False):
@@ -376,6 +449,9 @@ class Generator:
         if longest + max_new_tokens > limit:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                              f"context of {limit} tokens: shorten the prompt")
+        # a fixed-length EOS array (padded with -1, never a token) keeps one compiled program per shape
+        n_eos = max(8, -(-len(eos) // 8) * 8)
+        eos_arr = jnp.asarray(list(eos) + [-1] * (n_eos - len(eos)), jnp.int32)
         order = np.argsort([-len(p) for p in prompts], kind="stable")
         results: list[list[int]] = [[] for _ in prompts]
         B = self.batch_size
@@ -392,8 +468,9 @@ class Generator:
                 row_keys.append(seeds[idx[r]] if r < len(idx) else 0)
             keys = jax.vmap(jax.random.key)(jnp.asarray(row_keys, jnp.uint32))
             out, _ = self._fn(self.params, self.head, jnp.asarray(ids), jnp.asarray(mask), keys,
+                              eos_arr, jnp.int32(self.pad_id),
                               max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                              eos_ids=eos, pad_id=self.pad_id, dtype=self.dtype)
+                              dtype=self.dtype)
             out = np.asarray(out)
             for r, i in enumerate(idx):
                 row = out[r].tolist()
@@ -426,5 +503,6 @@ def count_flops_per_token(cfg: ModelConfig) -> float:
     return 2.0 * (L * per_layer + cfg.vocab_size * D)
 
 
-__all__ = ["CHATML_TEMPLATE", "Generator", "decode_step", "generate_tokens", "greedy_no_cache", "head_logits",
-           "head_weights", "prefill", "row_seeds", "sample_logits", "truncate_at_stop", "count_flops_per_token"]
+__all__ = ["CHATML_TEMPLATE", "Generator", "count_flops_per_token", "decode_step", "generate_tokens",
+           "greedy_no_cache", "head_logits", "head_weights", "prefill", "row_seeds", "sample_logits",
+           "truncate_at_stop", "unstack_layers"]

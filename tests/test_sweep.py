@@ -1,0 +1,192 @@
+"""`bmr sweep`: grid parsing, per-run summaries, the plot, and a real 2-point sweep of a tiny model with a dev
+set (each point a short training run in its own process)."""
+import argparse
+import json
+import math
+import os
+
+import pytest
+
+from bmretriever_jax import sweep
+from bmretriever_jax.config import ConfigError
+from bmretriever_jax.data.pairs import write_pairs
+from hf_tiny import tiny_model_dir, tiny_pairs
+
+
+def test_parse_grid_and_points():
+    axes = sweep.parse_grid(["train.global_batch_size=8,16,32", "train.temperature=0.02, 0.05",
+                             "model.bidirectional=true"])
+    assert axes == [("train.global_batch_size", [8, 16, 32]), ("train.temperature", [0.02, 0.05]),
+                    ("model.bidirectional", [True])]
+    points = sweep.grid_points(axes)
+    assert len(points) == 6
+    name, assign = points[3]
+    assert name == "global_batch_size=16,temperature=0.05,bidirectional=True"
+    assert assign == {"train.global_batch_size": 16, "train.temperature": 0.05, "model.bidirectional": True}
+    with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
+        sweep.parse_grid(["train.global_batch_size"])
+    with pytest.raises(ConfigError, match="given twice"):
+        sweep.parse_grid(["train.lr=1e-4", "train.lr=2e-4"])
+
+
+def test_point_overrides_order_user_then_grid_win():
+    ov = sweep.point_overrides(["train.log_every=5", "train.temperature=0.1"], {"train.temperature": 0.05}, 10,
+                               "out/p")
+    from bmretriever_jax.config import load_config
+
+    run = load_config(None, ov)
+    assert run.train.log_every == 5 and run.train.temperature == 0.05 and run.train.steps == 10
+    assert run.train.save_every == 10 and run.out == "out/p"
+
+
+def test_summarize_run_skips_the_compiling_step(tmp_path):
+    rows = [{"step": 1, "loss": 3.0, "accuracy": 0.1, "examples_per_s": 2.0},
+            {"step": 2, "loss": 2.5, "accuracy": 0.2, "examples_per_s": 40.0},
+            {"step": 3, "loss": 2.0, "accuracy": 0.5, "examples_per_s": 44.0},
+            {"step": 4, "loss": 1.5, "accuracy": 0.6, "examples_per_s": 50.0},
+            {"step": 4, "dev_ndcg@10": 0.3, "dev_recall@100": 0.8}]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    s = sweep.summarize_run(str(tmp_path))
+    assert s == {"final_loss": 1.5, "final_accuracy": 0.6, "examples_per_s": 44.0, "steps": 4,
+                 "dev_ndcg@10": 0.3, "dev_recall@100": 0.8}
+
+
+def test_plot_groups_the_other_grid_axes(tmp_path):
+    rows = []
+    for t in (0.02, 0.05):
+        for b in (8, 16, 32):
+            rows.append({"point": f"global_batch_size={b},temperature={t}", "global_batch_size": b,
+                         "candidates_per_query": 2 * b, "final_loss": math.log(2 * b) * t * 20,
+                         "chance_loss": math.log(2 * b), "final_accuracy": 0.5, "dev_ndcg@10": 0.2 + b / 100,
+                         "examples_per_s": 10.0 + b, "peak_rss_mb": 1000.0 + b, "plan_estimate_mb": 500.0 + b,
+                         "step_peak_mb": 450.0 + b,
+                         "steps": 5})
+    groups = sweep._series(rows, ("global_batch_size", "num_negatives"))
+    assert sorted(groups) == ["temperature=0.02", "temperature=0.05"] and all(len(g) == 3 for g in groups.values())
+    path = sweep.plot_sweep(rows, str(tmp_path / "sweep.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_beir(root, pairs):
+    """A dev split in the BEIR layout: each pair's query must find its positive among all positives."""
+    os.makedirs(os.path.join(root, "qrels"), exist_ok=True)
+    with open(os.path.join(root, "corpus.jsonl"), "w") as f:
+        for i, p in enumerate(pairs):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": p["positive"]["text"]}) + "\n")
+    with open(os.path.join(root, "queries.jsonl"), "w") as f:
+        for i, p in enumerate(pairs):
+            f.write(json.dumps({"_id": f"q{i}", "text": p["query"]}) + "\n")
+    with open(os.path.join(root, "qrels", "dev.tsv"), "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(pairs))))
+    return root
+
+
+def _stub_run(fail_points=()):
+    """Stands in for the point subprocess: writes the files a finished 3-step run leaves behind."""
+    import subprocess
+
+    calls = []
+
+    def run(cmd, **kw):
+        spec = json.load(open(cmd[-1]))
+        out = [o.split("=", 1)[1] for o in spec["overrides"] if o.startswith("out=")][-1]
+        name = os.path.basename(out)
+        calls.append(name)
+        if name in fail_points:
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nValueError: boom")
+        b = int(name.split("global_batch_size=")[1].split(",")[0])
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            for step in (1, 2, 3):
+                rec = {"step": step, "loss": 2.0 / step, "accuracy": 0.3, "examples_per_s": 10.0 * b}
+                f.write(json.dumps(rec) + "\n")
+        os.makedirs(os.path.join(out, "model"))
+        res = dict(sweep.summarize_run(out), seconds=1.0, peak_rss_mb=500.0 + b, plan_estimate_mb=100.0 + b,
+                   step_peak_mb=90.0 + b)
+        json.dump(res, open(os.path.join(out, sweep.POINT_FILE), "w"))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run, calls
+
+
+def test_sweep_loop_results_failures_and_resume(tmp_path, monkeypatch):
+    out = str(tmp_path / "sweep")
+    grid = ["train.global_batch_size=8,16", "train.temperature=0.02,0.05"]
+    run, calls = _stub_run(fail_points={"global_batch_size=16,temperature=0.05"})
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    rows = sweep.sweep(None, grid, out, overrides=["data.num_negatives=3"], steps=3, quiet=True)
+    assert len(calls) == 4 and [("error" in r) for r in rows] == [False, False, False, True]
+    assert "boom" in rows[3]["error"]
+    with open(os.path.join(out, "results.tsv")) as f:
+        header, *lines = [ln.rstrip("\n").split("\t") for ln in f]
+    got = [dict(zip(header, ln)) for ln in lines]
+    assert [g["candidates_per_query"] for g in got] == ["32", "32", "64", "64"]  # batch x (1 + 3 negatives)
+    assert [g["temperature"] for g in got] == ["0.02", "0.05", "0.02", "0.05"]
+    assert got[2]["examples_per_s"] == "160" and got[0]["peak_rss_mb"] == "508" and got[3]["error"]
+    assert got[1]["step_peak_mb"] == "98" and got[1]["plan_estimate_mb"] == "108"
+    assert got[0]["chance_loss"] == f"{math.log(32):.6g}"
+    assert os.path.exists(os.path.join(out, "sweep.png"))
+    assert not os.path.exists(os.path.join(out, "global_batch_size=8,temperature=0.02", "model"))
+    # rerun: finished points are read back, the failed one runs again
+    run2, calls2 = _stub_run()
+    monkeypatch.setattr(sweep.subprocess, "run", run2)
+    rows2 = sweep.sweep(None, grid, out, overrides=["data.num_negatives=3"], steps=3, quiet=True)
+    assert calls2 == ["global_batch_size=16,temperature=0.05"] and not any("error" in r for r in rows2)
+
+
+def test_cli_sweep_exits_nonzero_when_a_point_fails(tmp_path, monkeypatch):
+    run, _ = _stub_run(fail_points={"global_batch_size=8"})
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    p = argparse.ArgumentParser()
+    sweep.add_commands(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["sweep", "/dev/null", "--grid", "train.global_batch_size=8,16", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as e:
+        a.fn(a)
+    assert e.value.code == 1
+    with pytest.raises(ConfigError, match="unknown key"):
+        sweep.sweep(None, ["train.batchsize=8"], str(tmp_path / "t"), quiet=True)
+
+
+@pytest.mark.slow
+def test_two_point_sweep_of_a_tiny_model(tmp_path, monkeypatch):
+    """The real thing: two short training runs in their own processes (~45 s of CPU, hence slow)."""
+    model = tiny_model_dir(str(tmp_path / "model"))
+    pairs = str(tmp_path / "pairs.jsonl")
+    write_pairs(pairs, tiny_pairs(64))
+    dev = _tiny_beir(str(tmp_path / "dev"), tiny_pairs(24, seed=1))
+    out = str(tmp_path / "sweep")
+    p = argparse.ArgumentParser()
+    sweep.add_commands(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["sweep", "/dev/null", f"model.name={model}", f"data.train=[{pairs}]", f"data.dev={dev}",
+                      "data.dev_task=scifact", "model.max_length=16", "model.query_max_length=8", "mesh.data=1",
+                      "train.warmup_steps=1", "train.lr=3e-3", "train.temperature=0.05", "model.dtype=float32",
+                      "--grid", "train.global_batch_size=4,16", "--steps", "3", "--out", out])
+    a.fn(a)
+    with open(os.path.join(out, "results.tsv")) as f:
+        header, *lines = [ln.rstrip("\n").split("\t") for ln in f]
+    assert len(lines) == 2 and "error" not in header
+    rows = [dict(zip(header, ln)) for ln in lines]
+    assert [r["point"] for r in rows] == ["global_batch_size=4", "global_batch_size=16"]
+    assert [int(r["candidates_per_query"]) for r in rows] == [8, 32]  # one hard negative per query
+    for r in rows:
+        assert int(r["steps"]) == 3
+        assert math.isfinite(float(r["final_loss"])) and float(r["final_loss"]) > 0
+        assert 0.0 <= float(r["dev_ndcg@10"]) <= 1.0
+        assert float(r["examples_per_s"]) > 0 and float(r["peak_rss_mb"]) > 100
+        assert float(r["plan_estimate_mb"]) > 0 and float(r["step_peak_mb"]) > 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["grid"] == ["train.global_batch_size"] and len(res["points"]) == 2
+    with open(os.path.join(out, "sweep.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the short runs' exported models are dropped, their metrics kept
+    assert not os.path.exists(os.path.join(out, "global_batch_size=4", "model"))
+    assert os.path.exists(os.path.join(out, "global_batch_size=4", "metrics.jsonl"))
+
+    # a finished sweep resumes without training again; a new grid value is the only new run
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+        RuntimeError("no point should run")))
+    again = sweep.sweep("/dev/null", ["train.global_batch_size=4,16"], out, overrides=a.overrides, steps=3, quiet=True)
+    assert not calls and [r["final_loss"] for r in again] == pytest.approx([float(r["final_loss"]) for r in rows],
+                                                                          rel=1e-5)
