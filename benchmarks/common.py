@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -94,22 +95,28 @@ def best_time(fn: Callable[[], object], reps: int) -> float:
 # ----------------------------------------------------------------------------------------------------
 def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, log: Optional[Callable[[str], None]] = None
                 ) -> Dict[str, Dict]:
-    """Run every fn once per round, round-robin; -> {name: {median_s, min_s, times_s, loads}}.
+    """Run every fn once per round, round-robin; -> {name: {median_s, min_s, median_cpu_s, times_s, ...}}.
 
+    cpu_s is this process's CPU time (all threads) during the call: under load it shows how much work a
+    contender did when it did run, which wall time hides (spinning thread pools inflate it, though).
     Call each fn once beforehand (compilation, lazy init): these timings are steady-state.
     """
     times: Dict[str, List[float]] = {k: [] for k in fns}
+    cpus: Dict[str, List[float]] = {k: [] for k in fns}
     loads: Dict[str, List[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fn()
-            dt = time.perf_counter() - t
+            dt, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
             times[name].append(dt)
+            cpus[name].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
             loads[name].append(round(os.getloadavg()[0], 2))
             if log:
-                log(f"round {r + 1}/{rounds} {name}: {dt:.2f} s (load {loads[name][-1]:.1f})")
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": [round(x, 4) for x in v],
+                log(f"round {r + 1}/{rounds} {name}: {dt:.2f} s, {cpus[name][-1]:.1f} CPU-s "
+                    f"(load {loads[name][-1]:.1f})")
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "median_cpu_s": statistics.median(cpus[k]),
+                "times_s": [round(x, 4) for x in v], "cpu_s": [round(x, 3) for x in cpus[k]],
                 "load_1min": loads[k]} for k, v in times.items()}
 
 

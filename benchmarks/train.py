@@ -245,7 +245,7 @@ def main() -> None:
     ap.add_argument("--mem-batches", default="64,128,256,512,1024,2048,4096",
                     help="global batches of the compiled-memory analysis of our step")
     ap.add_argument("--grad-cache", default="16", help="chunk sizes (sequences) of the gradient cache, comma list")
-    ap.add_argument("--rss-batches", default="16,64",
+    ap.add_argument("--rss-batches", default="16,32",
                     help="global batches of the measured-RSS single steps (both sides, one subprocess each)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")

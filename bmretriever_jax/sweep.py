@@ -270,6 +270,10 @@ def plot_sweep(rows: List[dict], path: str) -> str:
         x_keys = ("global_batch_size", "num_negatives") if x == "candidates_per_query" else ("global_batch_size",)
         for name, rs in _series(ok, x_keys).items():
             rs = sorted((r for r in rs if y in r and r[y] == r[y]), key=lambda r: r[x])
+            if name == "all":  # a single series: name the measurement, not the (empty) grouping
+                name = "train step (XLA memory_analysis)" if y == "step_peak_mb" else None
+            elif y == "step_peak_mb":
+                name = f"train step, {name}"
             if rs:
                 ax.plot([r[x] for r in rs], [r[y] for r in rs], "o-", label=name)
         if y == "final_loss":  # the loss of a uniform guess grows with the candidates: ln(candidates)

@@ -272,6 +272,7 @@ def test_negative_filters_on_hand_made_cases():
         "reduces the risk of stroke.",                                                                   # copied
         "Aspirin does reduce myocardial infarction risk: trials of low-dose aspirin show fewer infarctions.",  # lexical
         "Ibuprofen is a reversible cyclooxygenase inhibitor used for pain and fever in children and adults.",  # dup
+        "Here is a hard negative document that uses the same words as the relevant document but is off topic.",  # meta
     )
     pair = Pair(query=q, positive=PASSAGE, negatives=negs, id="p0")
     other = Pair(query="Which statins lower LDL cholesterol in patients?", positive="Statins lower LDL cholesterol "
@@ -280,7 +281,7 @@ def test_negative_filters_on_hand_made_cases():
     kept, report = filters.filter_negatives([pair, other])
     assert kept[0].negatives == (negs[0],) and kept[1].negatives == other.negatives
     assert [(s["stage"], s["kept"]) for s in report.to_dict()["stages"]] == [
-        ("empty", 7), ("length", 6), ("duplicate", 4), ("copied", 3), ("lexical", 2)]
+        ("empty", 8), ("length", 7), ("meta", 6), ("duplicate", 4), ("copied", 3), ("lexical", 2)]
 
     # the retriever check: a negative the retriever prefers to the positive is a likely false negative
     tricky = Pair(query="aspirin platelets", positive={"title": "", "text": "platelets respond to many drugs"},
@@ -335,8 +336,8 @@ def test_consistency_filter_on_real_scifact_with_bm25():
     real = [pair(q, d, "real") for q, d in claims]
     controls = [pair(q, claims[(i + 7) % 25][1], "ctrl") for i, (q, _) in enumerate(claims)
                 if claims[(i + 7) % 25][1] not in qrels[q]]
-    kept, report = filters.filter_queries(real + controls, min_words=1, max_copy_overlap=1.0, dedup=False, meta_phrases=(),
-                                          retriever="bm25", corpus=pool, top_k=3)
+    kept, report = filters.filter_queries(real + controls, min_words=1, max_copy_overlap=1.0, dedup=False,
+                                          meta_phrases=(), retriever="bm25", corpus=pool, top_k=3)
     run = bm25_search(pool, {p.id: p.query for p in real + controls}, k=3)
     expected = [p.id for p in real + controls if p.positive["id"] in run[p.id]]
     assert [p.id for p in kept] == expected

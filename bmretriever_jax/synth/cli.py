@@ -86,7 +86,7 @@ def _run_filter(kind: str, pairs_path: str, out: str, *, retriever, corpus_path=
     write_pairs(out, kept)
     report_path = report_path or _stem(out) + ".report.json"
     with open(report_path, "w") as f:
-        json.dump({"input": pairs_path, "output": out, **report.to_dict()}, f, indent=1)
+        json.dump({"pairs_file": pairs_path, "output_file": out, **report.to_dict()}, f, indent=1)
     if not quiet:
         print(report.format())
     print(f"wrote {len(kept)} pairs to {out} (report: {report_path})")

@@ -6,7 +6,8 @@ Synthetic queries (one per pair, the source passage is the pair's positive):
   (same normalised query seen before) -> consistency (round trip: the source passage must rank within the
   top k for its query under a retriever, over a corpus).
 Synthetic hard negatives (each negative of each pair):
-  empty -> length -> duplicate (same text as the positive or an earlier negative of the pair) -> copied
+  empty -> length -> meta (talks about the task: "hard negative", "the query", "the relevant document")
+  -> duplicate (same text as the positive or an earlier negative of the pair) -> copied
   (near-copy of the positive) -> lexical (the negative covers the query's content words at least as well as
   the positive does and almost all of them: it probably answers the query) -> retriever (the retriever
   scores it at or above the positive minus a margin: a likely false negative).
@@ -35,6 +36,11 @@ while who whom why will with would you your whether between about against during
 # A query that mentions its source ("the passage supports the claim that ...") cannot be searched with.
 META_PHRASES = ("the passage", "this passage", "the given passage", "the text", "this text", "the above",
                 "the abstract", "this abstract", "the article", "this article")
+
+
+# A "document" that talks about the task is the model failing to write one (small models do this a lot).
+NEGATIVE_META_PHRASES = ("hard negative", "negative document", "the query", "this query", "relevant document",
+                         "the relevant", "the document", "this document", "the passage", "this passage")
 
 
 def mentions_source(text: str, phrases: Sequence[str] = META_PHRASES) -> bool:
@@ -266,7 +272,8 @@ def _source_pool(pairs: Sequence[Pair], corpus: Mapping[str, Mapping[str, str]])
 # Negatives
 # ----------------------------------------------------------------------------------------------------
 def filter_negatives(pairs: Iterable, *, min_words: int = 8, max_copy_overlap: float = 0.6, copy_ngram: int = 4,
-                     lexical: bool = True, min_coverage: float = 0.8, retriever: Any = None,
+                     meta_phrases: Sequence[str] = NEGATIVE_META_PHRASES, lexical: bool = True,
+                     min_coverage: float = 0.8, retriever: Any = None,
                      instruction: str = "", margin: float = 0.0, drop_pairs_without_negatives: bool = False,
                      batch_size: int = 32) -> tuple[list[Pair], FilterReport]:
     """Pairs with (synthetic) hard negatives -> (pairs with the surviving negatives, report over negatives).
@@ -288,6 +295,8 @@ def filter_negatives(pairs: Iterable, *, min_words: int = 8, max_copy_overlap: f
 
     stage("empty", lambda i, p, n, j, ns: bool(passage_text(n).strip()))
     stage("length", lambda i, p, n, j, ns: len(words(passage_text(n))) >= min_words)
+    if meta_phrases:
+        stage("meta", lambda i, p, n, j, ns: not mentions_source(passage_text(n), meta_phrases))
 
     def not_duplicate(i, p, n, j, ns):
         keys = set(doc_keys(n))
