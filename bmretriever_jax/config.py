@@ -30,6 +30,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype of matmul inputs (accumulation is always float32)
     param_dtype: str = "float32"  # storage of the frozen base weights
     remat: bool = True  # recompute activations in the backward pass (activation checkpointing)
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (with remat: true)
 
 
 @dataclasses.dataclass
@@ -96,7 +97,9 @@ class RunConfig:
 
 CHOICES = {
     "model.pooling": ("last", "mean"), "model.dtype": ("bfloat16", "float32"),
-    "model.param_dtype": ("bfloat16", "float32"), "train.stage": ("pretrain", "finetune"),
+    "model.param_dtype": ("bfloat16", "float32"),
+    "model.remat_policy": ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                           "everything_saveable"), "train.stage": ("pretrain", "finetune"),
     "train.schedule": ("linear", "cosine", "constant"), "train.similarity": ("cos", "dot"),
     "data.negatives": ("random", "first"), "data.short": ("pad", "drop"),
 }

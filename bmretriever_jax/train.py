@@ -133,7 +133,7 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
     loss_fn = losses.make_loss(temperature=t.temperature, similarity=t.similarity,
                                mesh=mesh if sharded else None, axis=BATCH_AXES)
     embed_kw = dict(pooling=m.pooling, normalize=m.normalize, dtype=jnp.dtype(m.dtype),
-                    bidirectional=m.bidirectional, remat=m.remat)
+                    bidirectional=m.bidirectional, remat=m.remat_policy if m.remat else False)
     dropout = run.lora.dropout if run.lora.enabled else 0.0
     if dropout > 0 and t.grad_cache_chunk:
         raise ValueError("lora.dropout > 0 with train.grad_cache_chunk: the gradient cache recomputes each chunk "

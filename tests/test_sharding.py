@@ -77,3 +77,12 @@ def test_grad_cache_on_mesh_matches(model_dir):
     assert abs(loss - loss1) <= 1e-5 * abs(loss1)
     for k in g1:
         assert np.linalg.norm(g[k] - g1[k]) <= 1e-5 * max(np.linalg.norm(g1[k]), 1e-12), k
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_give_the_same_step(model_dir, policy):
+    loss1, g1, _ = _step(model_dir, ["mesh.data=1", "model.remat=false"], True)
+    loss, g, _ = _step(model_dir, ["mesh.data=1", "model.remat=true", f"model.remat_policy={policy}"], True)
+    assert abs(loss - loss1) <= 1e-6 * abs(loss1)
+    for k in g1:
+        assert np.linalg.norm(g[k] - g1[k]) <= 1e-5 * max(np.linalg.norm(g1[k]), 1e-12), k

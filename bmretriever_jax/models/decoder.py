@@ -347,7 +347,10 @@ def _forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_m
         return block(cfg, p, x, rope, bias, dtype, keys, dropout if use_dropout else 0.0), None
 
     if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        # remat=True: keep nothing per layer (least memory); or name a jax.checkpoint_policies policy,
+        # e.g. "dots_with_no_batch_dims_saveable" to keep the weight matmuls' outputs (less recompute)
+        policy = getattr(jax.checkpoint_policies, remat if isinstance(remat, str) else "nothing_saveable")
+        body = jax.checkpoint(body, policy=policy)
     x, _ = jax.lax.scan(body, x, (params["layers"], sliding, layer_keys))
     return norm(cfg, params["final_norm"], x)
 
