@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart"))
     p.add_argument("--steps", type=int, default=None, help="override train.steps of configs/quickstart.yaml")
     p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--model", default="gemma3-270m", help="backbone (a smoke run can pass a tiny model folder)")
     p.add_argument("--scifact-docs", type=int, default=1500,
                    help="SciFact corpus size for the demo and table (all judged docs + random others; 0 = all 5,183)")
     a = p.parse_args(argv)
@@ -89,12 +90,12 @@ def main(argv=None) -> int:
     if a.scifact_docs:
         scifact = subset_beir(scifact, os.path.join(a.out, "data", f"scifact-{a.scifact_docs}"), a.scifact_docs)
     cache = os.path.join(a.out, "vector_cache")
-    overrides = [f"out={a.out}"] + ([f"train.steps={a.steps}"] if a.steps else [])
+    overrides = [f"out={a.out}", f"model.name={a.model}"] + ([f"train.steps={a.steps}"] if a.steps else [])
     run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), overrides)
     run.data.dev = os.path.join(ROOT, run.data.dev) if run.data.dev and not os.path.isabs(run.data.dev) else run.data.dev
 
     _banner("1. Gemma 3 270M (embedded GGUF -> JAX)")
-    enc = Encoder.load("gemma3-270m", max_length=run.model.max_length, dtype=run.model.dtype)
+    enc = Encoder.load(a.model, max_length=run.model.max_length, dtype=run.model.dtype)
     print(f"{enc.cfg.family}: {enc.cfg.num_layers} layers, hidden {enc.cfg.hidden_size}, "
           f"{enc.cfg.num_params() / 1e6:.0f}M parameters; compute {enc.dtype} with f32 accumulation")
 
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
 
     _banner("6. evaluation (test splits)")
     data = [scifact, os.path.join(ROOT, "data", "pubmedqa_pqal"), os.path.join(ROOT, "data", "biosses", "biosses.tsv")]
-    models = ["bm25"] + ([] if a.skip_minilm else ["minilm"]) + ["gemma3-270m", trained_dir]
+    models = ["bm25"] + ([] if a.skip_minilm else ["minilm"]) + [a.model, trained_dir]
     results = evaluate_all(models, data, max_length=run.model.max_length, cache_dir=cache)
     table = print_table(results)
     with open(os.path.join(a.out, "eval.json"), "w") as f:
