@@ -5,8 +5,8 @@ Memory is counted per device for the configured mesh (data, fsdp, tensor):
   * parameters, optimizer state and gradients: exact, from the abstract train state (`jax.eval_shape`) and
     the same sharding rules training uses (`sharding.spec_for`), so FSDP / tensor splits are the real ones;
   * activations, gradient-cache vectors and the contrastive scores: a model of what the backward pass keeps
-    per token and per layer (see `ACT_BYTES`), for the local batch (or one gradient-cache chunk), with or
-    without remat.
+    per token and per layer (see `ACT_BYTES`), for the local batch (or one gradient-cache chunk), without
+    remat or with remat and its policy (model.remat_policy: what each layer keeps besides its input).
 The compile check builds a TINY model of the same family and shape pattern (same switches: norms, gated MLP,
 GQA ratio, q/k norms, sliding-window layers, biases; small dims divisible by the mesh axes) and lowers and
 compiles the real `train.make_train_step` with abstract inputs on N fake CPU devices in a subprocess
@@ -137,6 +137,17 @@ def _per_layer_saved(cfg: ModelConfig, tokens: int, attn_elems: int, tensor: int
     return tokens * per_token + attn_elems * (4 + compute_bytes) / tensor
 
 
+def _policy_saved_per_token(cfg: ModelConfig, policy: str, lora: bool, tensor: int) -> float:
+    """Bytes per token and layer a remat policy keeps: the float32 outputs of the weight matmuls that the
+    backward needs (q, k, v feed norms / rotary, gate and up feed the activation; o and down only join the
+    residual sum, so nothing keeps them). With LoRA each is two matmuls, x @ W and (x @ A) @ B."""
+    if policy == "nothing_saveable":
+        return 0.0
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    mlp = (2 if cfg.gated_mlp else 1) * cfg.intermediate_size
+    return 4.0 * (2 if lora else 1) * (q + 2 * kv + mlp) / tensor
+
+
 def estimate_memory(model_cfg: ModelConfig, run: RunConfig, mesh_shape: Sequence[int]) -> Dict[str, int]:
     """Per-device bytes by component for `run` on a (data, fsdp, tensor) mesh of `mesh_shape`.
 
@@ -183,11 +194,17 @@ def estimate_memory(model_cfg: ModelConfig, run: RunConfig, mesh_shape: Sequence
     # with it one chunk at a time (the larger one bounds the peak)
     alive = passes if not t.grad_cache_chunk else [max(passes, key=lambda p: p[0])]
     alive_saved = saved if not t.grad_cache_chunk else [max(saved)]
-    if m.remat:
-        carry = sum(REMAT_CARRY_FACTOR * L * tok * D * 4 for tok, _ in alive)
-        act = carry + max(alive_saved)
-    else:
+    policy = getattr(m, "remat_policy", "nothing_saveable") if m.remat else "everything_saveable"
+    if policy == "everything_saveable":  # no remat: every layer's residuals live until its backward
         act = L * sum(alive_saved) + BACKWARD_WORKSPACE * max(alive_saved)
+    else:
+        # remat keeps the f32 residual stream at each layer boundary, plus what the policy saves (float32
+        # matmul outputs), plus one layer's worth being recomputed in the backward
+        per_token = _policy_saved_per_token(model_cfg, policy, run.lora.enabled, n_tensor)
+        kept = sum(L * tok * (REMAT_CARRY_FACTOR * D * 4 + per_token) for tok, _ in alive)
+        if policy == "dots_saveable":  # the attention einsums too: scores [H, T] and P @ V [q]
+            kept += sum(L * 4 * (att + tok * H * model_cfg.head_dim) / n_tensor for tok, att in alive)
+        act = kept + max(alive_saved)
     # embeddings in and final hidden states out (f32) of every alive pass
     act += sum(3 * tok * D * 4 for tok, _ in alive)
     rows["activations"] = int(act)
@@ -398,7 +415,7 @@ def plan(config: Optional[str], overrides: Sequence[str] = (), *, devices: int, 
     out(f"batch      {t.global_batch_size} queries x {1 + run.data.num_negatives} passages, "
         f"{run.model.query_max_length}/{run.model.max_length} tokens, "
         f"{'LoRA r=%d' % run.lora.rank if run.lora.enabled else 'full fine-tuning'}, "
-        f"remat={'on' if run.model.remat else 'off'}, "
+        f"remat={getattr(run.model, 'remat_policy', 'on') if run.model.remat else 'off'}, "
         f"grad cache={'chunks of %d' % t.grad_cache_chunk if t.grad_cache_chunk else 'off'}")
     out(format_table(rows, device_memory))
     fits = None

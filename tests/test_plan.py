@@ -255,6 +255,8 @@ def test_memory_estimate_within_25_percent_of_measured_peak():
     ("qwen3-0.6b", ["mesh.data=4", "mesh.tensor=2", "model.remat=false"]),
     ("gemma-2b", ["mesh.data=4", "model.max_length=128", "train.global_batch_size=32", "data.num_negatives=3"]),
     ("biomistral-7b", ["mesh.data=1", "model.dtype=float32"]),
+    ("qwen3-0.6b", ["mesh.data=1", "model.remat_policy=dots_saveable"]),
+    ("pythia-410m", ["mesh.data=1", "lora.enabled=false", "model.remat_policy=dots_with_no_batch_dims_saveable"]),
 ])
 def test_memory_estimate_within_25_percent_other_settings(name, over):
     _check_within_25pct(_small(name), load_config(None, SMALL + over))
