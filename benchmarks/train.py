@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument("--passage-len", type=int, default=128)
     ap.add_argument("--negatives", type=int, default=1, help="hard negatives per query")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per contender (interleaved, median)")
-    ap.add_argument("--mem-batches", default="64,128,256,512,1024,2048,4096",
+    ap.add_argument("--mem-batches", default="16,32,64,128,256,512,1024,2048,4096",
                     help="global batches of the compiled-memory analysis of our step")
     ap.add_argument("--grad-cache", default="16", help="chunk sizes (sequences) of the gradient cache, comma list")
     ap.add_argument("--rss-batches", default="16,32",
