@@ -26,11 +26,23 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python -m bmretriever_jax.quickstart
 
+# synthetic claims (SmolLM2) -> LoRA with vs without them -> instruction search -> SciFact test table
+quickstart-synth: $(STAMP)
+	$(BIN)/python -m bmretriever_jax.quickstart_synth
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# every side-by-side benchmark in BENCHMARKS.md, one after the other (about an hour on 2 cores)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/encode.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/search.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/merge.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -181,6 +181,10 @@ def main(argv=None):
                               "versions": common.versions("jax", "torch", "transformers"),
                               "jax_devices": [str(d) for d in jax.devices()]})
     print(f"wrote {a.out}")
+    if not a.quick:
+        common.replace_section(os.path.join(HERE, "..", "BENCHMARKS.md"), "generate",
+                               f"Command: `python benchmarks/generate.py{' --threads ' + str(a.threads) if a.threads else ''}`"
+                               f"\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,13 @@ def main(argv=None):
                    "machine": platform.machine(), "python": platform.python_version(), "rows": rows,
                    "command": "python benchmarks/merge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "table": table}, f, indent=1)
+    sys.path.insert(0, HERE)
+    import common
+
+    common.replace_section(os.path.join(HERE, "..", "BENCHMARKS.md"), "merge",
+                           f"Command: `python benchmarks/merge.py{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`"
+                           f"\n\n{N_MODELS} x Gemma 3 270M float32 checkpoints ({size_mb:.0f} MB each), "
+                           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end:\n\n{table}")
     return rows
 
 

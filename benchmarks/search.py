@@ -130,6 +130,11 @@ def main() -> None:
                    "machine": {"cpus": os.cpu_count(), "load_average_at_start": load, "platform": platform.platform(),
                                "jax": jax.__version__, "faiss": __import__("faiss").__version__},
                    "table": lines}, f, indent=1)
+    if args.docs == 1_000_000 and args.queries == 1000:  # the documented configuration only
+        import common
+
+        common.replace_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md"), "search",
+                               "Command: `python benchmarks/search.py`\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

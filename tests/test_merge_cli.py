@@ -14,7 +14,7 @@ from bmretriever_jax import lora, merge, merge_cli, treeutil
 from bmretriever_jax.convert.hf import load_hf
 from bmretriever_jax.embed import Encoder
 from bmretriever_jax.eval.evaluate import evaluate_retrieval
-from hf_tiny import WORDS, tiny_model_dir
+from hf_tiny import tiny_beir, tiny_model_dir
 from test_export import fake_run, flat_max_diff, random_adapters, write_settings
 
 
@@ -155,24 +155,8 @@ def test_cmaes_minimises_and_is_deterministic():
     assert best2 == best and np.array_equal(mean, mean2)
 
 
-def _tiny_beir(root):
-    """12 documents on 4 topics, 4 dev queries each judging its topic's 3 documents."""
-    os.makedirs(os.path.join(root, "qrels"))
-    topics = WORDS[20:]
-    with open(os.path.join(root, "corpus.jsonl"), "w") as c, open(os.path.join(root, "queries.jsonl"), "w") as q, \
-            open(os.path.join(root, "qrels", "dev.tsv"), "w") as r:
-        r.write("query-id\tcorpus-id\tscore\n")
-        for t in range(4):
-            a, b = topics[2 * t], topics[2 * t + 1]
-            q.write(json.dumps({"_id": f"q{t}", "text": f"{a} {b} query"}) + "\n")
-            for j in range(3):
-                c.write(json.dumps({"_id": f"d{t}{j}", "title": "", "text": f"{WORDS[j]} {a} {WORDS[j + 3]} {b}"}) + "\n")
-                r.write(f"q{t}\td{t}{j}\t1\n")
-    return root
-
-
 def test_grid_search_picks_the_best_and_writes_it(experts, tmp_path):
-    dev = _tiny_beir(str(tmp_path / "beir"))
+    dev = tiny_beir(str(tmp_path / "beir"))
     cfg = {"merge_method": "linear", "models": [{"model": experts["a"], "parameters": {"weight": 1.0}},
                                                 {"model": experts["b"], "parameters": {"weight": 1.0}}]}
     out = str(tmp_path / "search")
@@ -198,7 +182,7 @@ def test_grid_search_picks_the_best_and_writes_it(experts, tmp_path):
 
 
 def test_cmaes_search_ties(experts, tmp_path):
-    dev = _tiny_beir(str(tmp_path / "beir"))
+    dev = tiny_beir(str(tmp_path / "beir"))
     cfg = {"merge_method": "ties", "base_model": experts["base"],
            "models": [{"model": experts["a"], "parameters": {"weight": 1.0, "density": 1.0}},
                       {"model": experts["b"], "parameters": {"weight": 1.0, "density": 1.0}}]}

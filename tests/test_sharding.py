@@ -1,7 +1,6 @@
 """One train step on data / FSDP / tensor-parallel meshes of 8 fake CPU devices equals the 1-device step:
 the loss and the gradients (read off an SGD(lr=1) update, new = old - grad)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

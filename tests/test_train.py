@@ -16,7 +16,7 @@ from bmretriever_jax import treeutil
 from bmretriever_jax.config import ConfigError, load_config
 from bmretriever_jax.data.pairs import write_pairs
 from bmretriever_jax.train import NonFiniteLoss, train
-from hf_tiny import tiny_model_dir, tiny_pairs
+from hf_tiny import tiny_beir, tiny_model_dir, tiny_pairs
 
 HERE = os.path.dirname(__file__)
 
@@ -133,3 +133,24 @@ def test_malformed_pairs_file(tmp_path):
     cfg = _run_cfg(tmp_path, model, str(bad), "train.steps=1")
     with pytest.raises(ValueError, match=r"bad.jsonl:2:.*positive"):
         train(cfg, quiet=True)
+
+
+def test_dev_metrics_before_during_and_after_training(tmp_path):
+    """data.dev + train.eval_every: the untrained model is scored at step 0 (the baseline), then every
+    eval_every steps and at the end; the final numbers come back from train()."""
+    model, pairs = _setup(tmp_path)
+    dev = tiny_beir(str(tmp_path / "beir"))
+    res = train(_run_cfg(tmp_path, model, pairs, "train.steps=4", "train.save_every=4", "train.eval_every=2",
+                         f"data.dev={dev}", "data.dev_split=dev", "model.dtype=float32"), quiet=True)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    dev_rows = [r for r in rows if "dev_ndcg@10" in r]
+    assert [r["step"] for r in dev_rows] == [0, 2, 4]
+    assert all(0.0 <= r["dev_ndcg@10"] <= 1.0 for r in dev_rows)
+    assert res["dev_ndcg@10"] == dev_rows[-1]["dev_ndcg@10"]
+    # step 0 is the untrained backbone: the same number as evaluating it directly
+    from bmretriever_jax.embed import Encoder, instruction_for
+    from bmretriever_jax.eval.evaluate import evaluate_retrieval
+
+    enc = Encoder.load(model, max_length=16, dtype="float32", quiet=True)
+    base = evaluate_retrieval(enc, dev, "dev", instruction_for("scifact"))["ndcg@10"]
+    assert dev_rows[0]["dev_ndcg@10"] == pytest.approx(base, abs=1e-6)

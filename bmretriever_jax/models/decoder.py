@@ -341,19 +341,27 @@ def forward(
     remat: bool = False,
     dropout: float = 0.0,
     dropout_key: Optional[jax.Array] = None,
+    activation_sharding: Optional[jax.sharding.Sharding] = None,
 ) -> jax.Array:
     """input_ids, attention_mask [B, T] -> final hidden states [B, T, D] float32 (after the final norm).
 
     bidirectional: every token sees every (non-pad) token (STM's option); sliding windows stay.
     dropout: LoRA dropout on the adapter inputs (only where adapters are present), needs dropout_key.
+    activation_sharding: where the hidden states [B, T, D] live on a device mesh (e.g. NamedSharding(mesh,
+    P(("data", "fsdp"), None, None))): pinned with with_sharding_constraint at every layer boundary, so the
+    partitioner keeps activations (and the scan's saved residuals) split over the batch axes and gathers
+    the FSDP-sharded weights instead (without it GSPMD may split the stacked residuals along the layer
+    axis, or all-gather activations over "fsdp"). Ignored for batches the batch axes do not divide.
     On CPU, batches of more than CPU_CHUNK_TOKENS tokens run chunk by chunk (see there); not with dropout,
-    whose masks are drawn for the whole batch.
+    whose masks are drawn for the whole batch, nor with activation_sharding (a mesh splits the batch already).
     """
     B, T = input_ids.shape
-    n = 1 if (dropout > 0.0 and dropout_key is not None) else _row_chunks(B, T)
+    whole = (dropout > 0.0 and dropout_key is not None) or activation_sharding is not None
+    n = 1 if whole else _row_chunks(B, T)
     if n == 1:
         return _forward(cfg, params, input_ids, attention_mask, dtype=dtype, bidirectional=bidirectional,
-                        remat=remat, dropout=dropout, dropout_key=dropout_key)
+                        remat=remat, dropout=dropout, dropout_key=dropout_key,
+                        activation_sharding=activation_sharding)
     rows = -(-B // n)
     pad = n * rows - B  # all-padding rows (mask 0) fill the last chunk; their outputs are dropped
     ids = jnp.pad(input_ids, ((0, pad), (0, 0))).reshape(n, rows, T)
@@ -363,12 +371,24 @@ def forward(
     return h.reshape(n * rows, T, h.shape[-1])[:B]
 
 
+def _pin(x: jax.Array, sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
+    """with_sharding_constraint(x, sharding) when the sharding divides x's shape (else x unchanged)."""
+    if sharding is None:
+        return x
+    try:
+        sharding.shard_shape(x.shape)
+    except ValueError:  # jax's IndivisibleError: a dimension the mesh axes do not divide
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def _forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *, dtype,
-             bidirectional: bool, remat: bool, dropout: float = 0.0, dropout_key: Optional[jax.Array] = None):
+             bidirectional: bool, remat: bool, dropout: float = 0.0, dropout_key: Optional[jax.Array] = None,
+             activation_sharding: Optional[jax.sharding.Sharding] = None):
     """`forward` on one chunk of rows: [b, T] -> [b, T, D] float32."""
     dtype = jnp.dtype(dtype)
     T = input_ids.shape[1]
-    x = embed_tokens(cfg, params, input_ids)
+    x = _pin(embed_tokens(cfg, params, input_ids), activation_sharding)
     positions = positions_from_mask(attention_mask)
     rope_global = rope_tables(cfg, positions, cfg.rope_theta)
     rope_local = rope_tables(cfg, positions, cfg.rope_local_theta or cfg.rope_theta)
@@ -388,7 +408,9 @@ def _forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_m
         rope = jax.tree.map(lambda a, b: jnp.where(is_sliding, a, b), rope_local, rope_global)
         bias = jnp.where(is_sliding, bias_local, bias_full) if window_bites else bias_full
         keys = jax.random.split(key, 7) if use_dropout else None
-        return block(cfg, p, x, rope, bias, dtype, keys, dropout if use_dropout else 0.0), None
+        x = _pin(x, activation_sharding)
+        return _pin(block(cfg, p, x, rope, bias, dtype, keys, dropout if use_dropout else 0.0),
+                    activation_sharding), None
 
     if remat:
         # remat=True: keep nothing per layer (least memory); or name a jax.checkpoint_policies policy,
