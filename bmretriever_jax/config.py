@@ -41,7 +41,7 @@ class DataSection:
     short: str = "pad"
     dev: Optional[str] = None  # BEIR folder for dev NDCG@10 during training
     dev_split: str = "dev"
-    dev_task: Optional[str] = None  # instruction for dev queries (task name or literal)
+    dev_task: Optional[str] = None  # instruction for dev queries (task name or literal; default: by folder name)
 
 
 @dataclasses.dataclass

@@ -175,11 +175,15 @@ def estimate_memory(model_cfg: ModelConfig, run: RunConfig, mesh_shape: Sequence
     # (AdamW's new moments are computed before they replace the donated ones)
     rows["gradients + update"] = 2 * trainable
     if n_fsdp > 1:
-        # FSDP all-gathers one layer's weights at a time inside the layer scan, for the forward and again
-        # for the backward (this assumes the activations stay batch-sharded; see `compile_check`)
+        # FSDP all-gathers one layer's weights at a time inside the layer scan (the forward's copy is gone
+        # before the backward gathers again), cast to the compute dtype before they are used; the
+        # activations stay batch-sharded (the forward pins them, `decoder.forward(activation_sharding=)`).
+        # Measured on 8 fake devices (tests/test_plan.py): without the pin GSPMD gathered the activations
+        # instead and this row was far too small; with it, one compute-dtype layer is what the peak adds.
         layers = [t_.get("layers", {}) for t_ in (frozen, state["trainable"].get("model", {}))]
-        rows["FSDP-gathered layer weights"] = 2 * sum(
-            _local_bytes(t_, mesh, prefix="layers/", gathered=("fsdp",), per_layer=L) for t_ in layers)
+        stored = _param_dtype(run).itemsize
+        rows["FSDP-gathered layer weights"] = int(min(e, stored) / stored * sum(
+            _local_bytes(t_, mesh, prefix="layers/", gathered=("fsdp",), per_layer=L) for t_ in layers))
 
     def seqs(n, T):  # (tokens, attention elements) of n sequences of length T
         return n * T, n * H * T * T

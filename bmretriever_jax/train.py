@@ -356,7 +356,10 @@ def dev_eval(run: RunConfig, model_cfg, params, tokenizer) -> dict:
 
     enc = Encoder(model_cfg, params, tokenizer, max_length=run.model.max_length, pooling=run.model.pooling,
                   normalize=run.model.normalize, dtype=run.model.dtype, bidirectional=run.model.bidirectional)
-    res = evaluate_retrieval(enc, run.data.dev, run.data.dev_split, instruction_for(run.data.dev_task),
+    from bmretriever_jax.cli_more import default_task
+
+    task = run.data.dev_task or default_task(run.data.dev)  # data/scifact -> scifact's instruction
+    res = evaluate_retrieval(enc, run.data.dev, run.data.dev_split, instruction_for(task),
                              cache_dir=os.path.join(run.out, "vector_cache"))
     return {f"dev_{k}": v for k, v in res.items() if isinstance(v, (int, float))}
 

@@ -262,17 +262,16 @@ def test_memory_estimate_within_25_percent_other_settings(name, over):
     _check_within_25pct(_small(name), load_config(None, SMALL + over))
 
 
-# Two layouts where XLA's GSPMD partitioner keeps far more than the plan's model of the intended layout,
-# because nothing in the forward pins the activations to the batch axes (no sharding constraints yet):
-#  * data=8 with this 4-layer model: the scan's stacked residuals get split over "data" along the layer
+# Two layouts where XLA's GSPMD partitioner kept far more than the plan's model of the intended layout
+# until the forward pinned the activations to the batch axes (decoder.forward(activation_sharding=)):
+#  * data=8 with this 4-layer model: the scan's stacked residuals were split over "data" along the layer
 #    axis (padded 4 -> 8) and all-gathered per layer in the backward: 250 MiB vs 124 MiB on 1 device;
-#  * fsdp=4: activations [rows, T, D] are all-gathered over "fsdp" instead of the weights (39 vs 28 MiB).
-# strict: once the train step constrains its activations these pass, and the xfail must go.
+#  * fsdp=4: activations [rows, T, D] were all-gathered over "fsdp" instead of the weights (39 vs 28 MiB).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="GSPMD: activations are not pinned to the batch axes in the train step")
 @pytest.mark.parametrize("name,over", [
     ("gemma-2b", ["mesh.data=8", "model.max_length=128", "train.global_batch_size=32", "data.num_negatives=3"]),
     ("qwen3-0.6b", ["mesh.data=2", "mesh.fsdp=4"]),
+    ("qwen3-0.6b", ["mesh.fsdp=8"]),
 ])
-def test_memory_estimate_layouts_gspmd_does_not_keep_yet(name, over):
+def test_memory_estimate_with_pinned_activations(name, over):
     _check_within_25pct(_small(name), load_config(None, SMALL + over))

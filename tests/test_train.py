@@ -152,5 +152,5 @@ def test_dev_metrics_before_during_and_after_training(tmp_path):
     from bmretriever_jax.eval.evaluate import evaluate_retrieval
 
     enc = Encoder.load(model, max_length=16, dtype="float32", quiet=True)
-    base = evaluate_retrieval(enc, dev, "dev", instruction_for("scifact"))["ndcg@10"]
+    base = evaluate_retrieval(enc, dev, "dev", instruction_for(None))["ndcg@10"]  # no data.dev_task, no task name
     assert dev_rows[0]["dev_ndcg@10"] == pytest.approx(base, abs=1e-6)
