@@ -96,6 +96,7 @@ class _BM25Scorer:
 
     def __init__(self, docs: Sequence[Doc]):
         import bm25s
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
         import Stemmer
 
         self._bm25s = bm25s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 from typing import Mapping, Sequence
 
@@ -30,6 +31,7 @@ def bm25_search(corpus: Mapping[str, Mapping[str, str]], queries: Mapping[str, s
     rather than an arbitrary list (an arbitrary list would make the metric depend on tie-breaking).
     """
     import bm25s
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
     import Stemmer
 
     stemmer = Stemmer.Stemmer("english")

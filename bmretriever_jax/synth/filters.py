@@ -18,6 +18,7 @@ encode_queries(texts, instruction) / encode_passages(docs) (an `embed.Encoder`, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -139,6 +140,7 @@ class BM25Index:
 
     def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75):
         import bm25s
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
         import Stemmer
 
         self._bm25s = bm25s
