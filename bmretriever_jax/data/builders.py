@@ -14,8 +14,6 @@ queries share no id and no text with the test queries of the same folder.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import logging
 import os
 import re
@@ -24,7 +22,7 @@ import warnings
 from typing import Callable
 
 from bmretriever_jax.data.pairs import Pair, write_pairs
-from bmretriever_jax.eval.beir import DataWarning, load_beir, load_corpus
+from bmretriever_jax.eval.beir import DataWarning, jsonl_records, load_beir, load_corpus
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +153,12 @@ def medquad_pairs(pairs_path: str, *, exclude_documents: str | None, exclude_sam
       would remove most inheritance questions from training. Turn it on for a held-out list whose queries
       may have such answers as positives.
     """
-    opener = gzip.open if pairs_path.endswith(".gz") else open
     rows = []
-    with opener(pairs_path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            for field in ("id", "question", "answer"):
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise ValueError(f"{pairs_path}:{lineno}: field {field!r} missing or empty")
-            rows.append(row)
+    for lineno, row in jsonl_records(pairs_path):
+        for field in ("id", "question", "answer"):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise ValueError(f"{pairs_path}:{lineno}: field {field!r} missing or empty")
+        rows.append(row)
 
     held = set()
     if exclude_documents is not None:

@@ -20,7 +20,6 @@ Sarcoma ?" could be a test query and, from another source's page, a training pai
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -28,6 +27,8 @@ import random
 import re
 from collections import defaultdict
 from typing import Iterable, Iterator
+
+from bmretriever_jax.eval.beir import jsonl_records
 
 HELDOUT_FILE = "heldout_documents.txt"
 
@@ -46,21 +47,13 @@ def _norm(text: str) -> str:
 
 def read_pairs(path: str) -> list[dict]:
     """MedQuAD pairs from a .jsonl or .jsonl.gz file; each needs id, question, answer, focus (errors name line)."""
-    opener = gzip.open if path.endswith(".gz") else open
     pairs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            for field in ("id", "question", "answer", "focus"):
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}:{lineno}: missing or non-string field {field!r}")
-            document_id(row["id"])
-            pairs.append(row)
+    for lineno, row in jsonl_records(path):
+        for field in ("id", "question", "answer", "focus"):
+            if not isinstance(row.get(field), str):
+                raise ValueError(f"{path}:{lineno}: missing or non-string field {field!r}")
+        document_id(row["id"])
+        pairs.append(row)
     return pairs
 
 

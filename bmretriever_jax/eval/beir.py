@@ -12,6 +12,7 @@ lower recall silently. Queries without judgements in the split are dropped, as B
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -33,9 +34,11 @@ class DataWarning(UserWarning):
     """Something in a data set is suspicious but usable (dangling qrels, empty documents)."""
 
 
-def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
-    """Yields (line number, object) for each non-blank line; raises DataFormatError naming path:line."""
-    with open(path, encoding="utf-8") as f:
+def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    """Yields (line number, object) for each non-blank line of a .jsonl (or .jsonl.gz) file; raises
+    DataFormatError (a ValueError) naming path:line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -72,7 +75,7 @@ def load_corpus(path: str) -> Corpus:
     corpus: Corpus = {}
     first_line: dict[str, int] = {}
     empty = []
-    for lineno, obj in _jsonl_records(path):
+    for lineno, obj in jsonl_records(path):
         doc_id = _string_field(obj, "_id", path, lineno)
         title = _string_field(obj, "title", path, lineno, required=False)
         text = _string_field(obj, "text", path, lineno)
@@ -93,7 +96,7 @@ def load_queries(path: str) -> Queries:
     queries: Queries = {}
     first_line: dict[str, int] = {}
     empty = []
-    for lineno, obj in _jsonl_records(path):
+    for lineno, obj in jsonl_records(path):
         qid = _string_field(obj, "_id", path, lineno)
         text = _string_field(obj, "text", path, lineno)
         if qid in queries:
