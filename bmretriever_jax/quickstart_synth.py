@@ -48,9 +48,9 @@ def synth_corpus(src: str, dst: str, n: int, exclude: set) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart-synth"))
-    p.add_argument("--passages", type=int, default=500, help="SciFact corpus passages to write claims for")
-    p.add_argument("--steps", type=int, default=60, help="train.steps of both fine-tunes")
-    p.add_argument("--budget", type=int, default=10, help="instruction candidates scored")
+    p.add_argument("--passages", type=int, default=200, help="SciFact corpus passages to write claims for")
+    p.add_argument("--steps", type=int, default=40, help="train.steps of both fine-tunes")
+    p.add_argument("--budget", type=int, default=6, help="instruction candidates scored")
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--llm", default="smollm2-135m")
     a = p.parse_args(argv)
