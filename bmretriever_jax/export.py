@@ -343,6 +343,7 @@ def open_source(src: str, *, step: Optional[int] = None, quiet: bool = True) -> 
 
     src = os.fspath(src)
     if os.path.isdir(src) and not os.path.exists(os.path.join(src, "config.json")):
+        src = os.path.abspath(src)  # Orbax refuses relative checkpoint paths
         step_dir = _step_dir(src, step)
         if step_dir is not None:
             return _open_run(step_dir)

@@ -136,6 +136,17 @@ def test_lora_run_export_folds_the_adapter(tmp_path):
     assert json.load(open(os.path.join(peft_dir, "adapter_config.json")))["base_model_name_or_path"] == base
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
         ex.open_source(run, step=7)
+    # a run given relative to the working directory (`bmr merge-search --models runs/x`): Orbax needs
+    # absolute paths, open_source makes them so
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        source = ex.open_source("run")
+        assert source.step == 5
+        out = ex.export(source, str(tmp_path / "hf_rel"), "hf")
+    finally:
+        os.chdir(cwd)
+    assert flat_max_diff(load_hf(out)[1], want) <= 1e-6
 
 
 def test_full_finetune_run_streams_trained_leaves(tmp_path):
