@@ -17,20 +17,30 @@ def cmd_info(a):
         cfg = config_from_hf(json.load(f))
     n = cfg.num_params()
     emb = cfg.vocab_size * cfg.hidden_size
-    print(f"model        {a.model}\nfolder       {folder}\nfamily       {cfg.family}")
-    print(f"parameters   {n:,} ({emb:,} in the embedding, {n - emb:,} in the layers)")
+    from bmretriever_jax.precision import resolve_dtype
+
+    w = 25
+    print(f"{'model':<{w}}{a.model}\n{'folder':<{w}}{folder}\n{'family':<{w}}{cfg.family}")
+    print(f"{'parameters':<{w}}{n:,} ({emb:,} in the embedding, {n - emb:,} in the layers)")
     fields = ["num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
               "act", "norm", "rope_theta", "rope_local_theta", "sliding_window", "qk_norm", "sandwich_norm",
               "tie_embeddings", "max_position_embeddings"]
     for k in fields:
-        print(f"{k:<13}{getattr(cfg, k)}")
+        print(f"{k:<{w}}{getattr(cfg, k)}")
     if cfg.sliding_window:
-        print(f"{'layers':<13}" + "".join("L" if s else "G" for s in cfg.layer_is_sliding) + "  (L local, G global)")
+        print(f"{'layers':<{w}}" + "".join("L" if s else "G" for s in cfg.layer_is_sliding) + "  (L local, G global)")
     from bmretriever_jax.hub import retriever_settings
 
     s = retriever_settings(folder)
     if s:
-        print(f"retriever    {json.dumps(s)}")
+        print(f"{'retriever':<{w}}{json.dumps(s)}")
+    print(f"{'compute dtype (auto)':<{w}}{resolve_dtype('auto').name} on {jax_backend()}")
+
+
+def jax_backend() -> str:
+    import jax
+
+    return jax.default_backend()
 
 
 def _read_jsonl_texts(path: str):
@@ -107,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--instruction", default=None, help="task name (scifact, nfcorpus, ...) or literal instruction")
     s.add_argument("--max-length", type=int, default=None)
     s.add_argument("--pooling", choices=["last", "mean"], default=None)
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units")
     s.add_argument("--batch-size", type=int, default=32)
     s.set_defaults(fn=cmd_encode)
 

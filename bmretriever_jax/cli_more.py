@@ -20,7 +20,7 @@ def default_task(path: str) -> str:
     return ""
 
 
-def make_encoder(name: str, *, max_length=None, dtype="bfloat16", quiet=False):
+def make_encoder(name: str, *, max_length=None, dtype="auto", quiet=False):
     if name == "minilm":
         from bmretriever_jax.eval.baselines import MiniLMEncoder
 
@@ -30,7 +30,7 @@ def make_encoder(name: str, *, max_length=None, dtype="bfloat16", quiet=False):
     return Encoder.load(name, max_length=max_length, dtype=dtype, quiet=quiet)
 
 
-def evaluate_all(models, datasets, *, split="test", instruction=None, max_length=None, dtype="bfloat16",
+def evaluate_all(models, datasets, *, split="test", instruction=None, max_length=None, dtype="auto",
                  cache_dir=None, quiet=False) -> Dict[str, Dict[str, float]]:
     """models: names (bm25, minilm, gemma3-270m, paths); datasets: BEIR folders or STS .tsv files.
     -> {"model | data": {metric: value}} with NDCG@10 etc. (retrieval) or Spearman/Pearson (STS)."""
@@ -111,7 +111,8 @@ def add_commands(sub) -> None:
     s.add_argument("--split", default="test")
     s.add_argument("--instruction", default=None, help="task name or literal query instruction (default: by data)")
     s.add_argument("--max-length", type=int, default=None)
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units")
     s.add_argument("--cache-dir", default=None, help="corpus vector cache (default ~/.cache/bmretriever_jax/vectors)")
     s.add_argument("--out", default=None, help="write the results as JSON")
     s.set_defaults(fn=cmd_eval)

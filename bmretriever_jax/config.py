@@ -27,7 +27,7 @@ class ModelSection:
     pooling: str = "last"
     normalize: bool = True
     bidirectional: bool = False
-    dtype: str = "bfloat16"  # compute dtype of matmul inputs (accumulation is always float32)
+    dtype: str = "auto"  # matmul inputs: auto = bfloat16 where the hardware has bf16 units, else float32 (precision.py)
     param_dtype: str = "float32"  # storage of the frozen base weights
     remat: bool = True  # recompute activations in the backward pass (activation checkpointing)
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (with remat: true)
@@ -96,7 +96,7 @@ class RunConfig:
 
 
 CHOICES = {
-    "model.pooling": ("last", "mean"), "model.dtype": ("bfloat16", "float32"),
+    "model.pooling": ("last", "mean"), "model.dtype": ("auto", "bfloat16", "float32"),
     "model.param_dtype": ("bfloat16", "float32"),
     "model.remat_policy": ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                            "everything_saveable"), "train.stage": ("pretrain", "finetune"),

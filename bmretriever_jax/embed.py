@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmretriever_jax.models import ModelConfig, forward
+from bmretriever_jax.precision import resolve_dtype
 
 # BMRetriever's task instructions (its evaluation code and mteb's BMRetriever settings); keys are the task
 # names used by the data builders and `bmr eval`.
@@ -95,7 +96,7 @@ def pool(hidden: jax.Array, mask: jax.Array, pooling: str, normalize: bool) -> j
 
 
 def embed_batch(cfg: ModelConfig, params, input_ids, attention_mask, *, pooling="last", normalize=True,
-                dtype=jnp.bfloat16, bidirectional=False, **fwd_kw) -> jax.Array:
+                dtype="auto", bidirectional=False, **fwd_kw) -> jax.Array:
     """[B, T] ids/mask -> [B, D] vectors; the function training differentiates."""
     h = forward(cfg, params, input_ids, attention_mask, dtype=dtype, bidirectional=bidirectional, **fwd_kw)
     return pool(h, attention_mask, pooling, normalize)
@@ -113,7 +114,7 @@ class Encoder:
     """A retriever: backbone params + tokenizer + pooling settings. Thread-compatible, not thread-safe."""
 
     def __init__(self, cfg: ModelConfig, params, tokenizer, *, max_length: int = 512, pooling: str = "last",
-                 normalize: bool = True, dtype: str = "bfloat16", bidirectional: bool = False,
+                 normalize: bool = True, dtype: str = "auto", bidirectional: bool = False,
                  source: str = "", instructions: Optional[Dict[str, str]] = None):
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling={pooling!r}; allowed: last, mean")
@@ -124,7 +125,7 @@ class Encoder:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.params = jax.tree.map(jnp.asarray, params)
         self.max_length, self.pooling, self.normalize = max_length, pooling, normalize
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self.bidirectional = bidirectional
         self.instructions = dict(TASK_INSTRUCTIONS, **(instructions or {}))
         self.source = source
@@ -136,7 +137,7 @@ class Encoder:
     # ------------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: str, *, max_length: Optional[int] = None, pooling: Optional[str] = None,
-             normalize: Optional[bool] = None, dtype: str = "bfloat16", bidirectional: Optional[bool] = None,
+             normalize: Optional[bool] = None, dtype: str = "auto", bidirectional: Optional[bool] = None,
              quiet: bool = False) -> "Encoder":
         """From a model name, .gguf, transformers folder or `bmr export` folder (its bmretriever.json wins
         over the defaults; explicit arguments win over both)."""

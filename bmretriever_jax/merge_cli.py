@@ -342,7 +342,7 @@ def chosen_config(mc: MergeConfig, options: Mapping[str, Any], dtype: Optional[s
 def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "dev",
            instruction: Optional[str] = None, out: Optional[str] = None, grid_step: float = 0.1,
            densities: Sequence[float] = DEFAULT_DENSITIES, budget: int = 24, popsize: Optional[int] = None,
-           sigma: float = 0.5, seed: int = 0, max_length: Optional[int] = None, dtype: str = "bfloat16",
+           sigma: float = 0.5, seed: int = 0, max_length: Optional[int] = None, dtype: str = "auto",
            batch_size: int = 32, cache_dir: Optional[str] = None, write_model: bool = True,
            quiet: bool = False, log: Callable[[str], None] = print) -> SearchResult:
     """Choose merge weights (and TIES / DARE density) by mean NDCG@10 over the `dev` BEIR folders' `split`.
@@ -554,7 +554,8 @@ def add_commands(sub) -> None:
     s.add_argument("--sigma", type=float, default=0.5, help="CMA-ES initial step size (weight logits)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-length", type=int, default=None)
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--cache-dir", default=None, help="corpus vector cache (default OUT/vector_cache)")
     s.add_argument("--out", required=True)

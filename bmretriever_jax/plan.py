@@ -164,7 +164,7 @@ def estimate_memory(model_cfg: ModelConfig, run: RunConfig, mesh_shape: Sequence
                          f"(mesh data x fsdp = {n_data} x {n_fsdp})")
     b = B // shards
     D, L, H = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.num_heads
-    e = 2 if m.dtype == "bfloat16" else 4
+    e = 2 if m.dtype in ("bfloat16", "auto") else 4  # auto is bf16 on every accelerator
     _, state, frozen = abstract_train_state(model_cfg, run)
     rows: Dict[str, int] = {}
     rows["frozen params"] = _local_bytes(frozen, mesh)

@@ -23,6 +23,23 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIMS = 3
 
+# The same flow at two sizes, so that it stays under 30 minutes on a 2-core CPU either way. "full" where
+# the hardware has bf16 units (compute dtype auto -> bfloat16: ~1,460 tokens/s encoding Gemma 3 270M on 2
+# AVX512-BF16 cores); "lite" where it has not (auto -> float32: ~610 tokens/s on 2 AVX2 cores, and a LoRA
+# step costs ~2.4x more). Measured sizes and times: README "Measured here".
+PROFILES = {
+    "full": {"scifact_docs": 1500, "max_length": 128, "steps": 60, "batch": 16},
+    "lite": {"scifact_docs": 1000, "max_length": 96, "steps": 40, "batch": 8},
+}
+
+
+def pick_profile(name: str) -> str:
+    if name != "auto":
+        return name
+    from bmretriever_jax.precision import resolve_dtype
+
+    return "full" if resolve_dtype("auto").name == "bfloat16" else "lite"
+
 
 def _banner(msg: str):
     print(f"\n=== {msg} " + "=" * max(3, 96 - len(msg)), flush=True)
@@ -70,14 +87,23 @@ def show_top3(enc, corpus_ids, corpus_vecs, docs, queries, instruction):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart"))
-    p.add_argument("--steps", type=int, default=None, help="override train.steps of configs/quickstart.yaml")
+    p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",
+                   help="run size: auto = full where bf16 is fast (accelerator, CPU with bf16 units), else lite")
+    p.add_argument("--steps", type=int, default=None, help="train.steps of each expert (default: the profile's)")
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--model", default="gemma3-270m", help="backbone (a smoke run can pass a tiny model folder)")
-    p.add_argument("--scifact-docs", type=int, default=1500,
-                   help="SciFact corpus size for the demo and table (all judged docs + random others; 0 = all 5,183)")
+    p.add_argument("--scifact-docs", type=int, default=None,
+                   help="SciFact corpus size for the demo and table (all judged docs + random others; 0 = all 5,183; "
+                        "default: the profile's)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
+    profile = pick_profile(a.profile)
+    size = dict(PROFILES[profile])
+    if a.steps:
+        size["steps"] = a.steps
+    if a.scifact_docs is not None:
+        size["scifact_docs"] = a.scifact_docs
 
     from bmretriever_jax.cli_more import evaluate_all, print_table
     from bmretriever_jax.config import load_config
@@ -87,10 +113,12 @@ def main(argv=None) -> int:
     from bmretriever_jax.train import train
 
     scifact = os.path.join(ROOT, "data", "scifact")
-    if a.scifact_docs:
-        scifact = subset_beir(scifact, os.path.join(a.out, "data", f"scifact-{a.scifact_docs}"), a.scifact_docs)
+    if size["scifact_docs"]:
+        n_docs = size["scifact_docs"]
+        scifact = subset_beir(scifact, os.path.join(a.out, "data", f"scifact-{n_docs}"), n_docs)
     cache = os.path.join(a.out, "vector_cache")
-    overrides = [f"out={a.out}", f"model.name={a.model}"] + ([f"train.steps={a.steps}"] if a.steps else [])
+    overrides = [f"out={a.out}", f"model.name={a.model}", f"train.steps={size['steps']}",
+                 f"train.global_batch_size={size['batch']}", f"model.max_length={size['max_length']}"]
     run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), overrides)
     run.data.dev = os.path.join(ROOT, run.data.dev) if run.data.dev and not os.path.isabs(run.data.dev) else run.data.dev
 
@@ -98,6 +126,8 @@ def main(argv=None) -> int:
     enc = Encoder.load(a.model, max_length=run.model.max_length, dtype=run.model.dtype)
     print(f"{enc.cfg.family}: {enc.cfg.num_layers} layers, hidden {enc.cfg.hidden_size}, "
           f"{enc.cfg.num_params() / 1e6:.0f}M parameters; compute {enc.dtype} with f32 accumulation")
+    print(f"profile '{profile}': SciFact corpus {size['scifact_docs'] or 'all'} docs, passages {size['max_length']} "
+          f"tokens, 2 experts x {size['steps']} steps x {size['batch']} pairs (--profile full|lite to choose)")
 
     _banner("2. SciFact corpus -> vectors, top 3 abstracts for a few claims (untrained)")
     corpus, queries, _ = load_beir(scifact, "test")

@@ -27,6 +27,7 @@ from bmretriever_jax import losses, sharding, treeutil
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
 from bmretriever_jax.embed import embed_batch, format_passage, format_query, instruction_for, pad_left, tokenize
 from bmretriever_jax.models import ModelConfig
+from bmretriever_jax.precision import resolve_dtype
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -131,7 +132,7 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
     sharded = mesh.size > 1
     loss_fn = losses.make_loss(temperature=t.temperature, similarity=t.similarity,
                                mesh=mesh if sharded else None, axis=BATCH_AXES)
-    embed_kw = dict(pooling=m.pooling, normalize=m.normalize, dtype=jnp.dtype(m.dtype),
+    embed_kw = dict(pooling=m.pooling, normalize=m.normalize, dtype=resolve_dtype(m.dtype),
                     bidirectional=m.bidirectional, remat=m.remat_policy if m.remat else False)
     dropout = run.lora.dropout if run.lora.enabled else 0.0
     if dropout > 0 and t.grad_cache_chunk:

@@ -1,4 +1,5 @@
 """Text -> vectors: templates, EOS after truncation, left padding, pooling, batching order, edge cases."""
+import re
 import json
 
 import numpy as np
@@ -83,7 +84,8 @@ def test_cli_encode_and_info(tmp_path, capsys):
     assert json.load(open(tmp_path / "o" / "ids.json")) == ["d0", "d1", "d2"]
     assert bmr(["info", d]) == 0
     out = capsys.readouterr().out
-    assert "family       gemma3" in out and "parameters" in out
+    assert re.search(r"^family +gemma3$", out, re.M) and "parameters" in out
+    assert re.search(r"^intermediate_size +\d+$", out, re.M)  # the column is wide enough for every key
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"_id": "a", "text": "ok"}\n{"_id": "b"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: needs a string field 'text'"):

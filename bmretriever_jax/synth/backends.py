@@ -42,7 +42,7 @@ class JaxBackend:
     model_name_or_path: smollm2-135m | gemma3-270m | a .gguf file | a transformers folder with an LM head.
     """
 
-    def __init__(self, model_name_or_path: str = "smollm2-135m", *, dtype: str = "bfloat16", batch_size: int = 8,
+    def __init__(self, model_name_or_path: str = "smollm2-135m", *, dtype: str = "auto", batch_size: int = 8,
                  quiet: bool = False, generator: Optional[Generator] = None):
         self.generator = generator or Generator.load(model_name_or_path, dtype=dtype, batch_size=batch_size,
                                                      quiet=quiet)
@@ -145,7 +145,7 @@ class OpenAIBackend:
 
 
 def make_backend(llm: str = "smollm2-135m", *, base_url: Optional[str] = None, api_key: Optional[str] = None,
-                 timeout: float = 120.0, retries: int = 3, concurrency: int = 4, dtype: str = "bfloat16",
+                 timeout: float = 120.0, retries: int = 3, concurrency: int = 4, dtype: str = "auto",
                  batch_size: int = 8, quiet: bool = False) -> ChatBackend:
     """base_url given: an OpenAIBackend serving model `llm`; otherwise a JaxBackend of model `llm`."""
     if base_url:

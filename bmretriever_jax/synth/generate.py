@@ -31,6 +31,7 @@ import numpy as np
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.decoder import (NEG_INF, apply_rope, embed_tokens, linear, mlp, norm, positions_from_mask,
                                             rope_tables)
+from bmretriever_jax.precision import resolve_dtype
 
 # SmolLM2's own template (ChatML) without its default system prompt: the fallback for tokenizers that
 # carry no chat template.
@@ -271,7 +272,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature: float, top_p:
 
 def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: jax.Array,
                     attention_mask: jax.Array, keys: jax.Array, eos_ids: jax.Array, pad_id: jax.Array, *,
-                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, dtype=jnp.bfloat16):
+                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, dtype="auto"):
     """Prefill + decode loop (pure; jit it with cfg and the keyword arguments static).
 
     input_ids, attention_mask [B, T] int32, left padded; keys [B] PRNG keys (one per row); eos_ids [E] int32
@@ -279,7 +280,7 @@ def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: 
     -> (tokens [B, N] int32: generated ids, `pad_id` after a row's first EOS (the EOS itself is kept);
         steps: scalar int32, number of decode columns filled (the loop exits early when every row is done)).
     """
-    dtype = jnp.dtype(dtype)
+    dtype = resolve_dtype(dtype)
     B, T = input_ids.shape
     N = max_new_tokens
     L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
@@ -391,10 +392,10 @@ class Generator:
     max_new_tokens).
     """
 
-    def __init__(self, cfg: ModelConfig, params: dict, tokenizer, *, dtype: Any = "bfloat16", batch_size: int = 8,
+    def __init__(self, cfg: ModelConfig, params: dict, tokenizer, *, dtype: Any = "auto", batch_size: int = 8,
                  name: str = ""):
         self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self.batch_size = int(batch_size)
         self.params = unstack_layers(_tree_cast_kernels(params, self.dtype))
         self.head = head_weights(cfg, params, self.dtype)
@@ -405,7 +406,7 @@ class Generator:
                            static_argnames=("max_new_tokens", "temperature", "top_p", "dtype"))
 
     @classmethod
-    def load(cls, name_or_path: str, *, dtype: Any = "bfloat16", batch_size: int = 8, quiet: bool = False):
+    def load(cls, name_or_path: str, *, dtype: Any = "auto", batch_size: int = 8, quiet: bool = False):
         """From a model name (smollm2-135m, gemma3-270m), .gguf file or transformers folder."""
         from bmretriever_jax import hub
 
