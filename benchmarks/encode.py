@@ -111,12 +111,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved passes per contender (median reported)")
     ap.add_argument("--quick", action="store_true", help="64 passages, 1 round, no BENCHMARKS.md update")
+    ap.add_argument("--precisions", choices=["auto", "all", "fp32"], default="auto",
+                    help="fp32: fp32 contenders only, for CPUs without bf16 units (bf16 is emulated there: torch bf16 "
+                         "matmul ~0.3 GFLOP/s); writes the encode-fp32 section; auto: by the CPU")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "encode.json"))
     ap.add_argument("--markdown", default=os.path.join(HERE, "..", "BENCHMARKS.md"),
                     help="file whose encode section gets the table ('' to skip)")
     args = ap.parse_args()
+    if args.precisions == "auto":
+        from bmretriever_jax.precision import bf16_is_fast
+
+        args.precisions = "all" if bf16_is_fast() else "fp32"
     if args.quick:
         args.passages, args.rounds, args.markdown = 64, 1, ""
+    fp32_only = args.precisions == "fp32"
 
     import torch
     import transformers
@@ -133,15 +141,17 @@ def main() -> None:
     flops = fl_seq * args.passages
 
     t32 = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-    t16 = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).to(torch.bfloat16).eval()
-    contenders = {"ours bf16": ours(cfg, params, batches, "bfloat16"),
-                  "ours fp32": ours(cfg, params, batches, "float32"),
-                  "torch bf16": theirs(t16, batches),
-                  "torch fp32": theirs(t32, batches)}
+    contenders = {"ours fp32": ours(cfg, params, batches, "float32"), "torch fp32": theirs(t32, batches)}
+    if not fp32_only:
+        t16 = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).to(torch.bfloat16).eval()
+        contenders = {"ours bf16": ours(cfg, params, batches, "bfloat16"), **contenders,
+                      "torch bf16": theirs(t16, batches)}
 
     log("matmul peaks (2048^2)")
     peaks = {"jax bf16->f32": common.jax_matmul_peak("bfloat16"), "jax fp32": common.jax_matmul_peak("float32"),
-             "torch bf16": common.torch_matmul_peak("bfloat16"), "torch fp32": common.torch_matmul_peak("float32")}
+             "torch fp32": common.torch_matmul_peak("float32")}
+    if not fp32_only:
+        peaks["torch bf16"] = common.torch_matmul_peak("bfloat16")
 
     # warm-up pass (compilation, lazy init): also the vectors the checks use
     vecs = {}
@@ -161,19 +171,21 @@ def main() -> None:
                       "gflops": flops / s / 1e9, "fraction_of_jax_bf16_peak": flops / s / 1e9 / peaks["jax bf16->f32"],
                       "fraction_of_own_peak": flops / s / 1e9 / own_peak, **t}
     tps = {k: r["tokens_per_s"] for k, r in rows.items()}
-    ratios = {"ours bf16 / torch bf16": tps["ours bf16"] / tps["torch bf16"],
-              "ours bf16 / torch fp32": tps["ours bf16"] / tps["torch fp32"],
-              "ours fp32 / torch fp32": tps["ours fp32"] / tps["torch fp32"]}
-    cos = {"ours fp32 vs torch fp32": common.cosine_rows(vecs["ours fp32"], vecs["torch fp32"]),
-           "ours bf16 vs torch bf16": common.cosine_rows(vecs["ours bf16"], vecs["torch bf16"]),
-           "ours bf16 vs torch fp32": common.cosine_rows(vecs["ours bf16"], vecs["torch fp32"]),
-           "torch bf16 vs torch fp32": common.cosine_rows(vecs["torch bf16"], vecs["torch fp32"]),
-           "ours bf16 vs ours fp32": common.cosine_rows(vecs["ours bf16"], vecs["ours fp32"])}
+    ratios = {"ours fp32 / torch fp32": tps["ours fp32"] / tps["torch fp32"]}
+    cos = {"ours fp32 vs torch fp32": common.cosine_rows(vecs["ours fp32"], vecs["torch fp32"])}
+    if not fp32_only:
+        ratios = {"ours bf16 / torch bf16": tps["ours bf16"] / tps["torch bf16"],
+                  "ours bf16 / torch fp32": tps["ours bf16"] / tps["torch fp32"], **ratios}
+        cos.update({"ours bf16 vs torch bf16": common.cosine_rows(vecs["ours bf16"], vecs["torch bf16"]),
+                    "ours bf16 vs torch fp32": common.cosine_rows(vecs["ours bf16"], vecs["torch fp32"]),
+                    "torch bf16 vs torch fp32": common.cosine_rows(vecs["torch bf16"], vecs["torch fp32"]),
+                    "ours bf16 vs ours fp32": common.cosine_rows(vecs["ours bf16"], vecs["ours fp32"])})
     agreement = {k: {"min_cosine": float(v.min()), "mean_cosine": float(v.mean())} for k, v in cos.items()}
-    agreement["ours bf16 vs ours fp32"]["top10_neighbour_overlap"] = common.neighbour_overlap(
-        vecs["ours bf16"], vecs["ours fp32"])
-    agreement["torch bf16 vs torch fp32"]["top10_neighbour_overlap"] = common.neighbour_overlap(
-        vecs["torch bf16"], vecs["torch fp32"])
+    if not fp32_only:
+        agreement["ours bf16 vs ours fp32"]["top10_neighbour_overlap"] = common.neighbour_overlap(
+            vecs["ours bf16"], vecs["ours fp32"])
+        agreement["torch bf16 vs torch fp32"]["top10_neighbour_overlap"] = common.neighbour_overlap(
+            vecs["torch bf16"], vecs["torch fp32"])
 
     cpu = common.cpu_info()
     lines = [f"{args.passages} SciFact passages x {args.seq_len} tokens (left padded; {real_tokens / positions:.0%} "
@@ -183,7 +195,8 @@ def main() -> None:
              f"({', '.join(i for i in cpu['isa'] if 'bf16' in i or 'amx' in i) or 'no bf16 ISA'}); load average "
              f"{load_start[0]:.1f} at start, {load_end[0]:.1f} at end. Matmul peak (2048^2, this run): jax bf16->f32 "
              f"{peaks['jax bf16->f32']:.0f} GFLOP/s (end: {peaks_end['jax bf16->f32']:.0f}), jax fp32 "
-             f"{peaks['jax fp32']:.0f}, torch bf16 {peaks['torch bf16']:.0f}, torch fp32 {peaks['torch fp32']:.0f}.",
+             f"{peaks['jax fp32']:.0f}, torch bf16 {peaks.get('torch bf16', float('nan')):.0f}, torch fp32 "
+             f"{peaks['torch fp32']:.0f}.",
              "",
              "| contender | s / pass | passages/s | tokens/s | GFLOP/s | of jax bf16 peak | of own matmul peak "
              "| CPU-s / pass |",
@@ -216,7 +229,9 @@ def main() -> None:
         "table": lines})
     log(f"wrote {args.out}")
     if args.markdown:
-        common.replace_section(args.markdown, "encode", "Command: `python benchmarks/encode.py`\n\n" + table)
+        section, cmd = ("encode-fp32", "python benchmarks/encode.py --precisions fp32") if fp32_only else (
+            "encode", "python benchmarks/encode.py")
+        common.replace_section(args.markdown, section, f"Command: `{cmd}`\n\n" + table)
         log(f"updated the encode section of {args.markdown}")
 
 

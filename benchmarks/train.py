@@ -186,24 +186,28 @@ def speed(args, model_cfg, base_np, tok, folder) -> dict:
     import torch
 
     G = 1 + args.negatives
-    runs = {"ours bf16": make_run(args.batch, args.query_len, args.passage_len, args.negatives, dtype="bfloat16",
-                                  remat=True),
-            "ours bf16 no-remat": make_run(args.batch, args.query_len, args.passage_len, args.negatives,
-                                           dtype="bfloat16", remat=False),
-            "ours fp32": make_run(args.batch, args.query_len, args.passage_len, args.negatives, dtype="float32",
-                                  remat=False)}
-    batch_np = real_batch(tok, runs["ours bf16"])
-    frozen = ours_frozen(base_np, runs["ours bf16"])
+    mk = lambda dtype, remat: make_run(args.batch, args.query_len, args.passage_len, args.negatives,  # noqa: E731
+                                       dtype=dtype, remat=remat)
+    if args.precisions == "fp32":
+        runs = {"ours fp32": mk("float32", False), "ours fp32 remat": mk("float32", True)}
+        torch_modes = {"torch fp32": "fp32"}
+    else:
+        runs = {"ours bf16": mk("bfloat16", True), "ours bf16 no-remat": mk("bfloat16", False),
+                "ours fp32": mk("float32", False)}
+        torch_modes = {"torch fp32": "fp32", "torch bf16 autocast": "bf16-autocast",
+                       "torch bf16 weights": "bf16-weights"}
+    first = next(iter(runs.values()))
+    batch_np = real_batch(tok, first)
+    frozen = ours_frozen(base_np, first)
     contenders, info = {}, {}
     for name, run in runs.items():
         contenders[name] = Ours(model_cfg, base_np, frozen, run, batch_np).step
-    torch_modes = {"torch fp32": "fp32", "torch bf16 autocast": "bf16-autocast", "torch bf16 weights": "bf16-weights"}
     for name, mode in torch_modes.items():
         t = Torch(folder, mode, batch_np, G)
         contenders[name] = t.step
         info["torch_trainable_params"], info["torch_attention"] = t.trainable, t.attn
     from bmretriever_jax import lora as lora_lib
-    info["ours_trainable_params"] = lora_lib.num_params(split_params(base_np, runs["ours bf16"],
+    info["ours_trainable_params"] = lora_lib.num_params(split_params(base_np, first,
                                                                      jax.random.PRNGKey(0))[0])
 
     losses = {}
@@ -219,6 +223,11 @@ def speed(args, model_cfg, base_np, tok, folder) -> dict:
         rows[name] = {"step_s": t["median_s"], "examples_per_s": args.batch / t["median_s"],
                       "tokens_per_s": positions / t["median_s"], "first_step_loss": losses[name], **t}
     eps = {k: r["examples_per_s"] for k, r in rows.items()}
+    if args.precisions == "fp32":
+        ratios = {"ours fp32 / torch fp32": eps["ours fp32"] / eps["torch fp32"],
+                  "ours fp32 remat / torch fp32": eps["ours fp32 remat"] / eps["torch fp32"]}
+        return {"rows": rows, "ratios": ratios, "real_tokens": real, "positions": positions, "info": info,
+                "torch_threads": torch.get_num_threads()}
     torch_bf16_best = max(eps["torch bf16 autocast"], eps["torch bf16 weights"])
     ratios = {
         "ours bf16 / torch bf16 (faster of the two)": eps["ours bf16"] / torch_bf16_best,
@@ -247,6 +256,9 @@ def main() -> None:
     ap.add_argument("--grad-cache", default="16", help="chunk sizes (sequences) of the gradient cache, comma list")
     ap.add_argument("--rss-batches", default="16,32",
                     help="global batches of the measured-RSS single steps (both sides, one subprocess each)")
+    ap.add_argument("--precisions", choices=["auto", "all", "fp32"], default="auto",
+                    help="all: bf16 and fp32 contenders; fp32: fp32 only, for CPUs without bf16 units, where bf16 is "
+                         "emulated on both sides (torch bf16 matmul ~0.3 GFLOP/s on such a CPU); auto: by the CPU")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true",
@@ -254,6 +266,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "train.json"))
     ap.add_argument("--plot", default=os.path.join(HERE, "results", "train_memory.png"))
     args = ap.parse_args()
+    if args.precisions == "auto":
+        from bmretriever_jax.precision import bf16_is_fast
+
+        args.precisions = "all" if bf16_is_fast() else "fp32"
     if args.quick:  # its own outputs: a smoke run never overwrites the full results
         args.out = args.out.replace("train.json", "train_quick.json")
         args.plot = args.plot.replace("train_memory.png", "train_memory_quick.png")
@@ -296,14 +312,17 @@ def main() -> None:
     result["table"] = lines
     common.write_json(args.out, result)
     print("\n".join(lines))
-    if not args.quick and not args.skip_speed and not args.skip_memory:
+    if not args.quick and args.precisions == "fp32" and not args.skip_speed:
+        common.replace_section(os.path.join(HERE, "..", "BENCHMARKS.md"), "train-fp32", "\n".join(lines))
+    elif not args.quick and not args.skip_speed and not args.skip_memory:
         common.replace_section(os.path.join(HERE, "..", "BENCHMARKS.md"), "train",
                                "\n".join(lines) + "\n\n![peak memory vs global batch](benchmarks/results/train_memory.png)")
     log(f"wrote {args.out}" + (f" and {args.plot}" if "memory" in result else ""))
 
 
 def tables(result, args, cpu, load_start, load_end):
-    cmd = "python benchmarks/train.py" + (" --quick" if args.quick else "")
+    cmd = ("python benchmarks/train.py" + (" --quick" if args.quick else "")
+           + (" --precisions fp32" if args.precisions == "fp32" else "") + (" --skip-memory" if args.skip_memory else ""))
     G = 1 + args.negatives
     lines = [f"Command: `{cmd}`", ""]
     sp = result.get("speed")

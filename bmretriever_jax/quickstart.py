@@ -45,10 +45,10 @@ def _banner(msg: str):
     print(f"\n=== {msg} " + "=" * max(3, 96 - len(msg)), flush=True)
 
 
-def subset_beir(src: str, dst: str, n_docs: int, seed: int = 0) -> str:
-    """A smaller copy of a BEIR folder: every document judged in any split + seeded random others up to
-    n_docs, all queries and qrels. Keeps the quickstart within minutes on 2 CPU cores; the full-corpus
-    numbers come from `bmr eval --data data/scifact`."""
+def subset_beir(src: str, dst: str, n_docs: int, seed: int = 0, splits=None) -> str:
+    """A smaller copy of a BEIR folder: every document judged in `splits` (default: every split) + seeded
+    random others up to n_docs, all queries and those splits' qrels. Keeps the quickstart within minutes on
+    2 CPU cores; the full-corpus numbers come from `bmr eval --data data/scifact`."""
     import random
     import shutil
 
@@ -57,6 +57,8 @@ def subset_beir(src: str, dst: str, n_docs: int, seed: int = 0) -> str:
     os.makedirs(os.path.join(dst, "qrels"), exist_ok=True)
     judged = set()
     for f in os.listdir(os.path.join(src, "qrels")):
+        if splits is not None and f[:-len(".tsv")] not in splits:
+            continue
         with open(os.path.join(src, "qrels", f)) as fh:
             judged |= {line.split("\t")[1] for line in list(fh)[1:] if line.strip()}
         shutil.copy(os.path.join(src, "qrels", f), os.path.join(dst, "qrels", f))

@@ -6,7 +6,7 @@
 2. two LoRA fine-tunes of Gemma 3 270M with configs/quickstart.yaml, the same steps and seed: on the SciFact
    train claims alone, and on the SciFact train claims plus the kept synthetic claims
 3. instruction search (`bmr optimize-prompt`) for the second model on the SciFact dev claims
-4. NDCG@10 on SciFact test (the quickstart's 1,500-document corpus) of the untrained model, both
+4. NDCG@10 on SciFact test (the quickstart's corpus for the profile) of the untrained model, both
    fine-tunes, and the second with the instruction found
 
 Every step resumes: generation appends to its JSONL, training resumes from its checkpoints, vectors are
@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from bmretriever_jax.quickstart import ROOT, _banner, subset_beir
+from bmretriever_jax.quickstart import PROFILES, ROOT, _banner, pick_profile, subset_beir
 
 
 def _judged(beir_dir: str, split: str) -> set:
@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart-synth"))
     p.add_argument("--passages", type=int, default=200, help="SciFact corpus passages to write claims for")
     p.add_argument("--steps", type=int, default=40, help="train.steps of both fine-tunes")
+    p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",
+                   help="corpus size, passage length and batch of `make quickstart`'s profile (auto: by hardware)")
     p.add_argument("--budget", type=int, default=6, help="instruction candidates scored")
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--llm", default="smollm2-135m")
@@ -64,7 +66,11 @@ def main(argv=None) -> int:
 
     scifact = os.path.join(ROOT, "data", "scifact")
     os.makedirs(a.out, exist_ok=True)
-    bench = subset_beir(scifact, os.path.join(a.out, "data", "scifact-1500"), 1500)
+    size = PROFILES[pick_profile(a.profile)]
+    n_docs, max_len = size["scifact_docs"], size["max_length"]
+    bench = subset_beir(scifact, os.path.join(a.out, "data", f"scifact-{n_docs}"), n_docs)
+    print(f"profile '{pick_profile(a.profile)}': SciFact corpus {n_docs} docs, passages {max_len} tokens, "
+          f"batch {size['batch']}")
 
     _banner(f"1. synthetic claims for {a.passages} SciFact passages ({a.llm}), filtered")
     corpus = synth_corpus(scifact, os.path.join(a.out, "synth", "corpus.jsonl"), a.passages,
@@ -83,27 +89,28 @@ def main(argv=None) -> int:
         print(f"\n--- {name}: {', '.join(data)}", flush=True)
         run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
                           [f"out={os.path.join(a.out, name)}", f"model.name={a.model}", f"train.steps={a.steps}",
-                           f"data.train={json.dumps(data)}", "data.dev=null"])
+                           f"data.train={json.dumps(data)}", "data.dev=null", f"model.max_length={max_len}",
+                           f"train.global_batch_size={size['batch']}"])
         train(run)
         runs[name] = os.path.join(a.out, name, "model")
 
     _banner("3. instruction search on the SciFact dev claims (model trained with synthetic data)")
     report = os.path.join(a.out, "prompt_opt", "scifact-dev")
     if bmr(["optimize-prompt", "--model", runs["scifact+synth"], "--data", bench, "--split", "dev",
-            "--task", "scifact", "--budget", str(a.budget), "--llm", a.llm, "--max-length", "128",
+            "--task", "scifact", "--budget", str(a.budget), "--llm", a.llm, "--max-length", str(max_len),
             "--cache-dir", os.path.join(a.out, "vector_cache"), "--report", report, "--no-write"]):
         return 1
     with open(report + ".json") as f:
         found = json.load(f)
     winner = found["winner"]
 
-    _banner("4. SciFact test NDCG@10 (1,500-document corpus)")
+    _banner(f"4. SciFact test NDCG@10 ({n_docs:,}-document corpus)")
     cache = os.path.join(a.out, "vector_cache")
     results = {}
     for label, model, instr in (("untrained", a.model, None), ("LoRA SciFact", runs["scifact"], None),
                                 ("LoRA SciFact + synthetic", runs["scifact+synth"], None),
                                 ("LoRA SciFact + synthetic, searched instruction", runs["scifact+synth"], winner)):
-        row = evaluate_all([model], [bench], instruction=instr, max_length=128, cache_dir=cache, quiet=True)
+        row = evaluate_all([model], [bench], instruction=instr, max_length=max_len, cache_dir=cache, quiet=True)
         results[label] = next(iter(row.values()))
     table = print_table(results)
     summary = {"synthetic_claims": a.passages, "kept": n_kept, "steps": a.steps,

@@ -283,3 +283,20 @@ def test_shipped_medquad_heldout_is_disjoint_from_training():
     _, queries, qrels = load_beir(root, "test", strict=True)
     assert not any(" ".join(q.lower().split()) in train_q for q in queries.values())
     assert all(medquad.document_id(d) in heldout for judged in qrels.values() for d in judged)
+
+
+def test_subset_beir_keeps_every_judged_document_of_the_chosen_splits(tmp_path):
+    import os
+
+    from bmretriever_jax.eval.beir import load_beir
+    from bmretriever_jax.quickstart import ROOT, subset_beir
+
+    src = os.path.join(ROOT, "data", "scifact")
+    dev = subset_beir(src, str(tmp_path / "dev300"), 300, splits=("dev",))
+    corpus, queries, qrels = load_beir(dev, "dev")
+    assert len(corpus) == 300 and os.listdir(os.path.join(dev, "qrels")) == ["dev.tsv"]
+    assert {d for q in qrels.values() for d in q} <= set(corpus)  # every judged document is there
+    full_corpus, _, full_qrels = load_beir(src, "dev")
+    assert qrels == full_qrels
+    again = subset_beir(src, str(tmp_path / "dev300b"), 300, splits=("dev",))  # seeded: the same documents
+    assert set(load_beir(again, "dev")[0]) == set(corpus)
