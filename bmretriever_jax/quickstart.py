@@ -29,7 +29,7 @@ CLAIMS = 3
 # step costs ~2.4x more). Measured sizes and times: README "Measured here".
 PROFILES = {
     "full": {"scifact_docs": 1500, "max_length": 128, "steps": 60, "batch": 16},
-    "lite": {"scifact_docs": 1000, "max_length": 96, "steps": 40, "batch": 8},
+    "lite": {"scifact_docs": 800, "max_length": 96, "steps": 30, "batch": 8},
 }
 
 
