@@ -30,6 +30,19 @@ def make_encoder(name: str, *, max_length=None, dtype="auto", quiet=False):
     return Encoder.load(name, max_length=max_length, dtype=dtype, quiet=quiet)
 
 
+def model_labels(models) -> Dict[str, str]:
+    """Short distinct names for table rows: the folder name, with as many parent folders as it takes to tell
+    models apart (runs/a/model and runs/b/model -> a/model, b/model)."""
+    parts = {m: os.path.normpath(m).split(os.sep) for m in models}
+    labels = {}
+    for m, p in parts.items():
+        n = 1
+        while n < len(p) and any(q[-n:] == p[-n:] for o, q in parts.items() if o != m):
+            n += 1
+        labels[m] = "/".join(p[-n:])
+    return labels
+
+
 def evaluate_all(models, datasets, *, split="test", instruction=None, max_length=None, dtype="auto",
                  cache_dir=None, quiet=False) -> Dict[str, Dict[str, float]]:
     """models: names (bm25, minilm, gemma3-270m, paths); datasets: BEIR folders or STS .tsv files.
@@ -39,9 +52,10 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
 
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bmretriever_jax", "vectors")
     results = {}
+    labels = model_labels(models)
     for m in models:
         enc = None if m == "bm25" else make_encoder(m, max_length=max_length, dtype=dtype, quiet=quiet)
-        label = "bm25" if m == "bm25" else ("minilm" if m == "minilm" else _data_name(m))
+        label = labels[m]
         for d in datasets:
             t0 = time.time()
             key = f"{label} | {_data_name(d)}"

@@ -300,3 +300,11 @@ def test_subset_beir_keeps_every_judged_document_of_the_chosen_splits(tmp_path):
     assert qrels == full_qrels
     again = subset_beir(src, str(tmp_path / "dev300b"), 300, splits=("dev",))  # seeded: the same documents
     assert set(load_beir(again, "dev")[0]) == set(corpus)
+
+
+def test_model_labels_tell_models_with_the_same_folder_name_apart():
+    from bmretriever_jax.cli_more import model_labels
+
+    got = model_labels(["bm25", "gemma3-270m", "runs/q/literature/model", "runs/q/consumer/model", "runs/x/model/"])
+    assert got == {"bm25": "bm25", "gemma3-270m": "gemma3-270m", "runs/q/literature/model": "literature/model",
+                   "runs/q/consumer/model": "consumer/model", "runs/x/model/": "x/model"}
