@@ -17,6 +17,8 @@ def cmd_info(a):
         cfg = config_from_hf(json.load(f))
     n = cfg.num_params()
     emb = cfg.vocab_size * cfg.hidden_size
+    import jax
+
     from bmretriever_jax.precision import resolve_dtype
 
     w = 25
@@ -34,13 +36,7 @@ def cmd_info(a):
     s = retriever_settings(folder)
     if s:
         print(f"{'retriever':<{w}}{json.dumps(s)}")
-    print(f"{'compute dtype (auto)':<{w}}{resolve_dtype('auto').name} on {jax_backend()}")
-
-
-def jax_backend() -> str:
-    import jax
-
-    return jax.default_backend()
+    print(f"{'compute dtype (auto)':<{w}}{resolve_dtype('auto').name} on {jax.default_backend()}")
 
 
 def _read_jsonl_texts(path: str):

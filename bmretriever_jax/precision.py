@@ -39,10 +39,9 @@ def bf16_is_fast(backend: str | None = None, flags: Iterable[str] | None = None)
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return True
-    flags = cpu_flags() if flags is None else set(flags)
     if platform.system() == "Darwin":  # Apple silicon has no /proc/cpuinfo; M2 and later have BF16
         return False
-    return bool(_BF16_CPU_FLAGS & set(flags))
+    return bool(_BF16_CPU_FLAGS & set(cpu_flags() if flags is None else flags))
 
 
 @functools.lru_cache(maxsize=None)
