@@ -16,7 +16,7 @@ median pass. FLOPs per sequence: 2 * non-embedding params * T + 4 * T^2 * heads 
 (full attention matrix; neither side skips the causal half). The matmul peak of this CPU is measured in
 the same run (2048^2 jitted JAX matmul; torch.mm for reference). Vectors are checked: cosine per passage
 between ours and torch (min over passages) and bf16 vs fp32 agreement (cosine, top-10 neighbour overlap).
-Writes benchmarks/results/encode.json and, for full runs, the table into BENCHMARKS.md.
+Writes benchmarks/results/encode.json (encode-fp32.json with --precisions fp32) and, for full runs, the table into BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))  # run from a checkout
 sys.path.insert(0, HERE)
+from bmretriever_jax.allocator import keep_freed_memory  # noqa: E402
+
+ALLOCATOR = "keep" if keep_freed_memory() else "system"  # before jax starts its threads: see allocator.py
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -114,7 +117,8 @@ def main() -> None:
     ap.add_argument("--precisions", choices=["auto", "all", "fp32"], default="auto",
                     help="fp32: fp32 contenders only, for CPUs without bf16 units (bf16 is emulated there: torch bf16 "
                          "matmul ~0.3 GFLOP/s); writes the encode-fp32 section; auto: by the CPU")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "encode.json"))
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default: benchmarks/results/encode.json, or encode-fp32.json for fp32 only)")
     ap.add_argument("--markdown", default=os.path.join(HERE, "..", "BENCHMARKS.md"),
                     help="file whose encode section gets the table ('' to skip)")
     args = ap.parse_args()
@@ -125,6 +129,9 @@ def main() -> None:
     if args.quick:
         args.passages, args.rounds, args.markdown = 64, 1, ""
     fp32_only = args.precisions == "fp32"
+    # a smoke run (--quick) never overwrites the full results
+    args.out = args.out or os.path.join(HERE, "results", "encode" + ("-fp32" if fp32_only else "")
+                                        + ("_quick" if args.quick else "") + ".json")
 
     import torch
     import transformers
@@ -223,7 +230,7 @@ def main() -> None:
         "machine": {**cpu, "load_average_start": load_start, "load_average_end": load_end,
                     "torch_threads": torch.get_num_threads(),
                     "torch_attention": getattr(t32.config, "_attn_implementation", "unknown"),
-                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "allocator": ALLOCATOR,
                     "ours_cpu_chunk_tokens": decoder.CPU_CHUNK_TOKENS,
                     **common.versions("jax", "jaxlib", "torch", "transformers", "numpy")},
         "table": lines})

@@ -28,6 +28,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))  # run from a checkout
 sys.path.insert(0, HERE)
+from bmretriever_jax.allocator import keep_freed_memory  # noqa: E402
+
+ALLOCATOR = "keep" if keep_freed_memory() else "system"  # before jax starts its threads: see allocator.py
 
 
 def _threads_from_argv(argv) -> int:
@@ -175,7 +178,7 @@ def main(argv=None):
     print(table)
     common.write_json(a.out, {"model": a.model, "batch": B, "prompt_len": P, "new_tokens": N, "rounds": a.rounds,
                               "threads": a.threads or "default", "torch_threads": torch.get_num_threads(),
-                              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                              "xla_flags": os.environ.get("XLA_FLAGS", ""), "allocator": ALLOCATOR,
                               "results": results, "table": table, "cpu": common.cpu_info(),
                               "load_before": load_before, "load_after": load_after,
                               "versions": common.versions("jax", "torch", "transformers"),

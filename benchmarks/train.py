@@ -26,7 +26,8 @@ state / frozen params / mesh (mesh.data=1) / batches built as `train()` builds t
 The contenders run round-robin, one training step each per round (after a warm-up step: compilation, lazy
 init), and report the median step. Memory: see train_memory.py (compiled-program memory of our step vs
 global batch with and without the gradient cache; measured process RSS of single steps of both sides).
-Writes benchmarks/results/train.json and benchmarks/results/train_memory.png; prints markdown tables.
+Writes benchmarks/results/train.json (train-fp32.json with --precisions fp32) and
+benchmarks/results/train_memory.png; prints markdown tables.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ sys.path.insert(0, HERE)
 # partner is descheduled stalls every parallel region (measured here at load ~8: a 2-thread torch step took
 # 40-90 s with the default policy, 3-4 s with PASSIVE, 3-4 s with 1 thread). XLA does not use OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from bmretriever_jax.allocator import keep_freed_memory  # noqa: E402
+
+ALLOCATOR = "keep" if keep_freed_memory() else "system"  # before jax starts its threads: see allocator.py
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -263,15 +267,18 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="batch 2, 64-token passages, 1 step, memory analysis at 64 and 512, RSS of ours at batch 4")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "train.json"))
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default: benchmarks/results/train.json, or train-fp32.json for fp32 only)")
     ap.add_argument("--plot", default=os.path.join(HERE, "results", "train_memory.png"))
     args = ap.parse_args()
     if args.precisions == "auto":
         from bmretriever_jax.precision import bf16_is_fast
 
         args.precisions = "all" if bf16_is_fast() else "fp32"
-    if args.quick:  # its own outputs: a smoke run never overwrites the full results
-        args.out = args.out.replace("train.json", "train_quick.json")
+    # a smoke run (--quick) never overwrites the full results
+    args.out = args.out or os.path.join(HERE, "results", "train" + ("-fp32" if args.precisions == "fp32" else "")
+                                        + ("_quick" if args.quick else "") + ".json")
+    if args.quick:
         args.plot = args.plot.replace("train_memory.png", "train_memory_quick.png")
         args.batch, args.passage_len, args.steps, args.mem_batches, args.rss_batches = 2, 64, 1, "64,512", "4"
 
@@ -303,7 +310,7 @@ def main() -> None:
     load_end = common.load_average()
     cpu = common.cpu_info()
     result["machine"] = {**cpu, "load_average_start": load_start, "load_average_end": load_end,
-                         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                         "xla_flags": os.environ.get("XLA_FLAGS", ""), "allocator": ALLOCATOR,
                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                          **common.versions("jax", "jaxlib", "torch", "transformers", "peft", "optax", "numpy")}
     if "memory" in result:

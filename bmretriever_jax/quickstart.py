@@ -87,6 +87,9 @@ def show_top3(enc, corpus_ids, corpus_vecs, docs, queries, instruction):
 
 
 def main(argv=None) -> int:
+    from bmretriever_jax.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart"))
     p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",

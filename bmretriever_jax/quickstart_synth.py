@@ -46,6 +46,9 @@ def synth_corpus(src: str, dst: str, n: int, exclude: set) -> str:
 
 
 def main(argv=None) -> int:
+    from bmretriever_jax.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart-synth"))
     p.add_argument("--passages", type=int, default=200, help="SciFact corpus passages to write claims for")
