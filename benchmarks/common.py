@@ -145,6 +145,13 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 # ----------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------
+def results_path(name: str, *, fp32_only: bool = False, quick: bool = False) -> str:
+    """benchmarks/results/<name>[-fp32][_quick].json: an fp32-only run (a CPU without bf16 units) or a smoke
+    run (--quick) never overwrites the full results."""
+    suffix = ("-fp32" if fp32_only else "") + ("_quick" if quick else "")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}{suffix}.json")
+
+
 def write_json(path: str, obj: Dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

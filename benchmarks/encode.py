@@ -129,9 +129,7 @@ def main() -> None:
     if args.quick:
         args.passages, args.rounds, args.markdown = 64, 1, ""
     fp32_only = args.precisions == "fp32"
-    # a smoke run (--quick) never overwrites the full results
-    args.out = args.out or os.path.join(HERE, "results", "encode" + ("-fp32" if fp32_only else "")
-                                        + ("_quick" if args.quick else "") + ".json")
+    args.out = args.out or common.results_path("encode", fp32_only=fp32_only, quick=args.quick)
 
     import torch
     import transformers

@@ -275,9 +275,7 @@ def main() -> None:
         from bmretriever_jax.precision import bf16_is_fast
 
         args.precisions = "all" if bf16_is_fast() else "fp32"
-    # a smoke run (--quick) never overwrites the full results
-    args.out = args.out or os.path.join(HERE, "results", "train" + ("-fp32" if args.precisions == "fp32" else "")
-                                        + ("_quick" if args.quick else "") + ".json")
+    args.out = args.out or common.results_path("train", fp32_only=args.precisions == "fp32", quick=args.quick)
     if args.quick:
         args.plot = args.plot.replace("train_memory.png", "train_memory_quick.png")
         args.batch, args.passage_len, args.steps, args.mem_batches, args.rss_batches = 2, 64, 1, "64,512", "4"
