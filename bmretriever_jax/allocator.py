@@ -11,9 +11,11 @@ and never to trim it: the second call reuses the first call's pages, with no sys
 The price is that the process keeps its peak heap until it exits, as the GPU/TPU runtimes' own
 allocators do, and that fragmentation can grow it past the peak need: for the step above the resident
 size settled at 8.5 GB after the first step, grew once to 13.6 GB at the fifth and then stayed flat.
-Where memory is tighter than time, `BMR_MALLOC=system`. It must run before jax starts its thread pool (threads that already own an arena keep
-mmap-ing large blocks), so the `bmr` command, the quickstarts and the benchmarks call it first thing;
-Python users call it before `import jax` touches a device. `BMR_MALLOC=system` leaves glibc's defaults.
+Where memory is tighter than time, `BMR_MALLOC=system` leaves glibc's defaults.
+
+It must run before jax starts its thread pool (threads that already own an arena keep mmap-ing large
+blocks), so the `bmr` command, the quickstarts and the benchmarks call it first thing; Python users call
+it before jax touches a device.
 """
 from __future__ import annotations
 
