@@ -11,9 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from bmretriever_jax.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,15 @@ def instruction_for(task_or_instruction: Optional[str]) -> str:
     return TASK_INSTRUCTIONS.get(task_or_instruction.lower(), task_or_instruction)
 
 
+def default_task(path: str) -> str:
+    """Task name of a shipped data folder (its instruction: TASK_INSTRUCTIONS)."""
+    name = os.path.basename(os.path.normpath(path)).lower()
+    for task in ("scifact", "pubmedqa", "medquad", "biosses", "nfcorpus", "trec-covid", "scidocs"):
+        if name.startswith(task.split("-")[0]):
+            return task
+    return ""
+
+
 def format_query(query: str, instruction: str) -> str:
     return QUERY_TEMPLATE.format(instruction=instruction, query=query) if instruction else query
 

@@ -288,7 +288,7 @@ class CandidateEncoder:
 
 
 def _dev_instruction(dev: str, instruction: Optional[str]) -> str:
-    from bmretriever_jax.cli_more import default_task
+    from bmretriever_jax.embed import default_task
     from bmretriever_jax.embed import instruction_for
 
     return instruction_for(instruction if instruction is not None else default_task(dev))
@@ -403,7 +403,8 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
         enc.set_params(params, json.dumps([input_refs(mc), mc.method, key, seed]))
         scores = {}
         for d in dev:
-            res = evaluate_retrieval(enc, d, split, instructions[d], cache_dir=cache_dir, batch_size=batch_size)
+            res = evaluate_retrieval(enc, d, split, instructions[d], cache_dir=cache_dir, batch_size=batch_size,
+                                     progress=False)  # one line per candidate instead
             scores[_label(d)] = float(res["ndcg@10"])
         mean = float(np.mean(list(scores.values())))
         row = {"id": len(rows), "strategy": strategy, "generation": generation, "weights": list(options["weights"]),
@@ -468,96 +469,3 @@ def _write_search(out: str, rows, best, chosen, info) -> None:
         json.dump({**info, "candidates": rows, "best": best, "config": chosen}, f, indent=1)
     with open(os.path.join(out, "merge.yaml"), "w") as f:
         yaml.safe_dump(chosen, f, sort_keys=False)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
-def _fail(cmd: str, e: Exception):
-    raise SystemExit(f"bmr {cmd}: error: {e}")
-
-
-def cmd_merge(a):
-    try:
-        out = merge_to_folder(a.config, a.out, seed=a.seed, tokenizer_source=a.tokenizer_source, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError) as e:
-        _fail("merge", e)
-    print(f"merged model written to {out}")
-
-
-def cmd_export(a):
-    try:
-        out = ex.export(a.source, a.out, a.format, step=a.step, instruction=a.instruction, max_length=a.max_length,
-                        dtype=a.dtype, base_model=a.base_model, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError, RuntimeError) as e:
-        _fail("export", e)
-    print(f"{a.format} export written to {out}")
-
-
-def _search_config(a) -> Dict[str, Any] | str:
-    if a.config:
-        if a.method or a.models:
-            raise SystemExit("bmr merge-search: give either CONFIG or --method/--models, not both")
-        return a.config
-    if not a.method or not a.models:
-        raise SystemExit("bmr merge-search: give a mergekit CONFIG.yaml, or --method and --models (and --base-model)")
-    cfg: Dict[str, Any] = {"merge_method": a.method, "models": [{"model": m, "parameters": {"weight": 1.0}}
-                                                                for m in a.models]}
-    if a.base_model:
-        cfg["base_model"] = a.base_model
-    return cfg
-
-
-def cmd_merge_search(a):
-    try:
-        res = search(_search_config(a), a.dev, strategy=a.strategy, split=a.split, instruction=a.instruction,
-                     out=a.out, grid_step=a.grid_step, densities=a.densities, budget=a.budget, popsize=a.popsize,
-                     sigma=a.sigma, seed=a.seed, max_length=a.max_length, dtype=a.dtype, batch_size=a.batch_size,
-                     cache_dir=a.cache_dir, write_model=not a.no_model, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError) as e:
-        _fail("merge-search", e)
-    print(json.dumps({"best": res.best, "config": res.config}, indent=1))
-
-
-def add_commands(sub) -> None:
-    s = sub.add_parser("merge", help="merge models / runs / LoRA experts from a mergekit-format YAML config")
-    s.add_argument("config", help="mergekit YAML (merge_method, base_model, models, parameters, dtype)")
-    s.add_argument("--out", required=True, help="new folder for the merged model")
-    s.add_argument("--seed", type=int, default=0, help="PRNG seed of DARE's random drops")
-    s.add_argument("--tokenizer-source", default=None, help="base | a model whose tokenizer to copy (default: base)")
-    s.set_defaults(fn=cmd_merge)
-
-    s = sub.add_parser("export", help="export a run / checkpoint / model for transformers, sentence-transformers, PEFT")
-    s.add_argument("source", help="RUN folder, RUN/checkpoints[/STEP], a model folder or a model name")
-    s.add_argument("--format", choices=list(ex.FORMATS), default="hf")
-    s.add_argument("--out", required=True, help="new folder")
-    s.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: latest)")
-    s.add_argument("--instruction", default=None, help="sentence-transformers 'query' prompt: task name or text")
-    s.add_argument("--max-length", type=int, default=None, help="default: the model's bmretriever.json / run config")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    s.add_argument("--base-model", default=None, help="PEFT base_model_name_or_path (default: the run's base folder)")
-    s.set_defaults(fn=cmd_export)
-
-    s = sub.add_parser("merge-search", help="choose merge weights by NDCG@10 on dev splits (grid or CMA-ES)")
-    s.add_argument("config", nargs="?", default=None, help="mergekit YAML whose weights / densities are searched")
-    s.add_argument("--method", choices=list(WEIGHTED_METHODS), default=None)
-    s.add_argument("--models", nargs="*", default=[], help="experts (runs, folders) when no CONFIG is given")
-    s.add_argument("--base-model", default=None)
-    s.add_argument("--dev", nargs="+", required=True, help="BEIR folders scored on --split")
-    s.add_argument("--split", default="dev")
-    s.add_argument("--instruction", default=None, help="query instruction for every dev folder (default: by folder)")
-    s.add_argument("--strategy", choices=["grid", "cmaes"], default="grid")
-    s.add_argument("--grid-step", type=float, default=0.1)
-    s.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES))
-    s.add_argument("--budget", type=int, default=24, help="CMA-ES: number of candidates scored")
-    s.add_argument("--popsize", type=int, default=None)
-    s.add_argument("--sigma", type=float, default=0.5, help="CMA-ES initial step size (weight logits)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-length", type=int, default=None)
-    s.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default OUT/vector_cache)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--no-model", action="store_true", help="write the table and merge.yaml only")
-    s.set_defaults(fn=cmd_merge_search)

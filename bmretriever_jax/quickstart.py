@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bmretriever_jax import paths
+
 CLAIMS = 3
 
 # The same flow at two sizes, so that it stays under 30 minutes on a 2-core CPU either way. "full" where
@@ -87,11 +88,8 @@ def show_top3(enc, corpus_ids, corpus_vecs, docs, queries, instruction):
 
 
 def main(argv=None) -> int:
-    from bmretriever_jax.allocator import keep_freed_memory
-
-    keep_freed_memory()  # before jax starts its threads
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart"))
+    p.add_argument("--out", default=os.path.join("runs", "quickstart"))
     p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",
                    help="run size: auto = full where bf16 is fast (accelerator, CPU with bf16 units), else lite")
     p.add_argument("--steps", type=int, default=None, help="train.steps of each expert (default: the profile's)")
@@ -101,6 +99,9 @@ def main(argv=None) -> int:
                    help="SciFact corpus size for the demo and table (all judged docs + random others; 0 = all 5,183; "
                         "default: the profile's)")
     a = p.parse_args(argv)
+    from bmretriever_jax.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
     profile = pick_profile(a.profile)
@@ -110,22 +111,23 @@ def main(argv=None) -> int:
     if a.scifact_docs is not None:
         size["scifact_docs"] = a.scifact_docs
 
-    from bmretriever_jax.cli_more import evaluate_all, print_table
+    from bmretriever_jax.eval.suite import evaluate_all, print_table
     from bmretriever_jax.config import load_config
     from bmretriever_jax.embed import Encoder, instruction_for
     from bmretriever_jax.eval.beir import load_beir
     from bmretriever_jax.eval.evaluate import cached_corpus_vectors
     from bmretriever_jax.train import train
 
-    scifact = os.path.join(ROOT, "data", "scifact")
+    scifact = paths.shipped_data("scifact")
     if size["scifact_docs"]:
         n_docs = size["scifact_docs"]
         scifact = subset_beir(scifact, os.path.join(a.out, "data", f"scifact-{n_docs}"), n_docs)
     cache = os.path.join(a.out, "vector_cache")
     overrides = [f"out={a.out}", f"model.name={a.model}", f"train.steps={size['steps']}",
                  f"train.global_batch_size={size['batch']}", f"model.max_length={size['max_length']}"]
-    run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), overrides)
-    run.data.dev = os.path.join(ROOT, run.data.dev) if run.data.dev and not os.path.isabs(run.data.dev) else run.data.dev
+    run = load_config(paths.shipped_config("quickstart.yaml"), overrides)
+    if run.data.dev and run.data.dev.startswith("data/"):  # the config names the shipped data as in a clone
+        run.data.dev = paths.shipped_data(run.data.dev[len("data/"):])
 
     _banner("1. Gemma 3 270M (embedded GGUF -> JAX)")
     enc = Encoder.load(a.model, max_length=run.model.max_length, dtype=run.model.dtype)
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     experts = {}
     for name, train_data in (("literature", ["scifact", "pubmedqa"]), ("consumer", ["medquad"])):
         print(f"\n--- expert '{name}': {', '.join(train_data)}", flush=True)
-        exp_run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+        exp_run = load_config(paths.shipped_config("quickstart.yaml"),
                               overrides + [f"out={os.path.join(a.out, name)}", f"data.train={json.dumps(train_data)}"])
         exp_run.data.dev = None  # the table below evaluates the merge; `bmr train` alone reports dev NDCG
         res = train(exp_run)
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     show_top3(tenc, ids, tvecs, corpus, claims, instruction_for("scifact"))
 
     _banner("6. evaluation (test splits)")
-    data = [scifact, os.path.join(ROOT, "data", "pubmedqa_pqal"), os.path.join(ROOT, "data", "biosses", "biosses.tsv")]
+    data = [scifact, paths.shipped_data("pubmedqa_pqal"), paths.shipped_data("biosses", "biosses.tsv")]
     models = ["bm25"] + ([] if a.skip_minilm else ["minilm"]) + [a.model, trained_dir]
     results = evaluate_all(models, data, max_length=run.model.max_length, cache_dir=cache)
     table = print_table(results)

@@ -20,7 +20,8 @@ import os
 import sys
 import time
 
-from bmretriever_jax.quickstart import PROFILES, ROOT, _banner, pick_profile, subset_beir
+from bmretriever_jax import paths
+from bmretriever_jax.quickstart import PROFILES, _banner, pick_profile, subset_beir
 
 
 def _judged(beir_dir: str, split: str) -> set:
@@ -46,11 +47,8 @@ def synth_corpus(src: str, dst: str, n: int, exclude: set) -> str:
 
 
 def main(argv=None) -> int:
-    from bmretriever_jax.allocator import keep_freed_memory
-
-    keep_freed_memory()  # before jax starts its threads
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart-synth"))
+    p.add_argument("--out", default=os.path.join("runs", "quickstart-synth"))
     p.add_argument("--passages", type=int, default=200, help="SciFact corpus passages to write claims for")
     p.add_argument("--steps", type=int, default=40, help="train.steps of both fine-tunes")
     p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",
@@ -59,15 +57,18 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--llm", default="smollm2-135m")
     a = p.parse_args(argv)
+    from bmretriever_jax.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
     from bmretriever_jax.cli import main as bmr
-    from bmretriever_jax.cli_more import evaluate_all, print_table
+    from bmretriever_jax.eval.suite import evaluate_all, print_table
     from bmretriever_jax.config import load_config
     from bmretriever_jax.embed import instruction_for
     from bmretriever_jax.train import train
 
-    scifact = os.path.join(ROOT, "data", "scifact")
+    scifact = paths.shipped_data("scifact")
     os.makedirs(a.out, exist_ok=True)
     size = PROFILES[pick_profile(a.profile)]
     n_docs, max_len = size["scifact_docs"], size["max_length"]
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     runs = {}
     for name, data in (("scifact", ["scifact"]), ("scifact+synth", ["scifact", kept])):
         print(f"\n--- {name}: {', '.join(data)}", flush=True)
-        run = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+        run = load_config(paths.shipped_config("quickstart.yaml"),
                           [f"out={os.path.join(a.out, name)}", f"model.name={a.model}", f"train.steps={a.steps}",
                            f"data.train={json.dumps(data)}", "data.dev=null", f"model.max_length={max_len}",
                            f"train.global_batch_size={size['batch']}"])

@@ -25,7 +25,8 @@ from bmretriever_jax import checkpoint as ckpt
 from bmretriever_jax import lora as lora_lib
 from bmretriever_jax import losses, sharding, treeutil
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
-from bmretriever_jax.embed import embed_batch, format_passage, format_query, instruction_for, pad_left, tokenize
+from bmretriever_jax.embed import (default_task, embed_batch, format_passage, format_query, instruction_for, pad_left,
+                                   tokenize)
 from bmretriever_jax.models import ModelConfig
 from bmretriever_jax.precision import resolve_dtype
 
@@ -357,11 +358,9 @@ def dev_eval(run: RunConfig, model_cfg, params, tokenizer) -> dict:
 
     enc = Encoder(model_cfg, params, tokenizer, max_length=run.model.max_length, pooling=run.model.pooling,
                   normalize=run.model.normalize, dtype=run.model.dtype, bidirectional=run.model.bidirectional)
-    from bmretriever_jax.cli_more import default_task
-
     task = run.data.dev_task or default_task(run.data.dev)  # data/scifact -> scifact's instruction
     res = evaluate_retrieval(enc, run.data.dev, run.data.dev_split, instruction_for(task),
-                             cache_dir=os.path.join(run.out, "vector_cache"))
+                             cache_dir=os.path.join(run.out, "vector_cache"), progress=False)  # inside the train bar
     return {f"dev_{k}": v for k, v in res.items() if isinstance(v, (int, float))}
 
 

@@ -303,7 +303,7 @@ def test_subset_beir_keeps_every_judged_document_of_the_chosen_splits(tmp_path):
 
 
 def test_model_labels_tell_models_with_the_same_folder_name_apart():
-    from bmretriever_jax.cli_more import model_labels
+    from bmretriever_jax.eval.suite import model_labels
 
     got = model_labels(["bm25", "gemma3-270m", "runs/q/literature/model", "runs/q/consumer/model", "runs/x/model/"])
     assert got == {"bm25": "bm25", "gemma3-270m": "gemma3-270m", "runs/q/literature/model": "literature/model",

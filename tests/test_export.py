@@ -259,11 +259,11 @@ def test_errors_name_the_problem(tmp_path):
 def test_cli_export(tmp_path, capsys):
     import argparse
 
-    from bmretriever_jax import merge_cli
+    from bmretriever_jax.cli import merging
 
     p = argparse.ArgumentParser()
     p.add_argument("-q", "--quiet", action="store_true")
-    merge_cli.add_commands(p.add_subparsers(dest="cmd"))
+    merging.add_commands(p.add_subparsers(dest="cmd"))
     base, folder, _, _ = lora_expert(tmp_path / "expert", "llama")
     a = p.parse_args(["-q", "export", folder, "--format", "peft", "--out", str(tmp_path / "peft")])
     a.fn(a)

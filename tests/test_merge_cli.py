@@ -11,6 +11,7 @@ import yaml
 
 from bmretriever_jax import export as ex
 from bmretriever_jax import lora, merge, merge_cli, treeutil
+from bmretriever_jax.cli import merging
 from bmretriever_jax.convert.hf import load_hf
 from bmretriever_jax.embed import Encoder
 from bmretriever_jax.eval.evaluate import evaluate_retrieval
@@ -115,7 +116,7 @@ def test_merge_errors(experts, tmp_path):
     # the command line reports errors as one line
     p = argparse.ArgumentParser()
     p.add_argument("-q", "--quiet", action="store_true")
-    merge_cli.add_commands(p.add_subparsers(dest="cmd"))
+    merging.add_commands(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["-q", "merge", _yaml(tmp_path, bad), "--out", str(tmp_path / "cli")])
     with pytest.raises(SystemExit, match="bmr merge: error: cannot merge"):
         a.fn(a)

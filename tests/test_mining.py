@@ -14,9 +14,7 @@ from bmretriever_jax.data.mining import mine_hard_negatives
 from bmretriever_jax.data.pairs import Pair
 from bmretriever_jax.eval.beir import load_corpus
 
-DATA = next((r for r in ("/work/main/data", "/work/shared/data")
-             if os.path.exists(os.path.join(r, "scifact", "qrels", "train.tsv"))), None)
-pytestmark = pytest.mark.skipif(DATA is None, reason="real data sets not found")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the shipped data
 
 
 @pytest.fixture(scope="module")

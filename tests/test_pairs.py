@@ -14,16 +14,8 @@ from bmretriever_jax.data.pairs import Pair, PairsFormatError, read_pairs, resol
 from bmretriever_jax.eval.beir import DataWarning, load_qrels
 
 
-def _data_root():
-    # The project's own copy once it is in place, else the shared originals it is copied from.
-    for root in ("/work/main/data", "/work/shared/data"):
-        if os.path.exists(os.path.join(root, "scifact", "qrels", "train.tsv")):
-            return root
-    return None
-
-
-DATA = _data_root()
-needs_data = pytest.mark.skipif(DATA is None, reason="real data sets not found")
+# the shipped data sets, found from the repository (a missing file fails the test that reads it)
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 # ---------------------------------------------------------------------------------------------------- format
@@ -109,7 +101,6 @@ def test_resolve_instruction():
 
 # ---------------------------------------------------------------------------------------------------- builders
 
-@needs_data
 def test_scifact_train_pairs_never_test():
     d = os.path.join(DATA, "scifact")
     with pytest.warns(DataWarning, match=r"dropped 2 train quer.*\['1291', '871'\]"):
@@ -130,7 +121,6 @@ def test_scifact_train_pairs_never_test():
         builders.beir_train_pairs(d, task="scifact", split="test")
 
 
-@needs_data
 def test_pubmedqa_train_pairs():
     d = os.path.join(DATA, "pubmedqa_pqal")
     pairs = builders.pubmedqa_train_pairs(d)
@@ -144,7 +134,6 @@ def test_pubmedqa_train_pairs():
         assert p.positive["text"] == rows[p.id]["context"]
 
 
-@needs_data
 def test_pretrain_pairs(tmp_path):
     pairs = builders.pretrain_pairs_from_beir(os.path.join(DATA, "scifact", "corpus.jsonl"))
     assert len(pairs) == 5183  # every SciFact document has a title and a text
@@ -163,8 +152,6 @@ def test_pretrain_pairs(tmp_path):
 
 @pytest.fixture(scope="module")
 def medquad_rows():
-    if DATA is None:
-        pytest.skip("real data sets not found")
     with gzip.open(os.path.join(DATA, "medquad_train", "pairs.jsonl.gz"), "rt") as f:
         return [json.loads(line) for line in f]
 
@@ -221,8 +208,6 @@ def test_medquad_excludes_heldout_documents(tmp_path, medquad_rows):
 
 def test_medquad_training_pairs_avoid_the_benchmark(medquad_rows):
     bench = os.path.join(DATA, "medquad")
-    if not os.path.exists(os.path.join(bench, "heldout_documents.txt")):
-        pytest.skip("MedQuAD benchmark not built")
     heldout = builders.read_id_list(os.path.join(bench, "heldout_documents.txt"))
     pairs = builders.medquad_pairs(os.path.join(DATA, "medquad_train", "pairs.jsonl.gz"),
                                    exclude_documents=os.path.join(bench, "heldout_documents.txt"))
@@ -234,7 +219,6 @@ def test_medquad_training_pairs_avoid_the_benchmark(medquad_rows):
     assert not {re.sub(r"_Sec\d+$", "", p.id) for p in pairs} & heldout
 
 
-@needs_data
 def test_build_and_cli(tmp_path):
     out = tmp_path / "scifact.jsonl.gz"
     with warnings.catch_warnings():

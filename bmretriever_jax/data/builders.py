@@ -21,13 +21,15 @@ import sys
 import warnings
 from typing import Callable
 
+from bmretriever_jax import paths
 from bmretriever_jax.data.pairs import Pair, write_pairs
+from bmretriever_jax.errors import ConfigError
 from bmretriever_jax.eval.beir import DataWarning, jsonl_records, load_beir, load_corpus
 
 log = logging.getLogger(__name__)
 
 # The repository's data folder (the quickstart's default source); an installed package passes paths instead.
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
+DATA_DIR: str | None = None  # None: the shipped data (paths.data_dir: the repository's data/ or $BMR_DATA_DIR)
 
 # Ours: BMRetriever does not publish the instruction of its title -> abstract pairs.
 PRETRAIN_INSTRUCTION = "Given the title of a biomedical article, retrieve its abstract"
@@ -191,7 +193,7 @@ def medquad_pairs(pairs_path: str, *, exclude_documents: str | None, exclude_sam
 # ---------------------------------------------------------------------------------------------------- registry
 
 def _default(*parts: str) -> str:
-    return os.path.join(DATA_DIR, *parts)
+    return os.path.join(DATA_DIR or paths.data_dir(), *parts)
 
 
 BUILDERS: dict[str, tuple[Callable[..., list[Pair]], str]] = {
@@ -225,20 +227,19 @@ def build(name: str, source: str | None = None, **kwargs) -> list[Pair]:
     return fn(source, **kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bmretriever_jax.data.builders",
-                                     description="Build a training-pairs JSONL file.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `bmr pairs` (and `python -m bmretriever_jax.data.builders`)."""
     parser.add_argument("name", choices=sorted(BUILDERS))
     parser.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
     parser.add_argument("--source", help="corpus.jsonl (pretrain), BEIR folder (scifact, pubmedqa) or "
-                                         "pairs.jsonl.gz (medquad); default: the repository's data/")
+                                         "pairs.jsonl.gz (medquad); default: the shipped data (see `bmr info --data`)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--exclude-documents", help=f"medquad: held-out document list (default data/{MEDQUAD_HELDOUT})")
     group.add_argument("--no-exclude", action="store_true", help="medquad: keep every pair")
     parser.add_argument("--instruction", help="pretrain: the query instruction")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+
+def run(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.name == "medquad":
         if args.no_exclude:
@@ -246,15 +247,24 @@ def main(argv: list[str] | None = None) -> int:
         elif args.exclude_documents:
             kwargs["exclude_documents"] = args.exclude_documents
     elif args.exclude_documents or args.no_exclude:
-        parser.error("--exclude-documents / --no-exclude apply to medquad only")
+        raise ConfigError("--exclude-documents / --no-exclude apply to medquad only")
     if args.instruction:
         if args.name != "pretrain":
-            parser.error("--instruction applies to pretrain only (the others name their task)")
+            raise ConfigError("--instruction applies to pretrain only (the others name their task)")
         kwargs["instruction"] = args.instruction
     pairs = build(args.name, args.source, **kwargs)
     n = write_pairs(args.out, pairs)
     print(f"{args.name}: wrote {n} pairs to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bmretriever_jax.data.builders",
+                                     description="Build a training-pairs JSONL file.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run(args)
 
 
 if __name__ == "__main__":

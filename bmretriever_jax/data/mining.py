@@ -32,9 +32,11 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from bmretriever_jax.data.pairs import Doc, Pair, as_passage, doc_id, doc_keys, read_pairs, resolve_instruction, \
     write_pairs
+from bmretriever_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,7 @@ def mine_hard_negatives(
     corpus_embeddings: np.ndarray | None = None,
     batch_size: int | None = None,
     query_block: int = 256,
+    progress: bool = False,
 ) -> list[Pair]:
     """Returns the pairs (same order) with mined negatives appended to any they already have.
 
@@ -224,16 +227,17 @@ def mine_hard_negatives(
       "random" sampling: one generator per distinct query, seeded by (seed, its position among the distinct
       queries), so the result does not depend on query_block.
     query_block: queries scored at once (memory: query_block x corpus size floats).
+    progress: a progress bar over the queries (stderr).
     """
     if num_negatives < 1:
-        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        raise ConfigError(f"num_negatives must be >= 1, got {num_negatives}")
     if top_k < 1 or skip_top < 0:
-        raise ValueError(f"need top_k >= 1 and skip_top >= 0, got top_k={top_k}, skip_top={skip_top}")
+        raise ConfigError(f"need top_k >= 1 and skip_top >= 0, got top_k={top_k}, skip_top={skip_top}")
     if num_negatives > top_k - skip_top:
-        raise ValueError(f"cannot mine {num_negatives} negatives from a window of top_k={top_k} minus "
+        raise ConfigError(f"cannot mine {num_negatives} negatives from a window of top_k={top_k} minus "
                          f"skip_top={skip_top} candidates")
     if sampling not in ("top", "random"):
-        raise ValueError(f"sampling must be 'top' or 'random', got {sampling!r}")
+        raise ConfigError(f"sampling must be 'top' or 'random', got {sampling!r}")
     if not pairs:
         return []
     dense = not isinstance(retriever, str)
@@ -269,6 +273,7 @@ def mine_hard_negatives(
     counts = dict.fromkeys(("absolute_margin", "relative_margin", "max_score_ratio", "max_score", "min_score"), 0)
     mined: list[list[int]] = [[] for _ in group_members]
     block = max(1, min(query_block, (1 << 26) // max(1, len(index.docs))))
+    bar = tqdm(total=len(group_members), unit="query", desc="mining", disable=not progress, leave=False)
     for start in range(0, len(group_members), block):
         members_block = group_members[start:start + block]
         queries = [pairs[m[0]].query for m in members_block]
@@ -290,6 +295,8 @@ def mine_hard_negatives(
                                relative_margin=relative_margin, max_score_ratio=max_score_ratio,
                                max_score=max_score, min_score=min_score, sampling=sampling, rng=rng,
                                counts=counts, positive_scores_only=not dense)
+        bar.update(len(members_block))
+    bar.close()
 
     out: list[Pair | None] = [None] * len(pairs)
     for members, chosen in zip(group_members, mined):
@@ -308,11 +315,10 @@ def mine_hard_negatives(
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bmretriever_jax.data.mining",
-                                     description="Add hard negatives to a training-pairs file.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `bmr mine` (and `python -m bmretriever_jax.data.mining`)."""
     parser.add_argument("pairs", help="input .jsonl(.gz) pairs")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="output .jsonl(.gz) pairs with negatives")
     parser.add_argument("--corpus", help="BEIR corpus.jsonl to mine from (default: the pool of positives)")
     parser.add_argument("--encoder", help="dense retriever: a name or path for bmretriever_jax.embed.Encoder.load "
                                           "(default: BM25)")
@@ -325,14 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-score-ratio", type=float)
     parser.add_argument("--sampling", choices=("top", "random"), default="top")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+
+def run(args: argparse.Namespace) -> int:
     retriever: Any = "bm25"
     instructions = None
     if args.encoder:
-        from bmretriever_jax.embed import Encoder  # the lead's module; only needed for dense mining
-        retriever = Encoder.load(args.encoder)
+        from bmretriever_jax.embed import Encoder  # jax: only for dense mining
+
+        retriever = Encoder.load(args.encoder, quiet=getattr(args, "quiet", False))
         if args.instructions:
             with open(args.instructions, encoding="utf-8") as f:
                 instructions = json.load(f)
@@ -340,10 +347,19 @@ def main(argv: list[str] | None = None) -> int:
         read_pairs(args.pairs), args.corpus, retriever=retriever, num_negatives=args.num_negatives,
         top_k=args.top_k, skip_top=args.skip_top, absolute_margin=args.absolute_margin,
         relative_margin=args.relative_margin, max_score_ratio=args.max_score_ratio, sampling=args.sampling,
-        seed=args.seed, instructions=instructions)
+        seed=args.seed, instructions=instructions, progress=not getattr(args, "quiet", False))
     n = write_pairs(args.out, pairs)
     print(f"wrote {n} pairs to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bmretriever_jax.data.mining",
+                                     description="Add hard negatives to a training-pairs file.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run(args)
 
 
 if __name__ == "__main__":

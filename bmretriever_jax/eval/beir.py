@@ -19,15 +19,13 @@ import os
 import warnings
 from typing import Iterator
 
+from bmretriever_jax.errors import DataFormatError  # noqa: F401  (re-exported: beir.DataFormatError)
+
 Corpus = dict[str, dict[str, str]]  # doc id -> {"title", "text"}
 Queries = dict[str, str]            # query id -> text
 Qrels = dict[str, dict[str, int]]   # query id -> {doc id: graded relevance}
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
-
-
-class DataFormatError(ValueError):
-    """A data file is malformed; the message starts with `path:line:`."""
 
 
 class DataWarning(UserWarning):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -82,13 +81,12 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
     chunks = []
     bar = tqdm(total=len(doc_ids), desc=f"corpus {os.path.basename(os.path.normpath(data_dir))}", unit="doc",
                disable=not progress)
-    inner = {"progress": True} if progress and "progress" in inspect.signature(encoder.encode_passages).parameters else {}
     for i, (a, b) in enumerate(bounds):
         path = _chunk_path(folder, i)
         arr = _load_chunk(path, b - a)
         if arr is None:
-            vecs = np.asarray(encoder.encode_passages([corpus[d] for d in doc_ids[a:b]], batch_size=batch_size,
-                                                      **inner), dtype=np.float32)
+            vecs = np.asarray(encoder.encode_passages([corpus[d] for d in doc_ids[a:b]], batch_size=batch_size),
+                              dtype=np.float32)  # no inner bar: the chunk bar above counts the documents
             if vecs.shape[0] != b - a:
                 raise ValueError(f"encoder returned {vecs.shape[0]} vectors for {b - a} passages")
             # Write then rename, so a killed run never leaves a truncated chunk that looks complete.
@@ -106,13 +104,13 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
 def retrieve(encoder, corpus: Corpus, queries: Mapping[str, str], instruction: str, *, data_dir: str,
              cache_dir: str | None = None, k: int = 1000, batch_size: int = 32, chunk_size: int = 1024,
              similarity: str = "cos", search_dtype: str = "float32",
-             block_size: int = 65536) -> dict[str, dict[str, float]]:
+             block_size: int = 65536, progress: bool = True) -> dict[str, dict[str, float]]:
     """Dense retrieval run {query id: {doc id: score}} with the top min(k, N) documents per query."""
     doc_ids = list(corpus)
     if not doc_ids:
         raise ValueError(f"{data_dir}: empty corpus")
     chunks = cached_corpus_vectors(encoder, corpus, data_dir, cache_dir, chunk_size=chunk_size,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, progress=progress)
     query_ids = list(queries)
     q_vecs = np.asarray(encoder.encode_queries([queries[q] for q in query_ids], instruction,
                                                batch_size=batch_size), dtype=np.float32)
@@ -125,13 +123,13 @@ def retrieve(encoder, corpus: Corpus, queries: Mapping[str, str], instruction: s
 def evaluate_retrieval(encoder, beir_dir: str, split: str = "test", instruction: str = "", *,
                        cache_dir: str | None = None, k_values: Iterable[int] = metrics.DEFAULT_K,
                        batch_size: int = 32, chunk_size: int = 1024, similarity: str = "cos",
-                       search_dtype: str = "float32") -> dict[str, float]:
+                       search_dtype: str = "float32", progress: bool = True) -> dict[str, float]:
     """Mean metrics {"ndcg@10": ..., ...} of `encoder` on a BEIR folder's split (every judged query counts)."""
     k_values = tuple(k_values)
     corpus, queries, qrels = load_beir(beir_dir, split)
     run = retrieve(encoder, corpus, queries, instruction, data_dir=beir_dir, cache_dir=cache_dir,
                    k=max(k_values), batch_size=batch_size, chunk_size=chunk_size, similarity=similarity,
-                   search_dtype=search_dtype)
+                   search_dtype=search_dtype, progress=progress)
     return metrics.evaluate_run(qrels, run, k_values, missing="zero")
 
 

@@ -56,7 +56,7 @@ def _retriever(spec: str, quiet: bool):
         return None
     if spec == "bm25":
         return "bm25"
-    from bmretriever_jax.cli_more import make_encoder
+    from bmretriever_jax.eval.suite import make_encoder
 
     return make_encoder(spec, quiet=quiet)
 
@@ -153,7 +153,8 @@ def cmd_synth_filter(a):
 
 def cmd_optimize_prompt(a):
     from bmretriever_jax import hub
-    from bmretriever_jax.cli_more import default_task, make_encoder
+    from bmretriever_jax.embed import default_task
+    from bmretriever_jax.eval.suite import make_encoder
     from bmretriever_jax.synth.backends import BackendError
     from bmretriever_jax.synth.prompt_opt import optimize_instruction, write_instruction, write_report
 

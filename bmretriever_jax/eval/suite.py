@@ -1,23 +1,15 @@
-"""`bmr` subcommands beyond encode / info / train / plot: eval, mine, pairs."""
+"""Evaluate several models on several data sets: the table behind `bmr eval`, the quickstarts and merge search."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Dict
 
+from bmretriever_jax.embed import default_task
+
 
 def _data_name(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
-
-
-def default_task(path: str) -> str:
-    """Task name of a shipped data folder (its instruction comes from embed.TASK_INSTRUCTIONS)."""
-    name = _data_name(path).lower()
-    for task in ("scifact", "pubmedqa", "medquad", "biosses", "nfcorpus", "trec-covid", "scidocs"):
-        if name.startswith(task.split("-")[0]):
-            return task
-    return ""
 
 
 def make_encoder(name: str, *, max_length=None, dtype="auto", quiet=False):
@@ -69,7 +61,7 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
                 instr = instruction_for(instruction if instruction is not None else default_task(d))
                 if m == "minilm":
                     instr = ""
-                row = evaluate_retrieval(enc, d, split, instr, cache_dir=cache_dir)
+                row = evaluate_retrieval(enc, d, split, instr, cache_dir=cache_dir, progress=not quiet)
             row = {k: v for k, v in row.items() if isinstance(v, (int, float))}
             row["seconds"] = round(time.time() - t0, 1)
             results[key] = row
@@ -90,53 +82,3 @@ def print_table(results: Dict[str, Dict[str, float]]) -> str:
     table = "\n".join(lines)
     print(table)
     return table
-
-
-def cmd_eval(a):
-    models = list(a.model or []) + list(a.baseline or [])
-    if not models:
-        raise SystemExit("bmr eval: name at least one --model or --baseline")
-    res = evaluate_all(models, a.data, split=a.split, instruction=a.instruction, max_length=a.max_length,
-                       dtype=a.dtype, cache_dir=a.cache_dir, quiet=a.quiet)
-    print_table(res)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
-
-
-def cmd_mine(a):
-    from bmretriever_jax.data import mining
-
-    raise SystemExit(mining.main(a.args))
-
-
-def cmd_pairs(a):
-    from bmretriever_jax.data import builders
-
-    raise SystemExit(builders.main(a.args))
-
-
-def add_commands(sub) -> None:
-    s = sub.add_parser("eval", help="NDCG@10 etc. on BEIR folders and Spearman on STS files")
-    s.add_argument("--model", nargs="*", default=[], help="gemma3-270m, a model folder, runs/X/model, ...")
-    s.add_argument("--baseline", nargs="*", choices=["bm25", "minilm"], default=[])
-    s.add_argument("--data", nargs="+", required=True, help="BEIR folders (data/scifact) and/or STS .tsv files")
-    s.add_argument("--split", default="test")
-    s.add_argument("--instruction", default=None, help="task name or literal query instruction (default: by data)")
-    s.add_argument("--max-length", type=int, default=None)
-    s.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units")
-    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default ~/.cache/bmretriever_jax/vectors)")
-    s.add_argument("--out", default=None, help="write the results as JSON")
-    s.set_defaults(fn=cmd_eval)
-
-    s = sub.add_parser("mine", help="hard-negative mining (BM25 or a dense retriever); see `bmr mine -h`",
-                       add_help=False)
-    s.add_argument("args", nargs="*")
-    s.set_defaults(fn=cmd_mine)
-
-    s = sub.add_parser("pairs", help="build training pairs from shipped data (scifact, pubmedqa, medquad, pretrain)",
-                       add_help=False)
-    s.add_argument("args", nargs="*")
-    s.set_defaults(fn=cmd_pairs)

@@ -1,0 +1,37 @@
+"""`bmr eval`: NDCG@10 etc. on BEIR folders and Spearman on STS files, for models and baselines."""
+from __future__ import annotations
+
+import json
+import os
+
+from bmretriever_jax.cli.models import DTYPE_HELP, DTYPES
+from bmretriever_jax.errors import ConfigError
+
+
+def cmd_eval(a):
+    from bmretriever_jax.eval.suite import evaluate_all, print_table
+
+    models = list(a.model or []) + list(a.baseline or [])
+    if not models:
+        raise ConfigError("name at least one --model or --baseline")
+    res = evaluate_all(models, a.data, split=a.split, instruction=a.instruction, max_length=a.max_length,
+                       dtype=a.dtype, cache_dir=a.cache_dir, quiet=a.quiet)
+    print_table(res)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("eval", help="NDCG@10 etc. on BEIR folders and Spearman on STS files")
+    s.add_argument("--model", nargs="*", default=[], help="gemma3-270m, a model folder, runs/X/model, ...")
+    s.add_argument("--baseline", nargs="*", choices=["bm25", "minilm"], default=[])
+    s.add_argument("--data", nargs="+", required=True, help="BEIR folders (data/scifact) and/or STS .tsv files")
+    s.add_argument("--split", default="test")
+    s.add_argument("--instruction", default=None, help="task name or literal query instruction (default: by data)")
+    s.add_argument("--max-length", type=int, default=None)
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default ~/.cache/bmretriever_jax/vectors)")
+    s.add_argument("--out", default=None, help="write the results as JSON")
+    s.set_defaults(fn=cmd_eval)

@@ -1,0 +1,31 @@
+"""`bmr train` and `bmr plot`."""
+from __future__ import annotations
+
+import json
+
+
+def cmd_train(a):
+    from bmretriever_jax.config import load_config
+    from bmretriever_jax.train import train
+
+    run = load_config(a.config, a.overrides)
+    res = train(run, quiet=a.quiet)
+    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}, indent=1))
+
+
+def cmd_plot(a):
+    from bmretriever_jax.plot import plot_run
+
+    print(plot_run(a.run_dir, a.out))
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("train", help="contrastive training (both stages) from a YAML config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 lora.rank=8")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("plot", help="loss curve (and dev NDCG@10) of a run -> PNG")
+    s.add_argument("run_dir")
+    s.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
+    s.set_defaults(fn=cmd_plot)
