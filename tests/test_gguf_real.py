@@ -50,4 +50,6 @@ def test_real_gguf_matches_transformers(name):
     m = mask.astype(bool)
     scale = np.abs(ref[m]).max()
     print(name, "max abs diff", np.abs(ours[m] - ref[m]).max(), "max |ref|", scale)
-    assert np.abs(ours[m] - ref[m]).max() <= 1e-3
+    # relative to the largest hidden value (78 for Gemma 3, 54 for SmolLM2): 1e-5 of it is as strict as the
+    # absolute 1e-3 this replaced at Gemma's scale, and stricter at SmolLM2's. Measured: 2.6e-4 / 1.2e-4.
+    assert np.abs(ours[m] - ref[m]).max() <= 1e-5 * scale

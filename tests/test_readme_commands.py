@@ -229,3 +229,24 @@ def test_encode_runs_as_printed_on_a_few_documents(gemma, in_clone_dir):
         ids = json.load(open(os.path.join(out, "ids.json")))
         assert vecs.shape == (n, 640) and len(ids) == n
         np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_wheel_carries_the_shipped_configs_and_data(tmp_path):
+    """`pip install .` (not editable): the wheel holds configs/ and data/ and `bmr pairs` finds them from any folder."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "wheel"), ROOT], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "wheel").glob("bmretriever_jax-*.whl")
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (site / "bmretriever_jax" / "_shipped" / "configs" / "quickstart.yaml").exists()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the editable install of this checkout
+    r = _bmr(["pairs", "scifact", "--out", "train.jsonl", "-q"], cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "_shipped" in subprocess.run([sys.executable, "-c", "import bmretriever_jax.paths as p; print(p.data_dir())"],
+                                        cwd=work, env=env, capture_output=True, text=True).stdout
+    assert sum(1 for _ in open(work / "train.jsonl")) == 807
