@@ -1,10 +1,10 @@
 """`bmr encode` outputs: vectors.npy [n, d] + ids.json [n], written and read as one pair.
 
-Two renames cannot be one atomic step, so a pair is (1) written under an exclusive lock on the folder's
-`.vectors.npy.lock`, each file to a temporary name, fsynced and renamed, and (2) sealed by vectors.json
-(rows, dim, dtype, size + sha256 of both files) written last. `read_vectors` takes the shared lock and
-checks the seal, so it never returns the vectors of one run with the ids of another; a reader that opens
-the files itself can compare them with vectors.json.
+Two renames cannot be one atomic step, so a pair is written under an exclusive lock on the folder's
+`.vectors.npy.lock`: both files in full to temporary names (fsynced), then the old seal is removed, both
+are renamed, and vectors.json (rows, dim, dtype, size + sha256 of both files) seals the new pair.
+`read_vectors` takes the shared lock and checks the seal, so it never returns the vectors of one run with
+the ids of another; a reader that opens the files itself can compare them with vectors.json.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from bmretriever_jax.atomic import (atomic_write, check_record, check_writable_dir, file_lock, file_record,
-                                    fsync_dir, remove_stale_temps)
+from bmretriever_jax.atomic import (atomic_path, atomic_write, check_record, check_writable_dir, file_lock,
+                                    file_record, fsync_dir, remove_stale_temps)
 
 VECTORS, IDS, SEAL = "vectors.npy", "ids.json", "vectors.json"
 
@@ -28,19 +28,23 @@ def write_vectors(out_dir: str, vectors, ids: Sequence[str]) -> str:
     if vectors.ndim != 2 or vectors.shape[0] != len(ids):
         raise ValueError(f"write_vectors: {len(ids)} ids for vectors of shape {list(vectors.shape)}")
     check_writable_dir(out_dir)
-    with file_lock(os.path.join(out_dir, VECTORS)):
+    ids_path, vec_path, seal_path = (os.path.join(out_dir, n) for n in (IDS, VECTORS, SEAL))
+    with file_lock(vec_path):
         remove_stale_temps(out_dir)
-        # Unseal first: while the pair is being replaced the folder says it is incomplete.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, SEAL))
-            fsync_dir(out_dir)
-        with atomic_write(os.path.join(out_dir, IDS), "w") as f:
-            json.dump(ids, f)
-        with atomic_write(os.path.join(out_dir, VECTORS)) as f:
-            np.save(f, vectors)
+        # Both files are complete under temporary names before either is renamed, so a run killed while
+        # writing (the slow part) leaves the previous pair sealed and readable.
+        with atomic_path(ids_path) as ids_tmp, atomic_path(vec_path) as vec_tmp:
+            with open(ids_tmp, "w") as f:
+                json.dump(ids, f)
+            with open(vec_tmp, "wb") as f:
+                np.save(f, vectors)
+            # Unseal just before the two renames: between them the folder says it is incomplete.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(seal_path)
+                fsync_dir(out_dir)
         seal = {"rows": int(vectors.shape[0]), "dim": int(vectors.shape[1]), "dtype": str(vectors.dtype),
                 "files": {name: file_record(os.path.join(out_dir, name)) for name in (IDS, VECTORS)}}
-        with atomic_write(os.path.join(out_dir, SEAL), "w") as f:
+        with atomic_write(seal_path, "w") as f:
             json.dump(seal, f, indent=1)
     return out_dir
 
