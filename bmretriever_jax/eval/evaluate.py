@@ -1,8 +1,9 @@
 """Retrieval and STS evaluation of any encoder (duck-typed Encoder protocol) and of BM25.
 
-Corpus vectors are cached on disk, one .npy per chunk of `chunk_size` documents plus a manifest, in a
-folder keyed by the encoder's fingerprint, its max length and the corpus content; encoding an interrupted
-corpus resumes at the first missing chunk, and a second evaluation encodes no document at all. Chunks are
+Corpus vectors are cached on disk, one .npy per chunk of `chunk_size` documents (each written atomically,
+with a size + sha256 record beside it) plus a manifest, in a folder keyed by the encoder's fingerprint, its
+max length and the corpus content; encoding an interrupted corpus resumes at the first missing chunk, a
+chunk that fails its checksum is re-encoded with a warning, and a second evaluation encodes no document. Chunks are
 memory-mapped back and streamed into the exact top-k search, so the corpus need not fit in memory.
 """
 from __future__ import annotations
@@ -12,10 +13,12 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bmretriever_jax.atomic import CacheWarning, atomic_write, check_file, remove_stale_temps, write_checksum
 from bmretriever_jax.eval import metrics
 from bmretriever_jax.eval.beir import Corpus, corpus_digest, load_beir
 from bmretriever_jax.eval.search import topk_search
@@ -36,14 +39,25 @@ def _chunk_path(folder: str, i: int) -> str:
 
 
 def _load_chunk(path: str, rows: int) -> np.ndarray | None:
-    """The cached chunk if it is complete and readable ([rows, d] float32), else None (re-encode it)."""
+    """The cached chunk if it is complete, matches its sha256 and is [rows, d] float32, else None.
+
+    A chunk that exists but fails a check (truncated, zeroed on disk behind a valid header, no checksum
+    record because the writer died between the two files) is re-encoded with a CacheWarning.
+    """
     if not os.path.exists(path):
         return None
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError):
-        return None
-    if arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.float32:
+    # Always the full hash: a chunk costs ~0.7 ms/MB to hash against the seconds it took to encode.
+    reason = check_file(path, full=True)
+    if reason is None:
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError):
+            reason = "not a readable .npy file"
+        else:
+            if arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.float32:
+                reason = f"holds {arr.dtype}{list(arr.shape)}, expected float32[{rows}, d]"
+    if reason:
+        warnings.warn(f"{path}: {reason}; re-encoding it", CacheWarning, stacklevel=3)
         return None
     return arr
 
@@ -53,7 +67,8 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
     """Corpus vectors as a list of [<=chunk_size, d] float32 chunks (memory-mapped when cached), corpus order.
 
     Without cache_dir everything is encoded in memory. With it, chunks live in
-    <cache_dir>/<dataset>-<key>/chunk_#####.npy next to manifest.json; only missing chunks are encoded.
+    <cache_dir>/<dataset>-<key>/chunk_#####.npy (+ chunk_#####.npy.sha256.json) next to
+    manifest.json; only missing chunks are encoded.
     """
     doc_ids = list(corpus)
     n_chunks = -(-len(doc_ids) // chunk_size)
@@ -73,8 +88,9 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
             raise RuntimeError(f"{manifest_path}: cache key mismatch (hash collision or edited manifest); "
                                f"delete {folder}")
     else:
-        with open(manifest_path, "w") as f:
+        with atomic_write(manifest_path, "w") as f:
             json.dump({"key": key, "dataset": os.path.abspath(data_dir), "created": time.time()}, f, indent=1)
+    remove_stale_temps(folder)  # temporaries of runs that were killed mid-write
 
     from tqdm.auto import tqdm
 
@@ -89,11 +105,10 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
                               dtype=np.float32)  # no inner bar: the chunk bar above counts the documents
             if vecs.shape[0] != b - a:
                 raise ValueError(f"encoder returned {vecs.shape[0]} vectors for {b - a} passages")
-            # Write then rename, so a killed run never leaves a truncated chunk that looks complete.
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
+            # Data first, then its checksum record: a chunk is used only when both are there and agree.
+            with atomic_write(path) as f:
                 np.save(f, vecs)
-            os.replace(tmp, path)
+            write_checksum(path)
             arr = np.load(path, mmap_mode="r")
         chunks.append(arr)
         bar.update(b - a)
