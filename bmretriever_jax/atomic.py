@@ -29,6 +29,8 @@ import tempfile
 import warnings
 from typing import Callable, Iterator, Optional
 
+from bmretriever_jax.errors import OutputPathError
+
 MANIFEST = "checksums.json"  # inside a folder written by atomic_dir(manifest=True)
 RECORD_SUFFIX = ".sha256.json"  # beside a file: NAME.sha256.json = {"size", "sha256", "mtime_ns"}
 _TMP = ".tmp-"
@@ -366,15 +368,13 @@ def cached_dir(path: str, build: Callable[[str], object], *, full: bool = False)
 # Output folders
 # ----------------------------------------------------------------------------------------------------
 def check_writable_dir(path: str, what: str = "--out") -> str:
-    """Create `path` if needed and prove a file can be written in it; raise ConfigError (one line) if not.
+    """Create `path` if needed and prove a file can be written in it; raise OutputPathError (one line) if not.
 
     Meant to run before long work, so a read-only or mistyped output folder fails in a second, not after
     the encoding is done.
     """
-    from bmretriever_jax.config import ConfigError
-
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"{path}: {what} names an existing file, not a folder")
+        raise OutputPathError(f"{path}: {what} names an existing file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".bmr-write-test-")
@@ -384,15 +384,13 @@ def check_writable_dir(path: str, what: str = "--out") -> str:
         reason = e.strerror or str(e)
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             reason += " (read-only file system or no permission)"
-        raise ConfigError(f"{path}: {what} folder is not writable: {reason}") from None
+        raise OutputPathError(f"{path}: {what} folder is not writable: {reason}") from None
     return path
 
 
 def check_writable_file(path: str, what: str = "--out") -> str:
     """For an output that is one file: its folder must be writable and `path` must not be a folder."""
-    from bmretriever_jax.config import ConfigError
-
     if os.path.isdir(path):
-        raise ConfigError(f"{path}: {what} names an existing folder, not a file")
+        raise OutputPathError(f"{path}: {what} names an existing folder, not a file")
     check_writable_dir(os.path.dirname(os.path.abspath(path)), what)
     return path

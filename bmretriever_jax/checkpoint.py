@@ -3,10 +3,22 @@ into an abstract tree after a check that names every mismatching parameter path.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+import shutil
+import time
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from bmretriever_jax.errors import ConfigError, UserError
+
+
+class CheckpointMismatch(ConfigError):
+    """The checkpoint holds another model (paths or shapes differ): a config problem, never a fallback."""
+
+
+class NoUsableCheckpoint(UserError):
+    """Every checkpoint of a run failed to restore."""
 
 
 def manager(directory: str, *, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
@@ -36,20 +48,66 @@ def check_compatible(stored_tree, abstract) -> None:
     problems += [f"  {k}: checkpoint shape {stored[k]}, expected {wanted[k]}"
                  for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
     if problems:
-        raise ValueError("checkpoint does not match the configured model:\n" + "\n".join(problems[:20]) +
+        raise CheckpointMismatch("checkpoint does not match the configured model:\n" + "\n".join(problems[:20]) +
                          (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None):
-    """-> (step, state, data, meta) of `step` (default latest), or None if there is no checkpoint."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        return None
+def _restore_step(mngr: ocp.CheckpointManager, abstract_state, step: int):
     md = mngr.item_metadata(step)
+    if md is None or md["state"] is None:  # (JSON items have no array metadata: only `state` is checked here)
+        raise FileNotFoundError(f"step {step}: item metadata missing (an interrupted or damaged save)")
     check_compatible(md["state"].tree, abstract_state)
     r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     return step, r["state"], r["data"], r["meta"]
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None, *,
+            warn: Callable[[str], None] = print):
+    """-> (step, state, data, meta) of `step`, or of the newest checkpoint that restores; None if there is none.
+
+    Without `step`, a checkpoint that fails to restore (a truncated array file, missing metadata: what a crash
+    or a full disk leaves) is reported in one line through `warn`, moved to `<dir>-damaged/`, and the previous
+    step is tried. A checkpoint of another model (CheckpointMismatch) is never skipped: that is a config error.
+    """
+    if step is not None:
+        return _restore_step(mngr, abstract_state, step)
+    damaged: List[int] = []
+    result = None
+    for s in sorted(mngr.all_steps(), reverse=True):
+        try:
+            result = _restore_step(mngr, abstract_state, s)
+            break
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means: use the one before
+            damaged.append(s)
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            warn(f"checkpoint step {s} cannot be restored ({type(e).__name__}: {why}); trying the previous one")
+    if damaged:
+        _set_aside(mngr, damaged)
+        if result is None:
+            raise NoUsableCheckpoint(f"{mngr.directory}: none of the checkpoints (steps {sorted(damaged)}) can be "
+                                     f"restored; they were moved to {mngr.directory}-damaged/. Rerun to start over")
+        warn(f"resuming from step {result[0]}; the damaged step(s) {sorted(damaged)} are in {mngr.directory}-damaged/")
+    return result
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: List[int]) -> None:
+    """Move damaged step folders out of the manager's directory (so later saves of those steps do not collide)."""
+    root = os.fspath(mngr.directory)
+    if jax.process_index() == 0:  # one process moves them; the others wait for it (a shared file system)
+        aside = root + "-damaged"
+        os.makedirs(aside, exist_ok=True)
+        for s in steps:
+            src = os.path.join(root, str(s))
+            if os.path.exists(src):
+                shutil.move(src, os.path.join(aside, f"{s}-{int(time.time())}"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("bmr-checkpoint-set-aside")
+    mngr.reload()
 
 
 def restore_params_only(directory: str, step: Optional[int] = None):

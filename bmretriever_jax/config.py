@@ -6,12 +6,13 @@ Errors name the file and line, the dotted parameter path and the allowed keys or
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from bmretriever_jax.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
+from bmretriever_jax.errors import ConfigError, InputPathError  # ConfigError is re-exported: config.ConfigError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,6 +103,28 @@ CHOICES = {
     "data.negatives": ("random", "first"), "data.short": ("pad", "drop"),
 }
 
+# numeric ranges checked at load time, so that a bad value fails with its file:line before any model loads
+# (path -> (lowest allowed, whether the lowest itself is allowed, highest allowed or None))
+RANGES = {
+    "model.max_length": (2, True, None), "model.query_max_length": (2, True, None),
+    "data.num_negatives": (0, True, None),
+    "lora.rank": (1, True, None), "lora.alpha": (0, False, None), "lora.dropout": (0, True, 0.999),
+    "train.steps": (1, True, None), "train.global_batch_size": (1, True, None), "train.grad_accum": (1, True, None),
+    "train.grad_cache_chunk": (0, True, None), "train.lr": (0, False, None), "train.warmup_steps": (0, True, None),
+    "train.weight_decay": (0, True, None), "train.clip": (0, True, None), "train.temperature": (0, False, None),
+    "train.save_every": (1, True, None), "train.keep": (1, True, None), "train.log_every": (1, True, None),
+    "train.eval_every": (0, True, None),
+}
+# keys a run config must set (a default backbone chosen silently is a surprise, not a convenience)
+REQUIRED = {"model.name": "a model: gemma3-270m, smollm2-135m, a .gguf file or a transformers folder"}
+
+
+def _check_range(path: str, v, where: str) -> None:
+    lo, inclusive, hi = RANGES[path]
+    if (v < lo if inclusive else v <= lo) or (hi is not None and v > hi):
+        want = (f">= {lo}" if inclusive else f"> {lo}") + (f" and <= {hi}" if hi is not None else "")
+        raise ConfigError(f"{where}: {v!r} is out of range; allowed: {want}")
+
 
 # ----------------------------------------------------------------------------------------------------
 # Loading
@@ -178,6 +201,8 @@ def build(cls, d: Dict[str, Any], *, prefix: str = "", source: str = "<config>",
         v = _convert(value, tp, where)
         if path in CHOICES and v not in CHOICES[path]:
             raise ConfigError(f"{where}: {v!r} is not one of {', '.join(CHOICES[path])}")
+        if path in RANGES:
+            _check_range(path, v, where)
         kwargs[key] = v
     return cls(**kwargs)
 
@@ -195,8 +220,13 @@ def load_config(path: Optional[str], overrides: Sequence[str] = (), cls=RunConfi
     """YAML file (may be None) + ["train.steps=100", ...] -> cls instance."""
     text = ""
     if path:
-        with open(path) as f:
-            text = f.read()
+        if not os.path.exists(path) or os.path.isdir(path):
+            raise InputPathError(f"{path}: no such config file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         d = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -208,7 +238,15 @@ def load_config(path: Optional[str], overrides: Sequence[str] = (), cls=RunConfi
             raise ConfigError(f"override {o!r}: expected key=value (e.g. train.steps=100)")
         k, v = o.split("=", 1)
         _set_dotted(d, k.strip(), yaml.safe_load(v))
-    return build(cls, d, source=path or "<overrides>", lines=_line_index(text))
+    cfg = build(cls, d, source=path or "<overrides>", lines=_line_index(text))
+    if cls is RunConfig:
+        for dotted, what in REQUIRED.items():
+            node = d
+            for k in dotted.split("."):
+                node = node.get(k) if isinstance(node, dict) else None
+            if node in (None, ""):
+                raise ConfigError(f"{path or '<overrides>'}: {dotted}: required ({what})")
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -24,17 +24,19 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from bmretriever_jax import checkpoint as ckpt
 from bmretriever_jax import lora as lora_lib
 from bmretriever_jax import losses, sharding, treeutil
+from bmretriever_jax.atomic import atomic_write
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
 from bmretriever_jax.embed import (default_task, embed_batch, format_passage, format_query, instruction_for, pad_left,
                                    tokenize)
+from bmretriever_jax.errors import ConfigError, DataFormatError, InputPathError, UserError
 from bmretriever_jax.models import ModelConfig
 from bmretriever_jax.precision import resolve_dtype
 
 BATCH_AXES = ("data", "fsdp")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError, RuntimeError):
+    """The loss became NaN / inf: training stops with the last good checkpoint intact."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,17 +208,64 @@ def load_training_pairs(run: RunConfig):
     from bmretriever_jax.data import builders
     from bmretriever_jax.data.pairs import read_pairs
 
+    names = ", ".join(sorted(builders.BUILDERS))
     if not run.data.train:
-        raise ValueError("data.train is empty: list pairs JSONL files or builder names (scifact, pubmedqa, medquad)")
+        raise ConfigError(f"data.train is empty: list pairs JSONL files or builder names ({names})")
     pairs = []
     for entry in run.data.train:
         if os.path.exists(entry):
-            pairs += read_pairs(entry)
+            got = read_pairs(entry)
+            if not got:
+                raise DataFormatError(f"{entry}: no training pairs in the file (data.train)")
+            pairs += got
         elif entry.startswith("pretrain:"):
             pairs += builders.pretrain_pairs_from_beir(entry.split(":", 1)[1])
-        else:
+        elif entry in builders.BUILDERS:
             pairs += builders.build(entry)
+        elif os.sep in entry or entry.endswith((".jsonl", ".gz", ".json")):
+            raise InputPathError(f"data.train: {entry}: no such file")
+        else:
+            raise ConfigError(f"data.train: {entry!r} is neither a file nor a builder; builders: {names}, "
+                              "pretrain:CORPUS.jsonl")
     return pairs
+
+
+# what may change between a run and its resume without --allow-config-change: how long it runs, how it reports
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep")
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> List[str]:
+    """['train.lr: 0.0002 -> 0.001', ...]: every leaf of the two config dicts that differs."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        path = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume_config(saved: dict, run: RunConfig, allow: bool, where: str) -> List[str]:
+    """The differences that need --allow-config-change; raises ConfigError listing them when not allowed."""
+    changes = [c for c in config_changes(saved, to_dict(run)) if c.split(":")[0] not in RESUMABLE_CHANGES]
+    if changes and not allow:
+        raise ConfigError(f"{where}: the run was started with another config; resuming would change "
+                          f"{'; '.join(changes)}. Use a new `out` folder, or pass --allow-config-change")
+    return changes
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop the log lines of steps after `step` (they are about to be run again from the checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with atomic_write(path, "w") as f:
+            f.writelines(keep)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,10 +280,13 @@ def _host0() -> bool:
     return jax.process_index() == 0
 
 
-def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[int] = None) -> dict:
-    """Train (resuming from the latest checkpoint in run.out/checkpoints if any); returns final metrics.
+def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[int] = None,
+          allow_config_change: bool = False) -> dict:
+    """Train (resuming from the newest good checkpoint in run.out/checkpoints if any); returns final metrics.
 
     max_steps_this_run: stop after this many optimizer steps of this invocation (tests of resume).
+    allow_config_change: resume although the config differs from the one the run was started with (in more
+      than RESUMABLE_CHANGES); the differences are appended to run.out/config_changes.jsonl.
     """
     from tqdm.auto import tqdm
 
@@ -244,6 +296,10 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
 
     import transformers
 
+    # everything a user can get wrong fails here, in a second, before the model loads
+    pairs = load_training_pairs(run)
+    if run.data.dev and not os.path.isdir(run.data.dev):
+        raise InputPathError(f"data.dev: {run.data.dev}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     os.makedirs(run.out, exist_ok=True)
     folder = hub.resolve(run.model.name, quiet=quiet)
     model_cfg, base = load_hf(folder, dtype=np.dtype(run.model.param_dtype) if run.model.param_dtype != "bfloat16"
@@ -260,7 +316,6 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     state_shardings = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, state_shardings)
 
-    pairs = load_training_pairs(run)
     loader = PairLoader(pairs, run.train.global_batch_size, seed=run.train.seed, num_negatives=run.data.num_negatives,
                         negatives=run.data.negatives, short=run.data.short, process_index=jax.process_index(),
                         process_count=jax.process_count(), drop_last=False,
@@ -268,13 +323,23 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
 
     mngr = ckpt.manager(os.path.join(run.out, "checkpoints"), keep=run.train.keep)
     meta = {"config": to_dict(run), "model_folder": folder, "model_config": model_cfg.to_dict()}
-    restored = ckpt.restore(mngr, jax.eval_shape(lambda s: s, state))
+    say = (lambda msg: print(msg, flush=True)) if _host0() else (lambda msg: None)
+    restored = ckpt.restore(mngr, jax.eval_shape(lambda s: s, state), warn=say)
+    log_path = os.path.join(run.out, "metrics.jsonl")
     if restored is not None:
-        step0, state, data_state, _ = restored
+        step0, state, data_state, saved_meta = restored
+        changes = check_resume_config(saved_meta.get("config", {}), run, allow_config_change,
+                                      os.path.join(run.out, "checkpoints"))
         state = jax.device_put(state, state_shardings)
         loader.restore(data_state)
-        if not quiet and _host0():
-            print(f"resumed from step {step0} ({run.out}/checkpoints)", flush=True)
+        if _host0():
+            _truncate_metrics(log_path, step0 // run.train.grad_accum)
+            if changes:
+                _log(os.path.join(run.out, "config_changes.jsonl"), {"step": step0, "changes": changes,
+                                                                      "time": time.time()})
+                say(f"resuming with config changes (--allow-config-change): {'; '.join(changes)}")
+        if not quiet:
+            say(f"resumed from step {step0} ({run.out}/checkpoints)")
     if _host0():
         with open(os.path.join(run.out, "config.yaml"), "w") as f:
             f.write(dump(run))
@@ -284,7 +349,6 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     total_micro = run.train.steps * accum
     micro = int(state["step"])
     stop_at = total_micro if max_steps_this_run is None else min(total_micro, micro + max_steps_this_run * accum)
-    log_path = os.path.join(run.out, "metrics.jsonl")
     it = iter(loader)
     last = {}
     t0, seen = time.time(), 0

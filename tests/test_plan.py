@@ -120,7 +120,8 @@ def test_memory_scales_the_way_the_mesh_and_settings_say():
     fsdp = plan.estimate_memory(cfg, run, (1, 8, 1))
     assert fsdp["frozen params"] == pytest.approx(dp["frozen params"] / 8, rel=0.01)
     assert "FSDP-gathered layer weights" in fsdp and "FSDP-gathered layer weights" not in dp
-    no_cache = plan.estimate_memory(cfg, load_config(None, ["model.max_length=512", "model.query_max_length=512",
+    no_cache = plan.estimate_memory(cfg, load_config(None, ["model.name=qwen3-0.6b", "model.max_length=512",
+                                                            "model.query_max_length=512",
                                                             "train.global_batch_size=256", "data.num_negatives=1"]),
                                     (8, 1, 1))
     assert no_cache["activations"] > 2 * dp["activations"]  # 32 local queries + 64 passages vs a chunk of 32
@@ -208,7 +209,7 @@ def _small(name, **kw):
         sliding_window=None if c.sliding_window is None else 32), **kw})
 
 
-SMALL = ["model.max_length=64", "model.query_max_length=32", "train.global_batch_size=16", "data.num_negatives=1"]
+SMALL = ["model.name=gemma3-270m", "model.max_length=64", "model.query_max_length=32", "train.global_batch_size=16", "data.num_negatives=1"]
 
 
 def _measure(cfg, run):

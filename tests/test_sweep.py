@@ -30,8 +30,8 @@ def test_parse_grid_and_points():
 
 
 def test_point_overrides_order_user_then_grid_win():
-    ov = sweep.point_overrides(["train.log_every=5", "train.temperature=0.1"], {"train.temperature": 0.05}, 10,
-                               "out/p")
+    ov = sweep.point_overrides(["model.name=gemma3-270m", "train.log_every=5", "train.temperature=0.1"],
+                               {"train.temperature": 0.05}, 10, "out/p")
     from bmretriever_jax.config import load_config
 
     run = load_config(None, ov)
@@ -115,7 +115,7 @@ def test_sweep_loop_results_failures_and_resume(tmp_path, monkeypatch):
     grid = ["train.global_batch_size=8,16", "train.temperature=0.02,0.05"]
     run, calls = _stub_run(fail_points={"global_batch_size=16,temperature=0.05"})
     monkeypatch.setattr(sweep.subprocess, "run", run)
-    rows = sweep.sweep(None, grid, out, overrides=["data.num_negatives=3"], steps=3, quiet=True)
+    rows = sweep.sweep(None, grid, out, overrides=["model.name=tiny", "data.num_negatives=3"], steps=3, quiet=True)
     assert len(calls) == 4 and [("error" in r) for r in rows] == [False, False, False, True]
     assert "boom" in rows[3]["error"]
     with open(os.path.join(out, "results.tsv")) as f:
@@ -131,7 +131,7 @@ def test_sweep_loop_results_failures_and_resume(tmp_path, monkeypatch):
     # rerun: finished points are read back, the failed one runs again
     run2, calls2 = _stub_run()
     monkeypatch.setattr(sweep.subprocess, "run", run2)
-    rows2 = sweep.sweep(None, grid, out, overrides=["data.num_negatives=3"], steps=3, quiet=True)
+    rows2 = sweep.sweep(None, grid, out, overrides=["model.name=tiny", "data.num_negatives=3"], steps=3, quiet=True)
     assert calls2 == ["global_batch_size=16,temperature=0.05"] and not any("error" in r for r in rows2)
 
 
@@ -140,12 +140,13 @@ def test_cli_sweep_exits_nonzero_when_a_point_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep.subprocess, "run", run)
     p = argparse.ArgumentParser()
     sweep.add_commands(p.add_subparsers(dest="cmd"))
-    a = p.parse_args(["sweep", "/dev/null", "--grid", "train.global_batch_size=8,16", "--out", str(tmp_path / "s")])
+    a = p.parse_args(["sweep", "/dev/null", "model.name=tiny", "--grid", "train.global_batch_size=8,16", "--out",
+                      str(tmp_path / "s")])
     with pytest.raises(SystemExit) as e:
         a.fn(a)
     assert e.value.code == 1
     with pytest.raises(ConfigError, match="unknown key"):
-        sweep.sweep(None, ["train.batchsize=8"], str(tmp_path / "t"), quiet=True)
+        sweep.sweep(None, ["train.batchsize=8"], str(tmp_path / "t"), overrides=["model.name=tiny"], quiet=True)
 
 
 @pytest.mark.slow

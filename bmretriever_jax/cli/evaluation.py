@@ -11,15 +11,20 @@ from bmretriever_jax.errors import ConfigError
 def cmd_eval(a):
     from bmretriever_jax.eval.suite import evaluate_all, print_table
 
+    from bmretriever_jax.atomic import check_writable_file
+
     models = list(a.model or []) + list(a.baseline or [])
     if not models:
         raise ConfigError("name at least one --model or --baseline")
+    if a.out:
+        check_writable_file(a.out)  # before the encoding, not after the table
     res = evaluate_all(models, a.data, split=a.split, instruction=a.instruction, max_length=a.max_length,
                        dtype=a.dtype, cache_dir=a.cache_dir, quiet=a.quiet)
     print_table(res)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
+        from bmretriever_jax.atomic import atomic_write
+
+        with atomic_write(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
 
@@ -32,6 +37,6 @@ def add_commands(sub) -> None:
     s.add_argument("--instruction", default=None, help="task name or literal query instruction (default: by data)")
     s.add_argument("--max-length", type=int, default=None)
     s.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
-    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default ~/.cache/bmretriever_jax/vectors)")
+    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default $BMR_CACHE/vectors, i.e. ~/.cache/bmretriever_jax/vectors)")
     s.add_argument("--out", default=None, help="write the results as JSON")
     s.set_defaults(fn=cmd_eval)

@@ -66,7 +66,11 @@ def cmd_encode(a):
 
     from bmretriever_jax.embed import Encoder
 
-    ids, items = read_jsonl_texts(a.input)  # bad input fails before the model loads
+    from bmretriever_jax.atomic import check_writable_dir
+    from bmretriever_jax.vector_files import write_vectors
+
+    ids, items = read_jsonl_texts(a.input)  # bad input and an unwritable --out fail before the model loads
+    check_writable_dir(a.out)
     enc = Encoder.load(a.model, max_length=a.max_length, pooling=a.pooling, dtype=a.dtype, quiet=a.quiet)
     if a.kind == "query":
         vecs = enc.encode_queries([d.get("text", d.get("query")) for d in items], a.instruction,
@@ -75,10 +79,7 @@ def cmd_encode(a):
         vecs = enc.encode_passages(items, batch_size=a.batch_size, progress=not a.quiet)
     else:
         vecs = enc.encode_texts([d["text"] for d in items], batch_size=a.batch_size, progress=not a.quiet)
-    os.makedirs(a.out, exist_ok=True)
-    np.save(os.path.join(a.out, "vectors.npy"), vecs)
-    with open(os.path.join(a.out, "ids.json"), "w") as f:
-        json.dump(ids, f)
+    write_vectors(a.out, np.asarray(vecs), ids)  # both files or neither: a reader never sees a mismatched pair
     print(f"wrote {vecs.shape[0]} x {vecs.shape[1]} vectors to {a.out}/vectors.npy (+ ids.json)")
 
 

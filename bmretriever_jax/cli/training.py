@@ -9,7 +9,7 @@ def cmd_train(a):
     from bmretriever_jax.train import train
 
     run = load_config(a.config, a.overrides)
-    res = train(run, quiet=a.quiet)
+    res = train(run, quiet=a.quiet, allow_config_change=a.allow_config_change)
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}, indent=1))
 
 
@@ -23,6 +23,9 @@ def add_commands(sub) -> None:
     s = sub.add_parser("train", help="contrastive training (both stages) from a YAML config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 lora.rank=8")
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run although its config changed (beyond steps / logging); recorded in "
+                        "OUT/config_changes.jsonl")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("plot", help="loss curve (and dev NDCG@10) of a run -> PNG")

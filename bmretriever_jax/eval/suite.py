@@ -5,6 +5,7 @@ import os
 import time
 from typing import Dict
 
+from bmretriever_jax.convert.gguf import cache_root
 from bmretriever_jax.embed import default_task
 
 
@@ -42,7 +43,7 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
     from bmretriever_jax.embed import instruction_for
     from bmretriever_jax.eval.evaluate import evaluate_bm25, evaluate_retrieval, evaluate_sts
 
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bmretriever_jax", "vectors")
+    cache_dir = cache_dir or os.path.join(cache_root(), "vectors")  # $BMR_CACHE/vectors
     results = {}
     labels = model_labels(models)
     for m in models:
