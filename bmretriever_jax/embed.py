@@ -68,12 +68,26 @@ def format_passage(doc) -> str:
     return PASSAGE_TEMPLATE.format(title=title, text=text).replace("passage:  ", "passage: ").rstrip()
 
 
+@functools.lru_cache(maxsize=8)
+def _longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token covers: the longest vocabulary entry (a byte-level or
+    byte-fallback entry spells at least as many characters as it covers)."""
+    return max(1, max(len(t) for t in tokenizer.get_vocab()))
+
+
+def char_budget(tokenizer, max_length: int) -> int:
+    """Characters that surely hold more than `max_length` tokens: texts are cut to this before tokenizing, so a
+    30 MB one-line document costs what its first tokens cost (the cut is far past the last token kept)."""
+    return (max_length + 16) * _longest_token_chars(tokenizer)
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> List[List[int]]:
     """Token ids per text: tokenizer's own special tokens (BOS), truncated to max_length - 1, + EOS."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token: last-token pooling needs one")
-    enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length - 1,
+    budget = char_budget(tokenizer, max_length)
+    enc = tokenizer([t[:budget] for t in texts], add_special_tokens=True, truncation=True, max_length=max_length - 1,
                     padding=False, return_attention_mask=False)["input_ids"]
     return [ids + [eos] for ids in enc]
 

@@ -32,3 +32,18 @@ class InputPathError(UserError, FileNotFoundError):
 
 class OutputPathError(UserError, OSError):
     """An output path cannot be written (exists, read-only, not a folder)."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """An output folder already holds results (merges and exports never overwrite)."""
+
+
+class MissingEntryError(UserError, KeyError):
+    """A tensor, leaf or subtree a model or checkpoint should have is not there; the message names it."""
+
+    def __str__(self):  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelFileNotFound(ModelSourceError, FileNotFoundError):
+    """A model, checkpoint or run folder lacks a file it needs (config.json, weights, a checkpoint)."""

@@ -44,6 +44,7 @@ from bmretriever_jax import treeutil
 from bmretriever_jax.convert.hf import PICKLE_FILES, config_from_hf, config_to_hf
 from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, rules_for, strip_prefix
 from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS
+from bmretriever_jax.errors import MissingEntryError, ModelFileNotFound, ModelSourceError, OutputExistsError
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.decoder import param_shapes
 
@@ -77,7 +78,7 @@ def _hf_shape(rule: Rule, ours: Tuple[int, ...]) -> Tuple[int, ...]:
         return tuple(reversed(ours))
     if rule.kind == "neox_qkv":  # kernels [D, H*hd] -> [3*H*hd, D]; biases [H*hd] -> [3*H*hd]
         return (3 * ours[-1],) + tuple(reversed(ours[:-1]))
-    raise ValueError(f"unknown conversion kind {rule.kind!r}")
+    raise ModelSourceError(f"unknown conversion kind {rule.kind!r}")
 
 
 def hf_layout(cfg: ModelConfig) -> Dict[str, Slot]:
@@ -114,10 +115,10 @@ class TensorReader:
 
     def read(self, name: str) -> np.ndarray:
         if name not in self.layout:
-            raise KeyError(f"{self.label}: {name!r} is not a tensor of a {self.cfg.family} base model")
+            raise MissingEntryError(f"{self.label}: {name!r} is not a tensor of a {self.cfg.family} base model")
         x = np.asarray(self._fetch(name), np.float32)
         if tuple(x.shape) != self.layout[name].shape:
-            raise ValueError(f"{self.label}: tensor {name!r} has shape {tuple(x.shape)}, the config implies "
+            raise ModelSourceError(f"{self.label}: tensor {name!r} has shape {tuple(x.shape)}, the config implies "
                              f"{self.layout[name].shape}")
         return x
 
@@ -129,14 +130,14 @@ def _folder_fetch(cfg: ModelConfig, folder: str) -> Callable[[str], np.ndarray]:
 
     pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(folder, p))]
     if pickles and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
-        raise ValueError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); refusing to load pickle files "
+        raise ModelSourceError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); refusing to load pickle files "
                          "(they can run arbitrary code). Convert them to safetensors first.")
     files = SafetensorsReader(folder)
     stored = strip_prefix(files.keys())
     missing = [n for n in hf_layout(cfg) if n not in stored]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise KeyError(f"{folder}: missing tensor(s) {shown} of a {cfg.family} model")
+        raise MissingEntryError(f"{folder}: missing tensor(s) {shown} of a {cfg.family} model")
     return lambda name: files.read(stored[name])
 
 
@@ -159,7 +160,7 @@ def _lora_fetch(cfg: ModelConfig, base: Callable[[str], np.ndarray], adapters: M
         if not hit:
             return tensor
         if slot.layer is None:
-            raise ValueError(f"adapter on a non-layer parameter ({hit}) is not supported")
+            raise ModelSourceError(f"adapter on a non-layer parameter ({hit}) is not supported")
         parts = _hf_to_jax(slot.rule, cfg, tensor)
         for j, p in enumerate(slot.rule.jax):
             mod = _module_of(p)
@@ -207,20 +208,20 @@ def _adapter_modules(cfg: ModelConfig, adapters: Mapping[str, Any]) -> Dict[str,
     for path, x in flat.items():
         mod, _, leaf = path.rpartition("/")
         if leaf not in ("lora_a", "lora_b"):
-            raise ValueError(f"adapter leaf {path!r} is not a lora_a / lora_b leaf")
+            raise ModelSourceError(f"adapter leaf {path!r} is not a lora_a / lora_b leaf")
         modules.setdefault(mod, {})[leaf] = x
     out = {}
     for mod, ab in modules.items():
         kernel = f"{mod}/kernel"
         if set(ab) != {"lora_a", "lora_b"}:
-            raise ValueError(f"adapter {mod!r} has only {sorted(ab)}")
+            raise ModelSourceError(f"adapter {mod!r} has only {sorted(ab)}")
         if kernel not in shapes or not kernel.startswith("layers/"):
-            raise ValueError(f"adapter {mod!r} does not target a per-layer linear layer of a {cfg.family} model")
+            raise ModelSourceError(f"adapter {mod!r} does not target a per-layer linear layer of a {cfg.family} model")
         a, b = ab["lora_a"], ab["lora_b"]
         k = shapes[kernel]
         if tuple(a.shape[:-1]) != tuple(k[:-1]) or tuple(b.shape[:-2]) != tuple(k[:-2]) or b.shape[-1] != k[-1] \
                 or a.shape[-1] != b.shape[-2]:
-            raise ValueError(f"adapter {mod!r}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not fit kernel {k}")
+            raise ModelSourceError(f"adapter {mod!r}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not fit kernel {k}")
         out[mod] = (a, b)
     return out
 
@@ -247,7 +248,7 @@ class ModelSource:
 def _read_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder}: no config.json (not a transformers model folder)")
+        raise ModelFileNotFound(f"{folder}: no config.json (not a transformers model folder)")
     with open(path) as f:
         return config_from_hf(json.load(f))
 
@@ -264,14 +265,14 @@ def _step_dir(path: str, step: Optional[int]) -> Optional[str]:
     """The checkpoint step directory of a run folder / checkpoint root / step dir, or None if `path` is none."""
     if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
         if step is not None and os.path.basename(os.path.normpath(path)) != str(step):
-            raise ValueError(f"{path} is the checkpoint of one step; do not pass step={step}")
+            raise ModelSourceError(f"{path} is the checkpoint of one step; do not pass step={step}")
         return path
     root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()
                    and os.path.isdir(os.path.join(root, d, "state"))) if os.path.isdir(root) else []
     if not steps:
         if root != path:
-            raise FileNotFoundError(f"{root}: no checkpoint")
+            raise ModelFileNotFound(f"{root}: no checkpoint")
         return None
     if step is None:
         from bmretriever_jax import checkpoint as ckpt
@@ -279,9 +280,9 @@ def _step_dir(path: str, step: Optional[int]) -> Optional[str]:
         with ckpt.manager(root, async_save=False) as m:  # the manager knows which steps finished writing
             step = m.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{root}: no finished checkpoint")
+            raise ModelFileNotFound(f"{root}: no finished checkpoint")
     if step not in steps:
-        raise FileNotFoundError(f"{root}: no checkpoint of step {step} (steps: {steps})")
+        raise ModelFileNotFound(f"{root}: no checkpoint of step {step} (steps: {steps})")
     return os.path.join(root, str(step))
 
 
@@ -295,7 +296,7 @@ def _open_run(step_dir: str) -> ModelSource:
     run = meta.get("config") or {}
     base_folder = meta.get("model_folder")
     if not base_folder or not os.path.isdir(base_folder):
-        raise FileNotFoundError(f"{step_dir}: the run's base model folder {base_folder!r} is gone; re-create it "
+        raise ModelFileNotFound(f"{step_dir}: the run's base model folder {base_folder!r} is gone; re-create it "
                                 f"(e.g. `bmr info {run.get('model', {}).get('name', 'MODEL')}`) and retry")
     cfg = _read_config(base_folder)
     base = _folder_fetch(cfg, base_folder)
@@ -349,9 +350,9 @@ def open_source(src: str, *, step: Optional[int] = None, quiet: bool = True) -> 
             return _open_run(step_dir)
         if os.path.exists(os.path.join(src, "model", "config.json")):
             return _open_folder(os.path.join(src, "model"), src)
-        raise FileNotFoundError(f"{src}: neither a model folder (config.json) nor a run (checkpoints/)")
+        raise ModelFileNotFound(f"{src}: neither a model folder (config.json) nor a run (checkpoints/)")
     if step is not None:
-        raise ValueError(f"step={step} only applies to a training run, not to the model {src!r}")
+        raise ModelSourceError(f"step={step} only applies to a training run, not to the model {src!r}")
     return _open_folder(hub.resolve(src, quiet=quiet), src)
 
 
@@ -360,7 +361,7 @@ def open_source(src: str, *, step: Optional[int] = None, quiet: bool = True) -> 
 # ----------------------------------------------------------------------------------------------------
 def _prepare_out(out: str) -> None:
     if os.path.isdir(out) and os.listdir(out):
-        raise FileExistsError(f"{out} exists and is not empty; export to a new directory")
+        raise OutputExistsError(f"{out} exists and is not empty; export to a new directory")
     os.makedirs(out, exist_ok=True)
 
 
@@ -396,7 +397,7 @@ def _np_dtype(dtype: str):
 
         return ml_dtypes.bfloat16
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype {dtype!r}; allowed: float32, float16, bfloat16")
+        raise ModelSourceError(f"dtype {dtype!r}; allowed: float32, float16, bfloat16")
     return np.dtype(dtype)
 
 
@@ -462,7 +463,7 @@ def st_tokenizer_args(folder: str, max_length: int) -> Dict[str, Any]:
 
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     if tok.eos_token_id is None:
-        raise ValueError(f"{folder}: the tokenizer has no EOS token; last-token pooling needs one")
+        raise ModelSourceError(f"{folder}: the tokenizer has no EOS token; last-token pooling needs one")
     probe = tok("a", add_special_tokens=True)["input_ids"]
     adds_bos = bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id
     args = {"add_eos_token": True, "add_bos_token": adds_bos, "padding_side": "left"}
@@ -494,13 +495,13 @@ def export_sentence_transformers(source: ModelSource, out: str, *, instruction: 
 
     settings = _settings_for_export(source, max_length)
     if settings.get("bidirectional") and source.cfg.family not in _BIDIRECTIONAL_IN_HF:
-        raise ValueError(f"a bidirectional {source.cfg.family} retriever cannot be expressed for sentence-transformers "
+        raise ModelSourceError(f"a bidirectional {source.cfg.family} retriever cannot be expressed for sentence-transformers "
                          "(transformers runs this family causally); export --format hf and load it with our Encoder")
     pooling = settings["pooling"]
     if pooling not in ("last", "mean"):
-        raise ValueError(f"pooling {pooling!r}; allowed: last, mean")
+        raise ModelSourceError(f"pooling {pooling!r}; allowed: last, mean")
     if not source.tokenizer_folder:
-        raise ValueError(f"{source.label}: no tokenizer files; sentence-transformers needs the tokenizer")
+        raise ModelSourceError(f"{source.label}: no tokenizer files; sentence-transformers needs the tokenizer")
     instr = instruction_for(instruction) if instruction else settings.get("instruction") or DEFAULT_INSTRUCTION
     L = int(settings["max_length"])
     tokenizer_args = st_tokenizer_args(source.tokenizer_folder, L)  # before writing anything: it may refuse
@@ -617,11 +618,11 @@ def export_peft(source: ModelSource, out: str, *, base_model: Optional[str] = No
     from safetensors.numpy import save_file
 
     if source.adapters is None or source.lora is None:
-        raise ValueError(f"{source.label} has no LoRA adapter (a full fine-tune, a merge or a plain model): "
+        raise ModelSourceError(f"{source.label} has no LoRA adapter (a full fine-tune, a merge or a plain model): "
                          "export it with --format hf or sentence-transformers instead")
     base = base_model or source.base_folder or source.settings.get("base_model")
     if not base:
-        raise ValueError(f"{source.label}: unknown base model; pass base_model= (--base-model)")
+        raise ModelSourceError(f"{source.label}: unknown base model; pass base_model= (--base-model)")
     _prepare_out(out)
     tensors, fields, meta = peft_tensors(source.cfg, source.adapters, source.lora)
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt", **meta})
@@ -645,7 +646,7 @@ def load_peft(folder: str, cfg: ModelConfig) -> Tuple[lora_lib.LoraConfig, dict]
     with open(os.path.join(folder, "adapter_config.json")) as f:
         c = json.load(f)
     if c.get("peft_type") != "LORA":
-        raise ValueError(f"{folder}: peft_type {c.get('peft_type')!r}, only LORA is supported")
+        raise ModelSourceError(f"{folder}: peft_type {c.get('peft_type')!r}, only LORA is supported")
     r, alpha, rslora = int(c["r"]), float(c["lora_alpha"]), bool(c.get("use_rslora", False))
     path = os.path.join(folder, "adapter_model.safetensors")
     with safe_open(path, framework="numpy") as f:
@@ -669,7 +670,7 @@ def load_peft(folder: str, cfg: ModelConfig) -> Tuple[lora_lib.LoraConfig, dict]
             continue
         comps = meta.get(_QKV_META)
         if not comps:
-            raise ValueError(f"{folder}: a fused query_key_value adapter without the {_QKV_META} metadata (not written by "
+            raise ModelSourceError(f"{folder}: a fused query_key_value adapter without the {_QKV_META} metadata (not written by "
                              "bmretriever_jax) cannot be split into q/k/v adapters")
         for n, ch in enumerate(comps.split(",")):
             j = "qkv".index(ch)
@@ -677,7 +678,7 @@ def load_peft(folder: str, cfg: ModelConfig) -> Tuple[lora_lib.LoraConfig, dict]
             b = np.stack([_hf_to_jax(rule, cfg, B[i])[j][n * r:(n + 1) * r] for i in range(cfg.num_layers)])
             flat[f"{mods[j]}/lora_a"], flat[f"{mods[j]}/lora_b"] = a, b
     if not flat:
-        raise ValueError(f"{folder}: no LoRA tensors of a {cfg.family} model found")
+        raise ModelSourceError(f"{folder}: no LoRA tensors of a {cfg.family} model found")
     modules = sorted({p.rpartition("/")[0] for p in flat})
     lcfg = lora_lib.LoraConfig(rank=r, alpha=alpha, rslora=rslora, dropout=float(c.get("lora_dropout", 0.0)),
                                targets=tuple(f"{m}/kernel" for m in modules))
@@ -691,7 +692,7 @@ def export(src, out: str, fmt: str = "hf", *, step: Optional[int] = None, instru
     """Export `src` (run folder / checkpoint / model folder / name, or an opened ModelSource) to `out` as fmt:
     "hf", "sentence-transformers" or "peft". Returns out."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        raise ModelSourceError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
     source = src if isinstance(src, ModelSource) else open_source(src, step=step, quiet=quiet)
     if fmt == "hf":
         return export_hf(source, out, dtype=dtype, max_length=max_length, progress=not quiet)

@@ -48,6 +48,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bmretriever_jax import treeutil
+from bmretriever_jax.errors import ConfigError, MissingEntryError, ModelFileNotFound, OutputExistsError
 
 F32 = np.float32
 # Leaves whose path fully matches the regex have that many leading stacked (per-layer) axes.
@@ -226,27 +227,27 @@ def _resolve_options(method: str, n_models: int, options: Mapping[str, Any]) -> 
     m = METHODS[method]
     unknown = sorted(set(options) - set(m.defaults))
     if unknown:
-        raise ValueError(f"merge method {method!r} has no option(s) {unknown}; allowed: {sorted(m.defaults)}")
+        raise ConfigError(f"merge method {method!r} has no option(s) {unknown}; allowed: {sorted(m.defaults)}")
     out = {}
     for name, default in m.defaults.items():
         value = options.get(name, default)
         if value is _REQUIRED or value is None and default is _REQUIRED:
-            raise ValueError(f"merge method {method!r} needs {name!r}")
+            raise ConfigError(f"merge method {method!r} needs {name!r}")
         if name in _PER_MODEL:
             values = [value] * n_models if np.ndim(value) == 0 else list(value)
             if len(values) != n_models:
-                raise ValueError(f"{name!r} has {len(values)} values for {n_models} models")
+                raise ConfigError(f"{name!r} has {len(values)} values for {n_models} models")
             value = tuple(float(v) for v in values)
         out[name] = value
     if "density" in out and any(not 0.0 <= d <= 1.0 for d in out["density"]):
-        raise ValueError(f"density must be in [0, 1], got {out['density']}")
+        raise ConfigError(f"density must be in [0, 1], got {out['density']}")
     if "rescale" in out:
         r = out["rescale"]
         if r not in (False, None, True, "l1", "density"):
-            raise ValueError(f"rescale must be False, True (= 'l1', mergekit) or 'density', got {r!r}")
+            raise ConfigError(f"rescale must be False, True (= 'l1', mergekit) or 'density', got {r!r}")
         out["rescale"] = "l1" if r is True else (r or None)
     if method == "linear" and out["normalize"] and sum(out["weights"]) == 0:
-        raise ValueError(f"linear merge with normalize=True needs weights not summing to 0, got {out['weights']}")
+        raise ConfigError(f"linear merge with normalize=True needs weights not summing to 0, got {out['weights']}")
     if "t" in out:
         out["t"] = float(out["t"])
     if "lambda_" in out:
@@ -327,11 +328,11 @@ class SafetensorsReader:
             elif os.path.exists(os.path.join(path, SINGLE_NAME)):
                 self._file = self._keys_of(os.path.join(path, SINGLE_NAME))
             else:
-                raise FileNotFoundError(f"{path} has neither {SINGLE_NAME} nor {INDEX_NAME}")
+                raise ModelFileNotFound(f"{path} has neither {SINGLE_NAME} nor {INDEX_NAME}")
         elif os.path.isfile(path):
             self._file = self._keys_of(path)
         else:
-            raise FileNotFoundError(f"no safetensors file or directory at {path}")
+            raise ModelFileNotFound(f"no safetensors file or directory at {path}")
         self.path = path
         self._meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
 
@@ -358,7 +359,7 @@ class SafetensorsReader:
     def dtype(self, path):
         dt = self._info(path)[1]
         if dt is None:
-            raise ValueError(f"{self.path}: tensor {path!r} has an unsupported safetensors dtype")
+            raise ConfigError(f"{self.path}: tensor {path!r} has an unsupported safetensors dtype")
         return dt
 
     def read(self, path):
@@ -393,7 +394,7 @@ class SafetensorsWriter:
             # Stale shards or an index from an earlier merge would be read back mixed with this one.
             stale = [f for f in os.listdir(self.path) if f.endswith(".safetensors") or f == INDEX_NAME]
             if stale:
-                raise FileExistsError(f"{self.path} already holds {sorted(stale)[:3]}; write to a new directory")
+                raise OutputExistsError(f"{self.path} already holds {sorted(stale)[:3]}; write to a new directory")
 
     def write(self, path, value):
         arr = np.ascontiguousarray(np.asarray(value))
@@ -440,12 +441,12 @@ class OrbaxReader:
 
         self.path = epath.Path(os.fspath(item_dir))
         if not (self.path / "_METADATA").exists():
-            raise FileNotFoundError(f"{item_dir}: not an Orbax PyTree item (no _METADATA)")
+            raise ModelFileNotFound(f"{item_dir}: not an Orbax PyTree item (no _METADATA)")
         self._handler = ocp.PyTreeCheckpointHandler()
         tree = self._handler.metadata(self.path).tree
         for key in [k for k in prefix.split("/") if k]:
             if not isinstance(tree, Mapping) or key not in tree:
-                raise KeyError(f"{item_dir}: checkpoint has no {prefix!r} subtree (missing {key!r})")
+                raise MissingEntryError(f"{item_dir}: checkpoint has no {prefix!r} subtree (missing {key!r})")
             tree = tree[key]
         self._prefix = [k for k in prefix.split("/") if k]
         self._meta = treeutil.flatten(tree) if isinstance(tree, Mapping) else {}
@@ -463,7 +464,7 @@ class OrbaxReader:
         import orbax.checkpoint as ocp
 
         if path not in self._meta:
-            raise KeyError(f"{self.path}: no leaf {path!r} under {'/'.join(self._prefix) or '<root>'}")
+            raise MissingEntryError(f"{self.path}: no leaf {path!r} under {'/'.join(self._prefix) or '<root>'}")
         full = self._prefix + path.split("/")
         leaf = jax.ShapeDtypeStruct(self.shape(path), self.dtype(path))
         item = restore_args = None
@@ -482,7 +483,7 @@ def open_reader(path: str | os.PathLike) -> LeafReader:
     p = os.fspath(path)
     if p.endswith(".safetensors") or os.path.isdir(p):
         return SafetensorsReader(p)
-    raise ValueError(f"no reader for {p!r}: expected a .safetensors file or a directory of them")
+    raise ConfigError(f"no reader for {p!r}: expected a .safetensors file or a directory of them")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -500,19 +501,19 @@ def _validate(readers: Sequence[LeafReader], labels: Sequence[str]) -> list[str]
         keys = set(reader.keys())
         missing = [k for k in ref_keys if k not in keys]
         if missing:
-            raise ValueError(f"{label} is missing {len(missing)} parameter(s) that {labels[0]} has: {_show(missing)}")
+            raise ConfigError(f"{label} is missing {len(missing)} parameter(s) that {labels[0]} has: {_show(missing)}")
         extra = sorted(keys - ref_set)
         if extra:
-            raise ValueError(f"{label} has {len(extra)} parameter(s) that {labels[0]} lacks: {_show(extra)}")
+            raise ConfigError(f"{label} has {len(extra)} parameter(s) that {labels[0]} lacks: {_show(extra)}")
     for path in ref_keys:
         shapes = [tuple(r.shape(path)) for r in readers]
         if len(set(shapes)) > 1:
             listing = ", ".join(f"{label} {s}" for label, s in zip(labels, shapes))
-            raise ValueError(f"parameter {path!r}: shapes differ: {listing}")
+            raise ConfigError(f"parameter {path!r}: shapes differ: {listing}")
         for reader, label in zip(readers, labels):
             dt = reader.dtype(path)
             if not jnp.issubdtype(dt, jnp.floating):
-                raise ValueError(f"parameter {path!r} of {label} has dtype {dt}; merging needs floating point")
+                raise ConfigError(f"parameter {path!r} of {label} has dtype {dt}; merging needs floating point")
     return ref_keys
 
 
@@ -550,21 +551,21 @@ def merge_streamed(method: str, readers: Sequence[LeafReader], base_reader: Leaf
     (DARE only). With out_writer=None the merged nested dict is returned. progress: a bar over the leaves.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; allowed: {sorted(METHODS)}")
+        raise ConfigError(f"unknown merge method {method!r}; allowed: {sorted(METHODS)}")
     m = METHODS[method]
     readers = list(readers)
     n = len(readers)
     if m.needs_base and base_reader is None:
-        raise ValueError(f"merge method {method!r} needs a base model")
+        raise ConfigError(f"merge method {method!r} needs a base model")
     if not m.needs_base and base_reader is not None:
-        raise ValueError(f"merge method {method!r} takes no base model; pass it as one of the models")
+        raise ConfigError(f"merge method {method!r} takes no base model; pass it as one of the models")
     if n < m.min_models or (m.max_models is not None and n > m.max_models):
         want = m.min_models if m.max_models == m.min_models else f"at least {m.min_models}"
-        raise ValueError(f"merge method {method!r} needs {want} model(s) besides the base, got {n}")
+        raise ConfigError(f"merge method {method!r} needs {want} model(s) besides the base, got {n}")
     opts = _resolve_options(method, n, options)
     labels = list(names) if names is not None else [f"models[{i}]" for i in range(n)]
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} names for {n} models")
+        raise ConfigError(f"{len(labels)} names for {n} models")
     all_readers = ([base_reader] if base_reader is not None else []) + readers
     all_labels = ([base_name] if base_reader is not None else []) + labels
     paths = _validate(all_readers, all_labels)
@@ -683,20 +684,20 @@ def _scalar(value: Any, kind: type, where: str) -> Any:
     if isinstance(value, list) and any(isinstance(v, dict) for v in value):
         value = value[0]  # a list of {filter, value} conditions: reported as filtered below
     if isinstance(value, list):
-        raise ValueError(f"{where}: gradients (lists of values interpolated over layers) are not supported; "
+        raise ConfigError(f"{where}: gradients (lists of values interpolated over layers) are not supported; "
                          f"give one scalar")
     if isinstance(value, dict):
-        raise ValueError(f"{where}: filtered parameters ({{filter, value}}) are not supported; give one scalar")
+        raise ConfigError(f"{where}: filtered parameters ({{filter, value}}) are not supported; give one scalar")
     if kind is bool and not isinstance(value, bool):
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     return float(value) if kind is float else value
 
 
 def _model_ref(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{where}: expected a model path string, got {value!r} (mergekit's dict references "
+        raise ConfigError(f"{where}: expected a model path string, got {value!r} (mergekit's dict references "
                          f"and +lora suffixes are not supported)")
     return value
 
@@ -718,63 +719,63 @@ def parse_merge_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeCo
                 text = f.read()
         raw = yaml.safe_load(text)
         if not isinstance(raw, dict):
-            raise ValueError(f"merge config must be a YAML mapping, got {type(raw).__name__}")
+            raise ConfigError(f"merge config must be a YAML mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise ValueError(f"merge config: unknown top-level key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}")
+        raise ConfigError(f"merge config: unknown top-level key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}")
     for key in ("slices", "modules"):
         if key in raw:
-            raise ValueError(f"merge config: {key!r} is not supported; list whole models under 'models'")
+            raise ConfigError(f"merge config: {key!r} is not supported; list whole models under 'models'")
     method = raw.get("merge_method")
     if method not in CONFIG_PARAMS:
-        raise ValueError(f"merge config: merge_method {method!r} is not one of {sorted(CONFIG_PARAMS)}")
+        raise ConfigError(f"merge config: merge_method {method!r} is not one of {sorted(CONFIG_PARAMS)}")
     shared, per_model = CONFIG_PARAMS[method]
     allowed = sorted({**shared, **per_model})
 
     global_params = raw.get("parameters") or {}
     if not isinstance(global_params, dict):
-        raise ValueError("merge config: 'parameters' must be a mapping")
+        raise ConfigError("merge config: 'parameters' must be a mapping")
     resolved_global = {}
     for name, value in global_params.items():
         if name not in shared and name not in per_model:
-            raise ValueError(f"merge config: unknown parameter {name!r} in parameters for {method}; allowed: {allowed}")
+            raise ConfigError(f"merge config: unknown parameter {name!r} in parameters for {method}; allowed: {allowed}")
         resolved_global[name] = _scalar(value, {**shared, **per_model}[name], f"parameters.{name}")
 
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
-        raise ValueError("merge config: 'models' must be a non-empty list of {model: PATH, parameters: {...}}")
+        raise ConfigError("merge config: 'models' must be a non-empty list of {model: PATH, parameters: {...}}")
     base = None if raw.get("base_model") is None else _model_ref(raw["base_model"], "base_model")
     models, params = [], []
     for i, entry in enumerate(entries):
         where = f"models[{i}]"
         if not isinstance(entry, dict) or "model" not in entry:
-            raise ValueError(f"merge config: {where} must be a mapping with a 'model' key, got {entry!r}")
+            raise ConfigError(f"merge config: {where} must be a mapping with a 'model' key, got {entry!r}")
         bad = sorted(set(entry) - {"model", "parameters"})
         if bad:
-            raise ValueError(f"merge config: {where}: unknown key(s) {bad}; allowed: ['model', 'parameters']")
+            raise ConfigError(f"merge config: {where}: unknown key(s) {bad}; allowed: ['model', 'parameters']")
         path = _model_ref(entry["model"], f"{where}.model")
         p = entry.get("parameters") or {}
         if not isinstance(p, dict):
-            raise ValueError(f"merge config: {where}.parameters must be a mapping")
+            raise ConfigError(f"merge config: {where}.parameters must be a mapping")
         mine = {}
         for name, value in p.items():
             loc = f"{where}.parameters.{name}"
             if name in shared:
-                raise ValueError(f"merge config: {loc}: {name!r} is a global parameter of {method}; "
+                raise ConfigError(f"merge config: {loc}: {name!r} is a global parameter of {method}; "
                                  f"set it under the top-level 'parameters'")
             if name not in per_model:
-                raise ValueError(f"merge config: {loc}: unknown parameter for {method}; "
+                raise ConfigError(f"merge config: {loc}: unknown parameter for {method}; "
                                  f"per-model parameters: {sorted(per_model)}")
             mine[name] = _scalar(value, per_model[name], loc)
         models.append(path)
         params.append(mine)
 
     if len(set(models)) != len(models):
-        raise ValueError(f"merge config: a model is listed twice in 'models': {models}")
+        raise ConfigError(f"merge config: a model is listed twice in 'models': {models}")
     needs_base = METHODS[method].needs_base
     if needs_base:
         if base is None:
-            raise ValueError(f"merge config: merge_method {method} needs 'base_model'")
+            raise ConfigError(f"merge config: merge_method {method} needs 'base_model'")
         if base in models:
             # As mergekit: the base's own per-model parameters are not used by base-relative methods.
             j = models.index(base)
@@ -791,7 +792,7 @@ def parse_merge_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeCo
         for path, p in zip(models, params):
             v = p.get(name, resolved_global.get(name, default))
             if v is _REQUIRED:
-                raise ValueError(f"merge config: model {path!r} has no {name!r}; set it in its parameters or in "
+                raise ConfigError(f"merge config: model {path!r} has no {name!r}; set it in its parameters or in "
                                  f"the top-level 'parameters'")
             values.append(v)
         return tuple(values)
@@ -813,15 +814,15 @@ def parse_merge_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeCo
             options["rescale"] = rescale
     if method == "slerp":
         if len(models) != 1:
-            raise ValueError(f"merge config: slerp needs base_model and exactly one other model, got {models}")
+            raise ConfigError(f"merge config: slerp needs base_model and exactly one other model, got {models}")
         if "t" not in resolved_global:
-            raise ValueError("merge config: slerp needs parameters.t")
+            raise ConfigError("merge config: slerp needs parameters.t")
         options["t"] = resolved_global["t"]
     if method == "model_stock":
         if resolved_global.get("filter_wise", False):
-            raise ValueError("merge config: parameters.filter_wise: true is not supported (only false)")
+            raise ConfigError("merge config: parameters.filter_wise: true is not supported (only false)")
         if len(models) < 2:
-            raise ValueError(f"merge config: model_stock needs base_model and at least two other models, got {models}")
+            raise ConfigError(f"merge config: model_stock needs base_model and at least two other models, got {models}")
 
     dtype = None
     for key in ("dtype", "out_dtype"):  # out_dtype wins: we compute in float32 whatever the load dtype
@@ -830,7 +831,7 @@ def parse_merge_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeCo
             continue
         name = value[len("torch."):] if isinstance(value, str) and value.startswith("torch.") else value
         if name not in _DTYPES:
-            raise ValueError(f"merge config: {key} {value!r} is not one of {sorted(_DTYPES)}")
+            raise ConfigError(f"merge config: {key} {value!r} is not one of {sorted(_DTYPES)}")
         dtype = _DTYPES[name]
     extra = {k: raw[k] for k in _CARRIED if k in raw}
     return MergeConfig(method, tuple(models), base, options, dtype, extra)

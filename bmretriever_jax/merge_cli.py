@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from bmretriever_jax import export as ex
+from bmretriever_jax.errors import ConfigError, InputPathError, MissingEntryError, OutputExistsError
 from bmretriever_jax.merge import (METHODS, DictReader, DictWriter, MergeConfig, SafetensorsWriter, merge_streamed,
                                    parse_merge_config, run_merge)
 
@@ -67,7 +68,7 @@ def check_same_architecture(sources: Mapping[str, ex.ModelSource]) -> None:
         if s.cfg != ref.cfg:
             diff = [f"{f.name}: {getattr(ref.cfg, f.name)!r} vs {getattr(s.cfg, f.name)!r}"
                     for f in dataclasses.fields(ref.cfg) if getattr(ref.cfg, f.name) != getattr(s.cfg, f.name)]
-            raise ValueError(f"cannot merge {ref_name!r} and {name!r}: different architectures ({'; '.join(diff[:6])})")
+            raise ConfigError(f"cannot merge {ref_name!r} and {name!r}: different architectures ({'; '.join(diff[:6])})")
 
 
 def _tokenizer_folder(mc: MergeConfig, sources: Mapping[str, ex.ModelSource], override: Optional[str]) -> Optional[str]:
@@ -75,10 +76,10 @@ def _tokenizer_folder(mc: MergeConfig, sources: Mapping[str, ex.ModelSource], ov
     if isinstance(mc.extra.get("tokenizer"), Mapping) and not choice:
         choice = mc.extra["tokenizer"].get("source")
     if choice == "union":
-        raise ValueError("tokenizer_source: union is not supported (the models must share one tokenizer)")
+        raise ConfigError("tokenizer_source: union is not supported (the models must share one tokenizer)")
     if choice == "base":
         if mc.base_model is None:
-            raise ValueError("tokenizer_source: base, but the config has no base_model")
+            raise ConfigError("tokenizer_source: base, but the config has no base_model")
         choice = mc.base_model
     if choice:
         if choice in sources:
@@ -164,11 +165,11 @@ class CMAES:
         self.mean = np.asarray(x0, np.float64).copy()
         n = self.n = self.mean.size
         if n < 1:
-            raise ValueError("CMA-ES needs at least one dimension")
+            raise ConfigError("CMA-ES needs at least one dimension")
         self.sigma = float(sigma0)
         self.lam = int(popsize or 4 + int(3 * math.log(n)))
         if self.lam < 2:
-            raise ValueError(f"popsize must be >= 2, got {self.lam}")
+            raise ConfigError(f"popsize must be >= 2, got {self.lam}")
         self.mu = self.lam // 2
         w = math.log(self.mu + 0.5) - np.log(np.arange(1, self.mu + 1))
         self.weights = w / w.sum()
@@ -198,7 +199,7 @@ class CMAES:
     def tell(self, xs: np.ndarray, fs: Sequence[float]) -> None:
         xs, fs = np.asarray(xs, np.float64), np.asarray(fs, np.float64)
         if xs.shape != (self.lam, self.n) or fs.shape != (self.lam,):
-            raise ValueError(f"tell needs {self.lam} points of dimension {self.n} and their values")
+            raise ConfigError(f"tell needs {self.lam} points of dimension {self.n} and their values")
         order = np.argsort(fs, kind="stable")[: self.mu]
         y = (xs[order] - self.mean) / self.sigma
         y_w = self.weights @ y
@@ -224,7 +225,7 @@ def simplex_grid(n: int, step: float = 0.1) -> List[Tuple[float, ...]]:
     """Every weight vector of n positive multiples of `step` summing to 1 (n=2, step 0.1: (0.1, 0.9) .. (0.9, 0.1))."""
     k = round(1 / step)
     if not math.isclose(k * step, 1.0, rel_tol=1e-9) or k < n:
-        raise ValueError(f"grid step {step} must divide 1 into at least {n} parts")
+        raise ConfigError(f"grid step {step} must divide 1 into at least {n} parts")
     out = []
     for cuts in itertools.combinations(range(1, k), n - 1):
         parts = np.diff([0, *cuts, k])
@@ -236,7 +237,7 @@ def grid_candidates(method: str, n_models: int, *, step: float = 0.1,
                     densities: Sequence[float] = DEFAULT_DENSITIES) -> List[Dict[str, Any]]:
     """STM's grid: normalised weights on the simplex, times densities for TIES / DARE."""
     if method not in WEIGHTED_METHODS:
-        raise ValueError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {method!r} has none")
+        raise ConfigError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {method!r} has none")
     weights = simplex_grid(n_models, step)
     if method not in SPARSE_METHODS:
         return [{"weights": w} for w in weights]
@@ -328,7 +329,7 @@ def chosen_config(mc: MergeConfig, options: Mapping[str, Any], dtype: Optional[s
     if "rescale" in options and mc.method in SPARSE_METHODS:
         r = options["rescale"]
         if r == "density":
-            raise ValueError("rescale='density' has no mergekit spelling; use the Python API")
+            raise ConfigError("rescale='density' has no mergekit spelling; use the Python API")
         glob["rescale"] = r in (True, "l1")
     if glob:
         cfg["parameters"] = glob
@@ -357,20 +358,20 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
 
     mc = _as_config(config)
     if mc.method not in WEIGHTED_METHODS:
-        raise ValueError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {mc.method!r} has none")
+        raise ConfigError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {mc.method!r} has none")
     if strategy not in ("grid", "cmaes"):
-        raise ValueError(f"strategy {strategy!r}; allowed: grid, cmaes")
+        raise ConfigError(f"strategy {strategy!r}; allowed: grid, cmaes")
     if not dev:
-        raise ValueError("merge-search needs at least one dev BEIR folder")
+        raise ConfigError("merge-search needs at least one dev BEIR folder")
     for d in dev:
         if not os.path.isdir(d):
-            raise FileNotFoundError(f"dev folder {d!r} does not exist")
+            raise InputPathError(f"dev folder {d!r} does not exist")
     n = len(mc.models)
     sources = open_inputs(mc, quiet=True)
     settings = merged_settings(mc, sources, seed)
     tok_folder = _tokenizer_folder(mc, sources, None)
     if not tok_folder:
-        raise ValueError("no input has tokenizer files: cannot encode dev queries")
+        raise ConfigError("no input has tokenizer files: cannot encode dev queries")
     cfg = sources[input_refs(mc)[0]].cfg
     flats = {ref: load_flat(s) for ref, s in sources.items()}
     fixed = {k: v for k, v in mc.options.items() if k not in ("weights", "density")}

@@ -14,7 +14,7 @@ from test_beir import CountingEncoder, toy_beir  # noqa: F401  (toy_beir is a fi
 
 from bmretriever_jax import atomic, hub, vector_files
 from bmretriever_jax.atomic import CacheWarning
-from bmretriever_jax.config import ConfigError
+from bmretriever_jax.errors import OutputPathError
 from bmretriever_jax.convert import gguf as gguf_mod
 from bmretriever_jax.eval import evaluate
 from bmretriever_jax.eval.beir import DataFormatError
@@ -341,14 +341,14 @@ def test_check_writable_dir_fails_early_with_one_line(tmp_path):
     for path, match in ((str(f), "a-file: --out names an existing file, not a folder"),
                         (str(f / "sub"), r"a-file/sub: --out folder is not writable"),
                         ("/proc/bmr-no-such-dir", "/proc/bmr-no-such-dir: --out folder is not writable")):
-        with pytest.raises(ConfigError, match=match) as e:
+        with pytest.raises(OutputPathError, match=match) as e:
             atomic.check_writable_dir(path)
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="a-file: --out names an existing file"):
+    with pytest.raises(OutputPathError, match="a-file: --out names an existing file"):
         vector_files.write_vectors(str(f), np.zeros((1, 2)), ["a"])  # before any file is written
     new = tmp_path / "new" / "deeper"
     assert atomic.check_writable_dir(str(new)) == str(new) and os.listdir(new) == []
-    with pytest.raises(ConfigError, match="--out names an existing folder, not a file"):
+    with pytest.raises(OutputPathError, match="--out names an existing folder, not a file"):
         atomic.check_writable_file(str(new))
     assert atomic.check_writable_file(str(new / "results.json")) == str(new / "results.json")
 

@@ -7,6 +7,8 @@ import os
 import jax
 import numpy as np
 import pytest
+
+from bmretriever_jax.cli import main as bmr
 import yaml
 
 from bmretriever_jax import export as ex
@@ -101,7 +103,7 @@ def test_dare_is_reproducible_by_seed(experts, tmp_path):
     assert flat_max_diff(t1, t2) == 0.0 and flat_max_diff(t1, t3) > 0
 
 
-def test_merge_errors(experts, tmp_path):
+def test_merge_errors(experts, tmp_path, capsys):
     other = tiny_model_dir(str(tmp_path / "gemma"), "gemma3")
     bad = {"merge_method": "linear", "models": [{"model": experts["a"], "parameters": {"weight": 1.0}},
                                                 {"model": other, "parameters": {"weight": 1.0}}]}
@@ -117,9 +119,10 @@ def test_merge_errors(experts, tmp_path):
     p = argparse.ArgumentParser()
     p.add_argument("-q", "--quiet", action="store_true")
     merging.add_commands(p.add_subparsers(dest="cmd"))
-    a = p.parse_args(["-q", "merge", _yaml(tmp_path, bad), "--out", str(tmp_path / "cli")])
-    with pytest.raises(SystemExit, match="bmr merge: error: cannot merge"):
-        a.fn(a)
+    capsys.readouterr()
+    assert bmr(["-q", "merge", _yaml(tmp_path, bad), "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bmr merge: error: cannot merge") and err.count("\n") == 1 and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------------------ search

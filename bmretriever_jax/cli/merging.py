@@ -5,6 +5,7 @@ import json
 from typing import Any, Dict
 
 from bmretriever_jax.cli.models import DTYPE_HELP, DTYPES
+from bmretriever_jax.errors import ConfigError
 
 # the choices, written here so that building the parser imports no jax; tests/test_readme_commands.py checks
 # that they equal export.FORMATS, merge_cli.WEIGHTED_METHODS and merge_cli.DEFAULT_DENSITIES
@@ -13,38 +14,28 @@ WEIGHTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_line
 DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
 
 
-def _fail(cmd: str, e: Exception):
-    raise SystemExit(f"bmr {cmd}: error: {e}")
-
-
 def cmd_merge(a):
     from bmretriever_jax.merge_cli import merge_to_folder
 
-    try:
-        out = merge_to_folder(a.config, a.out, seed=a.seed, tokenizer_source=a.tokenizer_source, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError) as e:
-        _fail("merge", e)
+    out = merge_to_folder(a.config, a.out, seed=a.seed, tokenizer_source=a.tokenizer_source, quiet=a.quiet)
     print(f"merged model written to {out}")
 
 
 def cmd_export(a):
     from bmretriever_jax import export as ex
 
-    try:
-        out = ex.export(a.source, a.out, a.format, step=a.step, instruction=a.instruction, max_length=a.max_length,
-                        dtype=a.dtype, base_model=a.base_model, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError, RuntimeError) as e:
-        _fail("export", e)
+    out = ex.export(a.source, a.out, a.format, step=a.step, instruction=a.instruction, max_length=a.max_length,
+                    dtype=a.dtype, base_model=a.base_model, quiet=a.quiet)
     print(f"{a.format} export written to {out}")
 
 
 def _search_config(a) -> Dict[str, Any] | str:
     if a.config:
         if a.method or a.models:
-            raise SystemExit("bmr merge-search: give either CONFIG or --method/--models, not both")
+            raise ConfigError("give either CONFIG or --method/--models, not both")
         return a.config
     if not a.method or not a.models:
-        raise SystemExit("bmr merge-search: give a mergekit CONFIG.yaml, or --method and --models (and --base-model)")
+        raise ConfigError("give a mergekit CONFIG.yaml, or --method and --models (and --base-model)")
     cfg: Dict[str, Any] = {"merge_method": a.method, "models": [{"model": m, "parameters": {"weight": 1.0}}
                                                                 for m in a.models]}
     if a.base_model:
@@ -55,13 +46,10 @@ def _search_config(a) -> Dict[str, Any] | str:
 def cmd_merge_search(a):
     from bmretriever_jax.merge_cli import search
 
-    try:
-        res = search(_search_config(a), a.dev, strategy=a.strategy, split=a.split, instruction=a.instruction,
-                     out=a.out, grid_step=a.grid_step, densities=a.densities, budget=a.budget, popsize=a.popsize,
-                     sigma=a.sigma, seed=a.seed, max_length=a.max_length, dtype=a.dtype, batch_size=a.batch_size,
-                     cache_dir=a.cache_dir, write_model=not a.no_model, quiet=a.quiet)
-    except (ValueError, KeyError, FileExistsError) as e:
-        _fail("merge-search", e)
+    res = search(_search_config(a), a.dev, strategy=a.strategy, split=a.split, instruction=a.instruction,
+                 out=a.out, grid_step=a.grid_step, densities=a.densities, budget=a.budget, popsize=a.popsize,
+                 sigma=a.sigma, seed=a.seed, max_length=a.max_length, dtype=a.dtype, batch_size=a.batch_size,
+                 cache_dir=a.cache_dir, write_model=not a.no_model, quiet=a.quiet)
     print(json.dumps({"best": res.best, "config": res.config}, indent=1))
 
 

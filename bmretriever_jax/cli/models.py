@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from bmretriever_jax.errors import DataFormatError
+from bmretriever_jax.errors import DataFormatError, InputPathError
 
 DTYPES = ["auto", "bfloat16", "float32"]
 DTYPE_HELP = "matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units"
@@ -41,23 +41,25 @@ def cmd_info(a):
 
 
 def read_jsonl_texts(path: str):
-    """-> ids, items; each line {"_id"|"id", "text", "title"?} (a BEIR corpus) or {"id", "query"}."""
-    ids, items = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{n}: invalid JSON ({e.msg})")
-            if not isinstance(d, dict):
-                raise DataFormatError(f"{path}:{n}: expected a JSON object")
-            text = d.get("text", d.get("query"))
-            if not isinstance(text, str):
-                raise DataFormatError(f"{path}:{n}: needs a string field 'text' (or 'query')")
-            ids.append(str(d.get("_id", d.get("id", n))))
-            items.append(d)
+    """-> ids, items; each line {"_id"|"id", "text", "title"?} (a BEIR corpus) or {"id", "query"}. Ids must be
+    unique (they name the rows of vectors.npy); a line without one is named by its line number."""
+    from bmretriever_jax.eval.beir import jsonl_records
+
+    if not os.path.isfile(path):
+        raise InputPathError(f"--input {path}: no such file")
+    ids, items, first = [], [], {}
+    for n, d in jsonl_records(path):
+        text = d.get("text", d.get("query"))
+        if not isinstance(text, str):
+            raise DataFormatError(f"{path}:{n}: needs a string field 'text' (or 'query')")
+        i = str(d.get("_id", d.get("id", n)))
+        if i in first:
+            raise DataFormatError(f"{path}:{n}: duplicate id {i!r} (first on line {first[i]})")
+        first[i] = n
+        ids.append(i)
+        items.append(d)
+    if not ids:
+        raise DataFormatError(f"{path}: no texts (empty file)")
     return ids, items
 
 

@@ -32,21 +32,33 @@ class DataWarning(UserWarning):
     """Something in a data set is suspicious but usable (dangling qrels, empty documents)."""
 
 
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """Yields (line number, text) of a UTF-8 text file (.gz too). A line that is not UTF-8 (a Latin-1 export, a
+    binary file) raises DataFormatError naming path:line, the byte and the fix."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                      f"{e.start + 1}); if it is Latin-1, convert it: iconv -f latin1 -t utf-8 "
+                                      f"{os.path.basename(path)}") from None
+
+
 def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     """Yields (line number, object) for each non-blank line of a .jsonl (or .jsonl.gz) file; raises
     DataFormatError (a ValueError) naming path:line."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _string_field(obj: dict, field: str, path: str, lineno: int, *, required: bool = True) -> str:
@@ -115,35 +127,34 @@ def load_qrels(path: str) -> Qrels:
     A (query, doc) pair listed twice with different scores is an error; the same score twice is tolerated.
     """
     qrels: Qrels = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if lineno == 1 and tuple(c.strip().lower() for c in cols) == QRELS_HEADER:
-                continue
-            if len(cols) != 3:
-                raise DataFormatError(f"{path}:{lineno}: expected 3 tab-separated columns "
-                                      f"(query-id, corpus-id, score), got {len(cols)}: {line[:80]!r}")
-            qid, doc_id, score_text = (c.strip() for c in cols)
-            if not qid or not doc_id:
-                raise DataFormatError(f"{path}:{lineno}: empty query-id or corpus-id")
+    for lineno, line in text_lines(path):
+        line = line.rstrip("\n").rstrip("\r")
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if lineno == 1 and tuple(c.strip().lower() for c in cols) == QRELS_HEADER:
+            continue
+        if len(cols) != 3:
+            raise DataFormatError(f"{path}:{lineno}: expected 3 tab-separated columns "
+                                  f"(query-id, corpus-id, score), got {len(cols)}: {line[:80]!r}")
+        qid, doc_id, score_text = (c.strip() for c in cols)
+        if not qid or not doc_id:
+            raise DataFormatError(f"{path}:{lineno}: empty query-id or corpus-id")
+        try:
+            score = int(score_text)
+        except ValueError:
+            # Some exports write 1.0; accept integral floats, refuse anything else.
             try:
-                score = int(score_text)
+                value = float(score_text)
             except ValueError:
-                # Some exports write 1.0; accept integral floats, refuse anything else.
-                try:
-                    value = float(score_text)
-                except ValueError:
-                    value = float("nan")
-                if not value.is_integer():
-                    raise DataFormatError(f"{path}:{lineno}: score must be an integer, got {score_text!r}") from None
-                score = int(value)
-            previous = qrels.setdefault(qid, {}).get(doc_id)
-            if previous is not None and previous != score:
-                raise DataFormatError(f"{path}:{lineno}: pair ({qid}, {doc_id}) judged twice: {previous} and {score}")
-            qrels[qid][doc_id] = score
+                value = float("nan")
+            if not value.is_integer():
+                raise DataFormatError(f"{path}:{lineno}: score must be an integer, got {score_text!r}") from None
+            score = int(value)
+        previous = qrels.setdefault(qid, {}).get(doc_id)
+        if previous is not None and previous != score:
+            raise DataFormatError(f"{path}:{lineno}: pair ({qid}, {doc_id}) judged twice: {previous} and {score}")
+        qrels[qid][doc_id] = score
     return qrels
 
 
@@ -179,6 +190,10 @@ def load_beir(data_dir: str, split: str = "test", *, strict: bool = False) -> tu
         kept = {d: s for d, s in judged.items() if d in corpus}
         if kept:
             qrels[qid] = kept
+    if raw and not qrels:
+        raise DataFormatError(f"{qrels_path}: none of its {sum(map(len, raw.values()))} judgement(s) names a query of "
+                              f"queries.jsonl and a document of corpus.jsonl (e.g. {next(iter(raw))!r}): "
+                              "are the ids from another data set?")
     queries = {qid: text for qid, text in all_queries.items() if qid in qrels}
     return corpus, queries, qrels
 

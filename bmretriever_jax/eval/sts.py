@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from bmretriever_jax.eval.beir import DataFormatError
+from bmretriever_jax.eval.beir import DataFormatError, text_lines
 
 REQUIRED = ("sentence1", "sentence2", "score")
 
@@ -17,34 +17,36 @@ def load_sts_tsv(path: str) -> tuple[list[str], list[str], np.ndarray]:
     Returns (sentences1 [n], sentences2 [n], gold scores [n] float64). Errors name path:line.
     """
     s1, s2, gold = [], [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        # Sentences may contain quotes; this format never quotes fields.
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None:
-            raise DataFormatError(f"{path}:1: empty file")
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise DataFormatError(f"{path}:1: header lacks column(s) {missing} (has {header})")
-        col = {c: header.index(c) for c in REQUIRED}
-        for row in reader:
-            lineno = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise DataFormatError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}")
-            try:
-                score = float(row[col["score"]])
-            except ValueError:
-                raise DataFormatError(f"{path}:{lineno}: score is not a number: {row[col['score']]!r}") from None
-            if not math.isfinite(score):
-                raise DataFormatError(f"{path}:{lineno}: score is not finite: {score}")
-            s1.append(row[col["sentence1"]])
-            s2.append(row[col["sentence2"]])
-            gold.append(score)
-    if not gold:
-        raise DataFormatError(f"{path}: no pairs")
+    # Sentences may contain quotes; this format never quotes fields.
+    reader = csv.reader((line for _, line in text_lines(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if header is None:
+        raise DataFormatError(f"{path}:1: empty file")
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise DataFormatError(f"{path}:1: header lacks column(s) {missing} (has {header})")
+    col = {c: header.index(c) for c in REQUIRED}
+    for row in reader:
+        lineno = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise DataFormatError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}")
+        try:
+            score = float(row[col["score"]])
+        except ValueError:
+            raise DataFormatError(f"{path}:{lineno}: score is not a number: {row[col['score']]!r}") from None
+        if not math.isfinite(score):
+            raise DataFormatError(f"{path}:{lineno}: score is not finite: {score}")
+        s1.append(row[col["sentence1"]])
+        s2.append(row[col["sentence2"]])
+        gold.append(score)
+    if len(gold) < 2:
+        raise DataFormatError(f"{path}: {len(gold)} sentence pair(s): a correlation needs at least 2")
+    if min(gold) == max(gold):
+        raise DataFormatError(f"{path}: every gold score is {gold[0]}: a correlation with constant scores is "
+                              "undefined (is the score column the right one?)")
     return s1, s2, np.asarray(gold, dtype=np.float64)
 
 
