@@ -7,6 +7,9 @@ from typing import Dict
 
 from bmretriever_jax.convert.gguf import cache_root
 from bmretriever_jax.embed import default_task
+from bmretriever_jax.errors import InputPathError
+from bmretriever_jax.eval.beir import load_beir
+from bmretriever_jax.eval.sts import load_sts_tsv
 
 
 def _data_name(path: str) -> str:
@@ -44,6 +47,13 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
     from bmretriever_jax.eval.evaluate import evaluate_bm25, evaluate_retrieval, evaluate_sts
 
     cache_dir = cache_dir or os.path.join(cache_root(), "vectors")  # $BMR_CACHE/vectors
+    for d in datasets:  # every data set is read (and so checked) before any model loads
+        if d.endswith(".tsv"):
+            load_sts_tsv(d)
+        elif not os.path.isdir(d):
+            raise InputPathError(f"--data {d}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or an STS .tsv")
+        else:
+            load_beir(d, split)
     results = {}
     labels = model_labels(models)
     for m in models:
