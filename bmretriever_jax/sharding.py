@@ -8,6 +8,7 @@ to mesh axes. Stacked layer params carry a leading "layers" axis that is never s
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -110,7 +111,9 @@ def device_mesh(shape: Sequence[int], devices, axis_names=("data", "fsdp", "tens
             fits.append(f)
         except (NotImplementedError, ValueError, AssertionError):
             pass
-    fits.sort(key=lambda f: sum(a != b for a, b in zip(f, shape)))  # the closest to what was asked first
+    # the closest to what was asked first: the same tensor axis, fewest axes changed, least resized
+    fits.sort(key=lambda f: (f[-1] != shape[-1], sum(a != b for a, b in zip(f, shape)),
+                             sum(abs(math.log2(a / b)) for a, b in zip(f, shape))))
     named = lambda f: "(" + ", ".join(f"{a}={s}" for a, s in zip(axis_names, f)) + ")"  # noqa: E731
     raise ConfigError(f"mesh {named(shape)} does not map onto {_topology_name(devices)}: {errors[-1]}; "
                       f"sizes that map: {', '.join(named(f) for f in fits[:6])}")
