@@ -124,13 +124,21 @@ def compile_on_target(run: RunConfig, target: Target, devices) -> dict:
         raise ConfigError(f"train.global_batch_size={B} is not divisible by the {shards} batch shards "
                           f"(mesh data x fsdp = {shape[0]} x {shape[1]})")
     t0 = time.time()
-    compiled, _ = plan.compile_train_step(cfg, run, mesh)
+    estimate = sum(plan.estimate_memory(cfg, run, shape).values())
+    common = {"mesh": list(shape), "estimate_bytes": estimate, "global_batch_size": B,
+              "grad_cache_chunk": run.train.grad_cache_chunk, "model_source": source}
+    try:
+        compiled, _ = plan.compile_train_step(cfg, run, mesh)
+    except Exception as e:  # noqa: BLE001 -- XLA:TPU refuses programs larger than HBM: that is the answer
+        msg = str(e)
+        if "Ran out of memory" not in msg and "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        line = next((ln for ln in msg.splitlines() if "memory" in ln), msg.splitlines()[0])
+        return {**common, "memory": None, "oom": line.strip()[:300], "compile_s": time.time() - t0, "fits": False}
     seconds = time.time() - t0
     mem = plan.compiled_peak_bytes(compiled)
-    estimate = sum(plan.estimate_memory(cfg, run, shape).values())
-    return {"mesh": list(shape), "memory": mem, "compile_s": seconds, "estimate_bytes": estimate,
-            "global_batch_size": B, "grad_cache_chunk": run.train.grad_cache_chunk,
-            "fits": mem["peak"] <= target.usable_bytes, "model_source": source,
+    return {**common, "memory": mem, "compile_s": seconds,
+            "fits": mem["peak"] <= target.usable_bytes,
             "model": {"family": cfg.family, "params": cfg.num_params(), "layers": cfg.num_layers,
                       "hidden": cfg.hidden_size}}
 
@@ -329,8 +337,9 @@ def cmd_plan_target(a) -> None:
     def on_line(obj):
         tr = obj.get("trial")
         if tr:
+            peak = _gib(tr["memory"]["peak"]) if tr["memory"] else "(compiler: out of memory)"
             print(f"tried      global batch {tr['global_batch_size']:>6}, chunk {tr['grad_cache_chunk']:>3}: peak "
-                  f"{_gib(tr['memory']['peak'])} GiB of {_gib(target.usable_bytes)} -> "
+                  f"{peak} GiB of {_gib(target.usable_bytes)} -> "
                   f"{'fits' if tr['fits'] else 'does not fit'} ({tr['compile_s']:.0f} s)", flush=True)
 
     res = run_target(a.config, a.overrides, a.target, max_batch=a.max_batch, on_line=on_line)
@@ -344,6 +353,10 @@ def cmd_plan_target(a) -> None:
         print(f"compile    FAILED for {a.target}:\n{res['error']}")
         raise SystemExit(1)
     out = res["result"]
+    if out.get("oom"):
+        print(f"does not fit: the {a.target} compiler ran out of memory per chip "
+              f"(mesh data={out['mesh'][0]} fsdp={out['mesh'][1]} tensor={out['mesh'][2]}): {out['oom']}")
+        raise SystemExit(1)
     if a.max_batch:
         if out["max_batch"] is None:
             print(f"max batch  none fits on {a.target}")

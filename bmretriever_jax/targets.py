@@ -199,7 +199,7 @@ def topology_devices(target: Target) -> list:
         topo = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGET_CONFIGS[target.chip.key],
                                             topology=target.topology)
     devices = list(topo.devices)
-    if len(devices) != target.n_chips or devices[0].device_kind != target.chip.device_kind:
+    if len(devices) != target.n_chips or not devices[0].device_kind.startswith(target.chip.device_kind):
         raise RuntimeError(f"{target.name}: the compiler made {len(devices)} x {devices[0].device_kind!r} devices, "
                            f"expected {target.n_chips} x {target.chip.device_kind!r}")
     return devices

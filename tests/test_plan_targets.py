@@ -101,7 +101,9 @@ def test_too_large_reports_does_not_fit_and_exits_non_zero():
     r = _bmr(SMOKE, "train.global_batch_size=1024", "model.max_length=1024", "model.remat=false",
              "--target", "v5e:2x2")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "NO: does not fit" in r.stdout and "does not fit:" in r.stdout
+    # XLA:TPU refuses a program larger than the HBM; the tool reports it as the answer, not a crash
+    assert r.stdout.splitlines()[-1].startswith("does not fit: the v5e:2x2 compiler ran out of memory per chip")
+    assert "exceeds available HBM" in r.stdout
 
 
 @needs_tpu
@@ -110,7 +112,7 @@ def test_mesh_over_part_of_a_slice_is_a_one_line_error():
     assert "config_error" in res, res
     msg = res["config_error"]
     assert "\n" not in msg and "does not map onto TPU v5 lite 2x2 (4 devices)" in msg
-    assert "sizes that map: (data=4, fsdp=1, tensor=1)" in msg
+    assert "(data=4, fsdp=1, tensor=1)" in msg.split("sizes that map: ")[1]
 
 
 def test_without_the_compiler_says_how_to_install_and_exits_2(tmp_path):
