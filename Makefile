@@ -32,11 +32,23 @@ quickstart: $(STAMP)
 quickstart-synth: $(STAMP)
 	$(BIN)/python -m bmretriever_jax.quickstart_synth
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+# libtpu / the CUDA plugin (pinned, as setup.py's .[tpu] / .[gpu]) in folders of their own, seen only by
+# `bmr plan --target`'s compile subprocess (BMR_PLUGIN_PATH): in the venv itself libtpu prints start-up
+# errors on stderr in every CPU jax process. The CUDA plugin (~0.5 GB installed) only for test-slow.
+TPU_PLUGIN  := $(VENV)/plugins/tpu
+CUDA_PLUGIN := $(VENV)/plugins/cuda
+$(TPU_PLUGIN)/.installed: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(TPU_PLUGIN) libtpu==0.0.42.1
+	touch $@
+$(CUDA_PLUGIN)/.installed: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(CUDA_PLUGIN) jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+	touch $@
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+test: $(STAMP) $(TPU_PLUGIN)/.installed
+	BMR_PLUGIN_PATH=$(TPU_PLUGIN) $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-slow: $(STAMP) $(TPU_PLUGIN)/.installed $(CUDA_PLUGIN)/.installed
+	BMR_PLUGIN_PATH=$(TPU_PLUGIN):$(CUDA_PLUGIN) $(BIN)/python -m pytest -q -m slow
 
 # every side-by-side benchmark in BENCHMARKS.md, one after the other (about an hour on 2 cores)
 bench: $(STAMP)

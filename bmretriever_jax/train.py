@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bmretriever_jax import checkpoint as ckpt
 from bmretriever_jax import lora as lora_lib
@@ -45,8 +45,9 @@ class NonFiniteLoss(UserError, RuntimeError):
 def make_mesh(run: RunConfig, devices=None) -> Mesh:
     devices = devices if devices is not None else jax.devices()
     shape = resolve_mesh_shape(run.mesh, len(devices))
-    devices = devices[: math.prod(shape)]
-    return jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3, devices=devices)
+    # the device order follows the torus (splitting a physical axis when a mesh axis needs it): the same
+    # mesh `bmr plan --target` compiles for; jax.make_mesh refuses e.g. (4, 8, 1) on a v5p 4x4x4
+    return sharding.device_mesh(shape, devices[: math.prod(shape)])
 
 
 def make_tokenize_fn(tokenizer, run: RunConfig):

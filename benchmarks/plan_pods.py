@@ -1,0 +1,75 @@
+"""Compile every paper config's full-size train step for its documented TPU slice (the `# target:` line of the
+config) and for 8 x H100, one after the other, and write benchmarks/results/plan_pods.json + a markdown table
+(the README's "paper configs on their pods"). Needs libtpu and the CUDA plugin (pip install -e '.[tpu,gpu]',
+or folders named by BMR_PLUGIN_PATH); ~1-5 min per compile on 2 cores.
+
+    python benchmarks/plan_pods.py [--only 2b] [--no-gpu]
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bmretriever_jax import podplan  # noqa: E402
+from bmretriever_jax.config import load_config  # noqa: E402
+from bmretriever_jax.plan import resolve_model_config  # noqa: E402
+from bmretriever_jax.targets import parse_target  # noqa: E402
+
+GiB = 2**30
+
+
+def documented_target(path):
+    with open(path) as f:
+        for line in f:
+            if line.startswith("# target:"):
+                return line.split(":", 1)[1].split()[0]
+    raise SystemExit(f"{path}: no '# target:' line")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="substring of the config names to run")
+    ap.add_argument("--no-gpu", action="store_true")
+    a = ap.parse_args()
+    out_path = os.path.join(ROOT, "benchmarks", "results", "plan_pods.json")
+    rows = json.load(open(out_path)) if os.path.exists(out_path) else {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "papers", "*.yaml"))):
+        rel = os.path.relpath(path, ROOT)
+        if a.only not in rel:
+            continue
+        for target in [documented_target(path)] + ([] if a.no_gpu else ["h100x8"]):
+            res = podplan.run_target(rel, [], target)
+            key = f"{rel} {target}"
+            if "result" not in res:
+                rows[key] = {"config": rel, "target": target, "error": res}
+            else:
+                r, run, t = res["result"], load_config(rel), parse_target(target)
+                cfg = resolve_model_config(run.model.name)[0]
+                fl = podplan.step_flops(cfg, run)
+                th = podplan.throughput(fl, run, t, 0.40)
+                rows[key] = {"config": rel, "target": target, **r, "flops": fl, "at_40pct": th,
+                             "usable_bytes": t.usable_bytes, "command": f"bmr plan {rel} --target {target}"}
+            print(json.dumps({key: rows[key].get("memory", rows[key].get("error"))}), flush=True)
+            with open(out_path, "w") as f:
+                json.dump(rows, f, indent=1)
+    print("| config | target | mesh (data, fsdp, tensor) | compiled GiB/chip / usable | fits | tokens/step | "
+          "FLOPs/step (executed) | step at 40% of peak | hours for the steps | compile | CPU estimate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows.values():
+        if "memory" not in r:
+            print(f"| {r['config']} | {r['target']} | compile failed | | | | | | | | |")
+            continue
+        m = r["memory"]
+        print(f"| `{r['command']}` | {r['target']} | {tuple(r['mesh'])} | {m['peak'] / GiB:.2f} / "
+              f"{r['usable_bytes'] / GiB:.1f} | {'yes' if r['fits'] else 'NO'} | {r['flops']['tokens']:,.0f} | "
+              f"{r['flops']['executed']:.3g} | {r['at_40pct']['step_s']:.2f} s | {r['at_40pct']['hours']:.1f} | "
+              f"{r['compile_s']:.0f} s | {r['estimate_bytes'] / GiB:.2f} GiB "
+              f"({100 * (r['estimate_bytes'] - m['peak']) / m['peak']:+.0f}%) |")
+
+
+if __name__ == "__main__":
+    main()
