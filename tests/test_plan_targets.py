@@ -66,10 +66,10 @@ def test_mesh_that_cannot_map_names_the_sizes_that_do():
 
 def test_flop_count_follows_what_is_trained():
     cfg = presets.preset("pythia-410m")
-    full = podplan.step_flops(cfg, load_config(None, ["lora.enabled=false", "model.remat=false",
-                                                       "train.grad_cache_chunk=0"]))
+    full = podplan.step_flops(cfg, load_config(None, ["model.name=pythia-410m", "lora.enabled=false",
+                                                       "model.remat=false", "train.grad_cache_chunk=0"]))
     assert full["backward"] == 2 * full["forward"] and full["executed"] == full["model"]
-    lora = podplan.step_flops(cfg, load_config(None, ["train.grad_cache_chunk=8"]))
+    lora = podplan.step_flops(cfg, load_config(None, ["model.name=pythia-410m", "train.grad_cache_chunk=8"]))
     assert full["forward"] < lora["forward"] < 1.05 * full["forward"]  # adapters add a little forward
     assert lora["forward"] < lora["backward"] < 1.5 * lora["forward"]  # no weight grads for the base
     assert lora["executed"] == pytest.approx(lora["model"] + 2 * lora["forward"])  # remat + the cache's pass
