@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from bmretriever_jax import hub  # noqa: E402
 from bmretriever_jax.convert.hf import load_hf  # noqa: E402
-from bmretriever_jax.eval.beir import load_corpus  # noqa: E402
+from bmretriever_jax.data.beir import load_corpus  # noqa: E402
 from bmretriever_jax.synth.generate import Generator  # noqa: E402
 
 

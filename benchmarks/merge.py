@@ -84,7 +84,7 @@ _RSS = textwrap.dedent("""
 CHILD = {
     "ours": _RSS + textwrap.dedent("""
         import json, sys, time
-        from bmretriever_jax.merge_cli import merge_to_folder
+        from bmretriever_jax.merge.folder import merge_to_folder
         cfg, out = json.loads(sys.argv[1]), sys.argv[2]
         base = rss_mb(); t = time.perf_counter()
         merge_to_folder(cfg, out)
@@ -131,7 +131,7 @@ def compare(ours: str, theirs: str) -> float:
     import numpy as np
 
     from bmretriever_jax.convert.names import strip_prefix
-    from bmretriever_jax.merge import SafetensorsReader
+    from bmretriever_jax.weights import SafetensorsReader
 
     a, b = SafetensorsReader(ours), SafetensorsReader(theirs)
     names_b = strip_prefix(b.keys())

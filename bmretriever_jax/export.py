@@ -47,6 +47,7 @@ from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUC
 from bmretriever_jax.errors import MissingEntryError, ModelFileNotFound, ModelSourceError, OutputExistsError
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.decoder import param_shapes
+from bmretriever_jax.weights import OrbaxReader, SafetensorsReader, SafetensorsWriter
 
 FORMATS = ("hf", "sentence-transformers", "peft")
 SETTINGS_FILE = "bmretriever.json"
@@ -126,8 +127,6 @@ class TensorReader:
 def _folder_fetch(cfg: ModelConfig, folder: str) -> Callable[[str], np.ndarray]:
     """fetch over a transformers folder's tensors by base-model name (a CausalLM's "model." prefix is dropped).
     Each read opens and closes the file, so no memory map keeps already merged tensors resident."""
-    from bmretriever_jax.merge import SafetensorsReader
-
     pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(folder, p))]
     if pickles and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
         raise ModelSourceError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); refusing to load pickle files "
@@ -290,8 +289,6 @@ def _open_run(step_dir: str) -> ModelSource:
     import orbax.checkpoint as ocp
     from etils import epath
 
-    from bmretriever_jax.merge import OrbaxReader
-
     meta = ocp.JsonCheckpointHandler().restore(epath.Path(os.path.join(step_dir, "meta")))
     run = meta.get("config") or {}
     base_folder = meta.get("model_folder")
@@ -381,8 +378,6 @@ def copy_tokenizer(folder: Optional[str], out: str) -> List[str]:
 def write_weights(reader, out: str, dtype: str = "float32", progress: bool = False) -> None:
     """Stream every tensor of `reader` into out/model.safetensors (sharded above 5 GiB)."""
     from tqdm.auto import tqdm
-
-    from bmretriever_jax.merge import SafetensorsWriter
 
     writer = SafetensorsWriter(out)
     for name in tqdm(list(reader.keys()), desc=f"writing {os.path.basename(os.path.normpath(out))}", unit="tensor",

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from bmretriever_jax import paths
+from bmretriever_jax.data.beir import subset_beir
 
 CLAIMS = 3
 
@@ -42,37 +43,8 @@ def pick_profile(name: str) -> str:
     return "full" if resolve_dtype("auto").name == "bfloat16" else "lite"
 
 
-def _banner(msg: str):
+def banner(msg: str):
     print(f"\n=== {msg} " + "=" * max(3, 96 - len(msg)), flush=True)
-
-
-def subset_beir(src: str, dst: str, n_docs: int, seed: int = 0, splits=None) -> str:
-    """A smaller copy of a BEIR folder: every document judged in `splits` (default: every split) + seeded
-    random others up to n_docs, all queries and those splits' qrels. Keeps the quickstart within minutes on
-    2 CPU cores; the full-corpus numbers come from `bmr eval --data data/scifact`."""
-    import random
-    import shutil
-
-    if os.path.exists(os.path.join(dst, "corpus.jsonl")):
-        return dst
-    os.makedirs(os.path.join(dst, "qrels"), exist_ok=True)
-    judged = set()
-    for f in os.listdir(os.path.join(src, "qrels")):
-        if splits is not None and f[:-len(".tsv")] not in splits:
-            continue
-        with open(os.path.join(src, "qrels", f)) as fh:
-            judged |= {line.split("\t")[1] for line in list(fh)[1:] if line.strip()}
-        shutil.copy(os.path.join(src, "qrels", f), os.path.join(dst, "qrels", f))
-    shutil.copy(os.path.join(src, "queries.jsonl"), dst)
-    with open(os.path.join(src, "corpus.jsonl")) as fh:
-        lines = [line for line in fh if line.strip()]
-    ids = [json.loads(line)["_id"] for line in lines]
-    others = [i for i, d in enumerate(ids) if d not in judged]
-    random.Random(seed).shuffle(others)
-    keep = {i for i, d in enumerate(ids) if d in judged} | set(others[:max(0, n_docs - len(judged))])
-    with open(os.path.join(dst, "corpus.jsonl"), "w") as fh:
-        fh.writelines(lines[i] for i in sorted(keep))
-    return dst
 
 
 def show_top3(enc, corpus_ids, corpus_vecs, docs, queries, instruction):
@@ -114,7 +86,7 @@ def main(argv=None) -> int:
     from bmretriever_jax.eval.suite import evaluate_all, print_table
     from bmretriever_jax.config import load_config
     from bmretriever_jax.embed import Encoder, instruction_for
-    from bmretriever_jax.eval.beir import load_beir
+    from bmretriever_jax.data.beir import load_beir
     from bmretriever_jax.eval.evaluate import cached_corpus_vectors
     from bmretriever_jax.train import train
 
@@ -129,21 +101,21 @@ def main(argv=None) -> int:
     if run.data.dev and run.data.dev.startswith("data/"):  # the config names the shipped data as in a clone
         run.data.dev = paths.shipped_data(run.data.dev[len("data/"):])
 
-    _banner("1. Gemma 3 270M (embedded GGUF -> JAX)")
+    banner("1. Gemma 3 270M (embedded GGUF -> JAX)")
     enc = Encoder.load(a.model, max_length=run.model.max_length, dtype=run.model.dtype)
     print(f"{enc.cfg.family}: {enc.cfg.num_layers} layers, hidden {enc.cfg.hidden_size}, "
           f"{enc.cfg.num_params() / 1e6:.0f}M parameters; compute {enc.dtype} with f32 accumulation")
     print(f"profile '{profile}': SciFact corpus {size['scifact_docs'] or 'all'} docs, passages {size['max_length']} "
           f"tokens, 2 experts x {size['steps']} steps x {size['batch']} pairs (--profile full|lite to choose)")
 
-    _banner("2. SciFact corpus -> vectors, top 3 abstracts for a few claims (untrained)")
+    banner("2. SciFact corpus -> vectors, top 3 abstracts for a few claims (untrained)")
     corpus, queries, _ = load_beir(scifact, "test")
     ids = list(corpus)
     vecs = np.concatenate(cached_corpus_vectors(enc, corpus, scifact, cache))
     claims = sorted(queries.items(), key=lambda kv: int(kv[0]))[:CLAIMS]
     show_top3(enc, ids, vecs, corpus, claims, instruction_for("scifact"))
 
-    _banner("3. two LoRA experts: biomedical literature (SciFact + PubMedQA) and consumer health (MedQuAD)")
+    banner("3. two LoRA experts: biomedical literature (SciFact + PubMedQA) and consumer health (MedQuAD)")
     experts = {}
     for name, train_data in (("literature", ["scifact", "pubmedqa"]), ("consumer", ["medquad"])):
         print(f"\n--- expert '{name}': {', '.join(train_data)}", flush=True)
@@ -154,14 +126,16 @@ def main(argv=None) -> int:
         print(json.dumps({k: round(v, 4) for k, v in res.items() if isinstance(v, float)}))
         experts[name] = os.path.join(a.out, name)
 
-    _banner("4. merge the experts (linear, mergekit YAML) and export for sentence-transformers")
+    banner("4. merge the experts (linear, mergekit YAML) and export for sentence-transformers")
     from bmretriever_jax.export import export
-    from bmretriever_jax.merge_cli import merge_to_folder
+    from bmretriever_jax.merge.folder import merge_to_folder
 
-    merge_yaml = (f"merge_method: linear\nmodels:\n  - model: {experts['literature']}\n    parameters: {{weight: 0.5}}\n"
-                  f"  - model: {experts['consumer']}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    import yaml
+
+    merge_cfg = {"merge_method": "linear", "dtype": "float32",
+                 "models": [{"model": experts[k], "parameters": {"weight": 0.5}} for k in ("literature", "consumer")]}
     with open(os.path.join(a.out, "merge.yaml"), "w") as f:
-        f.write(merge_yaml)
+        yaml.safe_dump(merge_cfg, f, sort_keys=False)  # quoted as needed: paths with ':' or '#' stay paths
     merged = os.path.join(a.out, "merged")
     import shutil
 
@@ -181,12 +155,12 @@ def main(argv=None) -> int:
           f"max |diff| = {np.abs(st_q - ours_q).max():.2e}")
     trained_dir = merged
 
-    _banner("5. the same claims, merged model")
+    banner("5. the same claims, merged model")
     tenc = Encoder.load(trained_dir, dtype=run.model.dtype)
     tvecs = np.concatenate(cached_corpus_vectors(tenc, corpus, scifact, cache))
     show_top3(tenc, ids, tvecs, corpus, claims, instruction_for("scifact"))
 
-    _banner("6. evaluation (test splits)")
+    banner("6. evaluation (test splits)")
     data = [scifact, paths.shipped_data("pubmedqa_pqal"), paths.shipped_data("biosses", "biosses.tsv")]
     models = ["bm25"] + ([] if a.skip_minilm else ["minilm"]) + [a.model, trained_dir]
     results = evaluate_all(models, data, max_length=run.model.max_length, cache_dir=cache)

@@ -21,7 +21,8 @@ import sys
 import time
 
 from bmretriever_jax import paths
-from bmretriever_jax.quickstart import PROFILES, _banner, pick_profile, subset_beir
+from bmretriever_jax.data.beir import subset_beir
+from bmretriever_jax.quickstart import PROFILES, banner, pick_profile
 
 
 def _judged(beir_dir: str, split: str) -> set:
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     print(f"profile '{pick_profile(a.profile)}': SciFact corpus {n_docs} docs, passages {max_len} tokens, "
           f"batch {size['batch']}")
 
-    _banner(f"1. synthetic claims for {a.passages} SciFact passages ({a.llm}), filtered")
+    banner(f"1. synthetic claims for {a.passages} SciFact passages ({a.llm}), filtered")
     corpus = synth_corpus(scifact, os.path.join(a.out, "synth", "corpus.jsonl"), a.passages,
                           _judged(scifact, "test") | _judged(scifact, "dev"))
     raw = os.path.join(a.out, "synth", "claims.jsonl")
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     n_kept = sum(1 for line in open(kept) if line.strip())
     print(f"kept {n_kept} of {a.passages} synthetic claims")
 
-    _banner("2. LoRA fine-tunes: SciFact train alone, and with the synthetic claims")
+    banner("2. LoRA fine-tunes: SciFact train alone, and with the synthetic claims")
     runs = {}
     for name, data in (("scifact", ["scifact"]), ("scifact+synth", ["scifact", kept])):
         print(f"\n--- {name}: {', '.join(data)}", flush=True)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         train(run)
         runs[name] = os.path.join(a.out, name, "model")
 
-    _banner("3. instruction search on the SciFact dev claims (model trained with synthetic data)")
+    banner("3. instruction search on the SciFact dev claims (model trained with synthetic data)")
     report = os.path.join(a.out, "prompt_opt", "scifact-dev")
     if bmr(["optimize-prompt", "--model", runs["scifact+synth"], "--data", bench, "--split", "dev",
             "--task", "scifact", "--budget", str(a.budget), "--llm", a.llm, "--max-length", str(max_len),
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         found = json.load(f)
     winner = found["winner"]
 
-    _banner(f"4. SciFact test NDCG@10 ({n_docs:,}-document corpus)")
+    banner(f"4. SciFact test NDCG@10 ({n_docs:,}-document corpus)")
     cache = os.path.join(a.out, "vector_cache")
     results = {}
     for label, model, instr in (("untrained", a.model, None), ("LoRA SciFact", runs["scifact"], None),

@@ -12,10 +12,9 @@ which `bmr plan` runs in a subprocess with JAX_PLATFORMS=cpu.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from bmretriever_jax.config import ConfigError
 

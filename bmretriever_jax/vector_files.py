@@ -53,7 +53,7 @@ def read_vectors(out_dir: str, full: bool = False) -> Tuple[np.ndarray, list]:
     """-> (vectors [n, d], ids [n]) of a folder written by write_vectors; DataFormatError (one line) if the
     pair is incomplete or the files do not match their seal (sha256 rechecked when `full` or when a file
     changed since it was written)."""
-    from bmretriever_jax.eval.beir import DataFormatError
+    from bmretriever_jax.data.beir import DataFormatError
 
     seal_path = os.path.join(out_dir, SEAL)
     if not os.path.isdir(out_dir):

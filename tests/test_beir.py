@@ -11,7 +11,7 @@ from scipy import stats
 from bmretriever_jax.atomic import CacheWarning
 from bmretriever_jax.data import medquad
 from bmretriever_jax.eval import evaluate, metrics
-from bmretriever_jax.eval.beir import DataFormatError, DataWarning, load_beir
+from bmretriever_jax.data.beir import DataFormatError, DataWarning, load_beir
 from bmretriever_jax.eval.sts import load_sts_tsv
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
@@ -290,9 +290,9 @@ def test_shipped_medquad_heldout_is_disjoint_from_training():
 def test_subset_beir_keeps_every_judged_document_of_the_chosen_splits(tmp_path):
     import os
 
-    from bmretriever_jax.eval.beir import load_beir
+    from bmretriever_jax.data.beir import load_beir
     from bmretriever_jax import paths
-    from bmretriever_jax.quickstart import subset_beir
+    from bmretriever_jax.data.beir import subset_beir
 
     src = paths.shipped_data("scifact")
     dev = subset_beir(src, str(tmp_path / "dev300"), 300, splits=("dev",))

@@ -17,7 +17,7 @@ from bmretriever_jax.atomic import CacheWarning
 from bmretriever_jax.errors import OutputPathError
 from bmretriever_jax.convert import gguf as gguf_mod
 from bmretriever_jax.eval import evaluate
-from bmretriever_jax.eval.beir import DataFormatError
+from bmretriever_jax.data.beir import DataFormatError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAYLOAD_MB = 16

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax import merge, treeutil
+from bmretriever_jax import merge, treeutil, weights
+from bmretriever_jax.merge import methods
 
 # Three-element task vectors, hand-checked below: d1 = m1 - base = [1, -2, 0.5], d2 = [-1, 1.5, 0.5].
 BASE = {"w": jnp.array([1.0, 2.0, 3.0])}
@@ -218,11 +219,11 @@ def test_bad_inputs_and_options():
     with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
         merge.ties(t, [t], [1.0], 1.5)
     with pytest.raises(ValueError, match="needs a base"):
-        merge.merge_streamed("ties", [merge.DictReader(t)], weights=[1.0])
+        merge.merge_streamed("ties", [weights.DictReader(t)], weights=[1.0])
     with pytest.raises(ValueError, match="unknown merge method 'nope'"):
-        merge.merge_streamed("nope", [merge.DictReader(t)])
+        merge.merge_streamed("nope", [weights.DictReader(t)])
     with pytest.raises(ValueError, match=r"no option\(s\) \['t'\]"):
-        merge.merge_streamed("linear", [merge.DictReader(t)], weights=[1.0], t=0.5)
+        merge.merge_streamed("linear", [weights.DictReader(t)], weights=[1.0], t=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- YAML
@@ -315,8 +316,8 @@ def test_parse_errors(config, message):
 
 # ---------------------------------------------------------------------------------------------- streaming
 def save_model(tree, path, max_shard_bytes=None):
-    writer = (merge.SafetensorsWriter(path) if max_shard_bytes is None
-              else merge.SafetensorsWriter(path, max_shard_bytes=max_shard_bytes))
+    writer = (weights.SafetensorsWriter(path) if max_shard_bytes is None
+              else weights.SafetensorsWriter(path, max_shard_bytes=max_shard_bytes))
     for p, v in treeutil.flatten(tree).items():
         writer.write(p, v)
     return writer.close()
@@ -327,14 +328,14 @@ def test_streamed_merge_over_safetensors_equals_in_memory(tmp_path):
     save_model(base, tmp_path / "base")                                    # directory, one file
     save_model(a, tmp_path / "expert_a", max_shard_bytes=100)               # directory, sharded + index
     save_model(b, tmp_path / "expert_b.safetensors")                        # single file
-    assert (tmp_path / "expert_a" / merge.INDEX_NAME).exists()
+    assert (tmp_path / "expert_a" / weights.INDEX_NAME).exists()
     config = tmp_path / "merge.yaml"
     config.write_text(TIES_YAML.replace("model: base", f"model: {tmp_path / 'base'}")
                       .replace("base_model: base", f"base_model: {tmp_path / 'base'}")
                       .replace("expert_b", str(tmp_path / "expert_b.safetensors"))
                       .replace("expert_a", str(tmp_path / "expert_a")))
-    out_dir = merge.run_merge(str(config), out_writer=merge.SafetensorsWriter(tmp_path / "out", max_shard_bytes=64))
-    merged = merge.SafetensorsReader(out_dir)
+    out_dir = merge.run_merge(str(config), out_writer=weights.SafetensorsWriter(tmp_path / "out", max_shard_bytes=64))
+    merged = weights.SafetensorsReader(out_dir)
     expected = merge.ties(base, [a, b], [0.7, 0.3], [0.5, 0.8], normalize=False, lambda_=1.5, dtype="bfloat16")
     flat = treeutil.flatten(expected)
     assert sorted(merged.keys()) == sorted(flat)
@@ -343,7 +344,7 @@ def test_streamed_merge_over_safetensors_equals_in_memory(tmp_path):
         assert got.dtype == np.dtype(jnp.bfloat16) and merged.shape(path) == v.shape
         np.testing.assert_array_equal(got.astype(np.float32), np.asarray(v, np.float32), err_msg=path)
     # The same config into memory, with a caller-supplied resolver.
-    readers = {str(tmp_path / n): merge.DictReader(t) for n, t in
+    readers = {str(tmp_path / n): weights.DictReader(t) for n, t in
                [("base", base), ("expert_a", a), ("expert_b.safetensors", b)]}
     assert_trees_close(merge.run_merge(str(config), readers.__getitem__), expected, atol=0)
 
@@ -451,7 +452,7 @@ def test_ties_trim_differs_from_mergekit_only_among_tied_magnitudes():
     d = (np.round(rng.normal(size=(4000,)) * 20) / 20 * 1e-3).astype(np.float32)  # magnitudes on a 5e-5 grid
     density = 0.37
     k = int(density * d.size)
-    ours = merge._magnitude(d[None], density, None)[0] != 0
+    ours = methods._magnitude(d[None], density, None)[0] != 0
     theirs = magnitude(torch.from_numpy(d.copy()), density).numpy() != 0
     threshold = np.sort(np.abs(d))[::-1][k - 1]
     assert np.count_nonzero(np.abs(d) == threshold) > 1  # the cut is inside a tie

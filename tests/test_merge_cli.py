@@ -12,7 +12,8 @@ from bmretriever_jax.cli import main as bmr
 import yaml
 
 from bmretriever_jax import export as ex
-from bmretriever_jax import lora, merge, merge_cli, treeutil
+from bmretriever_jax import lora, merge, treeutil
+from bmretriever_jax.merge import folder, methods, search
 from bmretriever_jax.cli import merging
 from bmretriever_jax.convert.hf import load_hf
 from bmretriever_jax.embed import Encoder
@@ -56,12 +57,12 @@ def test_merge_linear_and_ties_equal_the_in_memory_merge(experts, tmp_path):
     a, b, base = experts["a"], experts["b"], experts["base"]
     lin = _yaml(tmp_path, {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 0.3}},
                                                                 {"model": b, "parameters": {"weight": 0.7}}]})
-    out = merge_cli.merge_to_folder(lin, str(tmp_path / "linear"))
+    out = folder.merge_to_folder(lin, str(tmp_path / "linear"))
     assert flat_max_diff(_tree(out), merge.linear([_tree(a), _tree(b)], [0.3, 0.7])) == 0.0
     ties = {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5},
             "models": [{"model": a, "parameters": {"weight": 0.4}}, {"model": b, "parameters": {"weight": 0.6,
                                                                                                "density": 0.3}}]}
-    out = merge_cli.merge_to_folder(ties, str(tmp_path / "ties"))
+    out = folder.merge_to_folder(ties, str(tmp_path / "ties"))
     # per-layer tensors merged whole == our stacked leaves merged per layer slice
     want = merge.ties(_tree(base), [_tree(a), _tree(b)], [0.4, 0.6], [0.5, 0.3])
     assert flat_max_diff(_tree(out), want) == 0.0
@@ -87,7 +88,7 @@ def test_merge_lora_runs_folds_each_expert_first(tmp_path):
     cfg_yaml = {"merge_method": "task_arithmetic", "base_model": base, "parameters": {"lambda": 0.8},
                 "models": [{"model": runs[0], "parameters": {"weight": 0.5}},
                            {"model": runs[1], "parameters": {"weight": 0.5}}]}
-    out = merge_cli.merge_to_folder(cfg_yaml, str(tmp_path / "ta"))
+    out = folder.merge_to_folder(cfg_yaml, str(tmp_path / "ta"))
     want = merge.task_arithmetic(params, merged, [0.5, 0.5], lambda_=0.8)
     assert flat_max_diff(_tree(out), want) <= 1e-6
     assert json.load(open(os.path.join(out, "bmretriever.json")))["max_length"] == 24  # from the runs' config
@@ -97,9 +98,9 @@ def test_dare_is_reproducible_by_seed(experts, tmp_path):
     cfg = {"merge_method": "dare_ties", "base_model": experts["base"], "parameters": {"density": 0.5},
            "models": [{"model": experts["a"], "parameters": {"weight": 0.5}},
                       {"model": experts["b"], "parameters": {"weight": 0.5}}]}
-    t1 = _tree(merge_cli.merge_to_folder(cfg, str(tmp_path / "s0"), seed=0))
-    t2 = _tree(merge_cli.merge_to_folder(cfg, str(tmp_path / "s0b"), seed=0))
-    t3 = _tree(merge_cli.merge_to_folder(cfg, str(tmp_path / "s1"), seed=1))
+    t1 = _tree(folder.merge_to_folder(cfg, str(tmp_path / "s0"), seed=0))
+    t2 = _tree(folder.merge_to_folder(cfg, str(tmp_path / "s0b"), seed=0))
+    t3 = _tree(folder.merge_to_folder(cfg, str(tmp_path / "s1"), seed=1))
     assert flat_max_diff(t1, t2) == 0.0 and flat_max_diff(t1, t3) > 0
 
 
@@ -108,13 +109,13 @@ def test_merge_errors(experts, tmp_path, capsys):
     bad = {"merge_method": "linear", "models": [{"model": experts["a"], "parameters": {"weight": 1.0}},
                                                 {"model": other, "parameters": {"weight": 1.0}}]}
     with pytest.raises(ValueError, match="different architectures .*family: 'llama' vs 'gemma3'"):
-        merge_cli.merge_to_folder(bad, str(tmp_path / "x"))
+        folder.merge_to_folder(bad, str(tmp_path / "x"))
     missing = {"merge_method": "linear", "models": [{"model": experts["a"], "parameters": {"weight": 1.0}},
                                                     {"model": str(tmp_path / "nope"), "parameters": {"weight": 1.0}}]}
     with pytest.raises(FileNotFoundError, match="nope"):
-        merge_cli.merge_to_folder(missing, str(tmp_path / "y"))
+        folder.merge_to_folder(missing, str(tmp_path / "y"))
     with pytest.raises(ValueError, match="needs 'base_model'"):
-        merge_cli.merge_to_folder({"merge_method": "ties", "models": [{"model": experts["a"]}]}, str(tmp_path / "z"))
+        folder.merge_to_folder({"merge_method": "ties", "models": [{"model": experts["a"]}]}, str(tmp_path / "z"))
     # the command line reports errors as one line
     p = argparse.ArgumentParser()
     p.add_argument("-q", "--quiet", action="store_true")
@@ -127,15 +128,15 @@ def test_merge_errors(experts, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------------ search
 def test_grid_and_cmaes_spaces():
-    grid = merge_cli.grid_candidates("linear", 2)
+    grid = search.grid_candidates("linear", 2)
     assert [c["weights"] for c in grid] == [(round(0.1 * i, 10), round(1 - 0.1 * i, 10)) for i in range(1, 10)]
-    ties = merge_cli.grid_candidates("ties", 2)
+    ties = search.grid_candidates("ties", 2)
     assert len(ties) == 27 and {c["density"] for c in ties} == {0.3, 0.5, 0.7}
-    three = merge_cli.simplex_grid(3, 0.25)
+    three = search.simplex_grid(3, 0.25)
     assert three == [(0.25, 0.25, 0.5), (0.25, 0.5, 0.25), (0.5, 0.25, 0.25)]
     with pytest.raises(ValueError, match="has none"):
-        merge_cli.grid_candidates("slerp", 2)
-    opts = merge_cli.decode_cmaes(np.array([0.0, 0.0, 0.0]), "ties", 2)
+        search.grid_candidates("slerp", 2)
+    opts = search.decode_cmaes(np.array([0.0, 0.0, 0.0]), "ties", 2)
     assert opts["weights"] == (0.5, 0.5) and opts["density"] == pytest.approx(0.525)
 
 
@@ -144,7 +145,7 @@ def test_cmaes_minimises_and_is_deterministic():
     scales = np.array([1.0, 10.0, 100.0])  # an ill-conditioned ellipsoid: needs the covariance adaptation
 
     def run(seed):
-        es = merge_cli.CMAES(np.zeros(3), 1.0, seed=seed)
+        es = search.CMAES(np.zeros(3), 1.0, seed=seed)
         best = np.inf
         for _ in range(150):
             xs = es.ask()
@@ -164,19 +165,19 @@ def test_grid_search_picks_the_best_and_writes_it(experts, tmp_path):
     cfg = {"merge_method": "linear", "models": [{"model": experts["a"], "parameters": {"weight": 1.0}},
                                                 {"model": experts["b"], "parameters": {"weight": 1.0}}]}
     out = str(tmp_path / "search")
-    res = merge_cli.search(cfg, [dev], out=out, dtype="float32", quiet=True)
+    res = search.search(cfg, [dev], out=out, dtype="float32", quiet=True)
     scores = [r["ndcg@10"] for r in res.candidates]
     assert len(scores) == 9 and len(set(scores)) > 1  # the weights matter on this dev set
     assert res.best["id"] == int(np.argmax(scores)) and res.best["ndcg@10"] == max(scores)
     # deterministic: a second search (its corpus vectors now cached) gives the same table
-    again = merge_cli.search(cfg, [dev], out=str(tmp_path / "again"), dtype="float32", quiet=True,
+    again = search.search(cfg, [dev], out=str(tmp_path / "again"), dtype="float32", quiet=True,
                              cache_dir=os.path.join(out, "vector_cache"), write_model=False)
     assert [r["ndcg@10"] for r in again.candidates] == scores
     # the written model is the chosen merge and scores what the search said
     chosen = yaml.safe_load(open(os.path.join(out, "merge.yaml")))
     assert [m["parameters"]["weight"] for m in chosen["models"]] == res.best["weights"]
     enc = Encoder.load(os.path.join(out, "model"), dtype="float32", quiet=True)
-    got = evaluate_retrieval(enc, dev, "dev", merge_cli._dev_instruction(dev, None))["ndcg@10"]
+    got = evaluate_retrieval(enc, dev, "dev", search._dev_instruction(dev, None))["ndcg@10"]
     assert got == pytest.approx(res.best["ndcg@10"], abs=1e-9)
     w = res.best["weights"]
     assert flat_max_diff(_tree(os.path.join(out, "model")), merge.linear([_tree(experts["a"]), _tree(experts["b"])], w)) == 0
@@ -190,7 +191,7 @@ def test_cmaes_search_ties(experts, tmp_path):
     cfg = {"merge_method": "ties", "base_model": experts["base"],
            "models": [{"model": experts["a"], "parameters": {"weight": 1.0, "density": 1.0}},
                       {"model": experts["b"], "parameters": {"weight": 1.0, "density": 1.0}}]}
-    res = merge_cli.search(cfg, [dev], strategy="cmaes", budget=7, popsize=3, dtype="float32", quiet=True,
+    res = search.search(cfg, [dev], strategy="cmaes", budget=7, popsize=3, dtype="float32", quiet=True,
                            out=str(tmp_path / "s"), write_model=False)
     assert len(res.candidates) == 7
     first = res.candidates[0]
@@ -199,12 +200,12 @@ def test_cmaes_search_ties(experts, tmp_path):
     assert res.best["ndcg@10"] == max(r["ndcg@10"] for r in res.candidates)
     assert res.config["models"][0]["parameters"]["density"] == res.best["density"]
     with pytest.raises(ValueError, match="has none"):
-        merge_cli.search({"merge_method": "slerp", "base_model": experts["base"], "parameters": {"t": 0.5},
+        search.search({"merge_method": "slerp", "base_model": experts["base"], "parameters": {"t": 0.5},
                           "models": [{"model": experts["a"]}]}, [dev], quiet=True)
 
 
 def test_top_k_selection_equals_a_stable_sort():
-    # merge._top_k_mask (selection, O(N)) must pick what a stable argsort on -|d| picks, ties and NaN included
+    # methods._top_k_mask (selection, O(N)) must pick what a stable argsort on -|d| picks, ties and NaN included
     rng = np.random.default_rng(0)
     for trial in range(200):
         s, n = int(rng.integers(1, 4)), int(rng.integers(1, 50))
@@ -214,4 +215,4 @@ def test_top_k_selection_equals_a_stable_sort():
         for k in sorted({1, max(1, n // 3), n}):
             ref = np.zeros((s, n), np.float32)
             np.put_along_axis(ref, np.argsort(-np.abs(d), axis=-1, kind="stable")[:, :k], 1.0, axis=-1)
-            assert np.array_equal(merge._top_k_mask(np.abs(d), k), ref), (d, k)
+            assert np.array_equal(methods._top_k_mask(np.abs(d), k), ref), (d, k)

@@ -12,7 +12,7 @@ import Stemmer
 from bmretriever_jax.data.builders import scifact_train_pairs
 from bmretriever_jax.data.mining import mine_hard_negatives
 from bmretriever_jax.data.pairs import Pair
-from bmretriever_jax.eval.beir import load_corpus
+from bmretriever_jax.data.beir import load_corpus
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the shipped data
 

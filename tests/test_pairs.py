@@ -11,7 +11,7 @@ import pytest
 from bmretriever_jax.data import builders
 from bmretriever_jax.data.loader import PairLoader
 from bmretriever_jax.data.pairs import Pair, PairsFormatError, read_pairs, resolve_instruction, write_pairs
-from bmretriever_jax.eval.beir import DataWarning, load_qrels
+from bmretriever_jax.data.beir import DataWarning, load_qrels
 
 
 # the shipped data sets, found from the repository (a missing file fails the test that reads it)

@@ -179,12 +179,13 @@ def test_plan_memory_table_runs_as_printed(in_clone_dir):
 @pytest.mark.parametrize("group", ["merging"])
 def test_parser_choices_equal_the_library_tables(group):
     """The CLI spells out choices so that `bmr --help` imports no jax; they must stay the library's."""
-    from bmretriever_jax import export, merge_cli
+    from bmretriever_jax import export
     from bmretriever_jax.cli import merging
+    from bmretriever_jax.merge import search
 
     assert merging.EXPORT_FORMATS == export.FORMATS
-    assert merging.WEIGHTED_METHODS == merge_cli.WEIGHTED_METHODS
-    assert merging.DEFAULT_DENSITIES == merge_cli.DEFAULT_DENSITIES
+    assert merging.WEIGHTED_METHODS == search.WEIGHTED_METHODS
+    assert merging.DEFAULT_DENSITIES == search.DEFAULT_DENSITIES
 
 
 def test_help_imports_no_jax():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bmretriever_jax.data.pairs import Pair, read_pairs
-from bmretriever_jax.eval.beir import load_beir
+from bmretriever_jax.data.beir import load_beir
 from bmretriever_jax.synth import filters
 from bmretriever_jax.synth.backends import BackendError, JaxBackend, OpenAIBackend, chat_completions_url
 from bmretriever_jax.synth.negatives import clean_document, generate_negatives, pair_key

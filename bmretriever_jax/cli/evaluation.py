@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from bmretriever_jax.cli.models import DTYPE_HELP, DTYPES
 from bmretriever_jax.errors import ConfigError

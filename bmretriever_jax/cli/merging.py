@@ -1,4 +1,4 @@
-"""`bmr merge`, `bmr export` and `bmr merge-search` (the library side: merge_cli.py, export.py, merge.py)."""
+"""`bmr merge`, `bmr export` and `bmr merge-search` (the library side: merge/, export.py)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +8,14 @@ from bmretriever_jax.cli.models import DTYPE_HELP, DTYPES
 from bmretriever_jax.errors import ConfigError
 
 # the choices, written here so that building the parser imports no jax; tests/test_readme_commands.py checks
-# that they equal export.FORMATS, merge_cli.WEIGHTED_METHODS and merge_cli.DEFAULT_DENSITIES
+# that they equal export.FORMATS, merge.search.WEIGHTED_METHODS and merge.search.DEFAULT_DENSITIES
 EXPORT_FORMATS = ("hf", "sentence-transformers", "peft")
 WEIGHTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
 
 
 def cmd_merge(a):
-    from bmretriever_jax.merge_cli import merge_to_folder
+    from bmretriever_jax.merge.folder import merge_to_folder
 
     out = merge_to_folder(a.config, a.out, seed=a.seed, tokenizer_source=a.tokenizer_source, quiet=a.quiet)
     print(f"merged model written to {out}")
@@ -44,7 +44,7 @@ def _search_config(a) -> Dict[str, Any] | str:
 
 
 def cmd_merge_search(a):
-    from bmretriever_jax.merge_cli import search
+    from bmretriever_jax.merge.search import search
 
     res = search(_search_config(a), a.dev, strategy=a.strategy, split=a.split, instruction=a.instruction,
                  out=a.out, grid_step=a.grid_step, densities=a.densities, budget=a.budget, popsize=a.popsize,

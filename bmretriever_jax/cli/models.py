@@ -43,7 +43,7 @@ def cmd_info(a):
 def read_jsonl_texts(path: str):
     """-> ids, items; each line {"_id"|"id", "text", "title"?} (a BEIR corpus) or {"id", "query"}. Ids must be
     unique (they name the rows of vectors.npy); a line without one is named by its line number."""
-    from bmretriever_jax.eval.beir import jsonl_records
+    from bmretriever_jax.data.beir import jsonl_records
 
     if not os.path.isfile(path):
         raise InputPathError(f"--input {path}: no such file")

@@ -24,7 +24,7 @@ from typing import Callable
 from bmretriever_jax import paths
 from bmretriever_jax.data.pairs import Pair, write_pairs
 from bmretriever_jax.errors import ConfigError
-from bmretriever_jax.eval.beir import DataWarning, jsonl_records, load_beir, load_corpus
+from bmretriever_jax.data.beir import DataWarning, jsonl_records, load_beir, load_corpus
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import re
 from collections import defaultdict
 from typing import Iterable, Iterator
 
-from bmretriever_jax.eval.beir import jsonl_records
+from bmretriever_jax.data.beir import jsonl_records
 
 HELDOUT_FILE = "heldout_documents.txt"
 

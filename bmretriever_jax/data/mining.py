@@ -84,7 +84,7 @@ def _corpus_docs(corpus: str | Mapping[str, Mapping[str, str]] | Sequence[Doc] |
     if corpus is None:
         return []
     if isinstance(corpus, str):
-        from bmretriever_jax.eval.beir import load_corpus
+        from bmretriever_jax.data.beir import load_corpus
         corpus = load_corpus(corpus)
     if isinstance(corpus, Mapping):
         return [{"title": d.get("title", ""), "text": d["text"], "id": i} for i, d in corpus.items()]

@@ -25,7 +25,7 @@ import json
 import os
 from typing import Any, Iterable, Iterator, Mapping, Union
 
-from bmretriever_jax.eval.beir import DataFormatError
+from bmretriever_jax.data.beir import DataFormatError
 
 Doc = Union[str, dict]  # str, or {"title": str, "text": str, "id": str (optional)}
 

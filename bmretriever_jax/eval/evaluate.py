@@ -20,7 +20,7 @@ import numpy as np
 
 from bmretriever_jax.atomic import CacheWarning, atomic_write, check_file, remove_stale_temps, write_checksum
 from bmretriever_jax.eval import metrics
-from bmretriever_jax.eval.beir import Corpus, corpus_digest, load_beir
+from bmretriever_jax.data.beir import Corpus, corpus_digest, load_beir
 from bmretriever_jax.eval.search import topk_search
 from bmretriever_jax.eval.sts import cosine_rows, load_sts_tsv
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from bmretriever_jax.eval.beir import load_beir
+from bmretriever_jax.data.beir import load_beir
 
 
 LOCAL_TASK_INSTRUCTIONS: Dict[str, str] = {}  # MTEB task name -> our task name (instruction)

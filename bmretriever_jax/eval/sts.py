@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from bmretriever_jax.eval.beir import DataFormatError, text_lines
+from bmretriever_jax.data.beir import DataFormatError, text_lines
 
 REQUIRED = ("sentence1", "sentence2", "score")
 

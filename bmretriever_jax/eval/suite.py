@@ -8,7 +8,7 @@ from typing import Dict
 from bmretriever_jax.convert.gguf import cache_root
 from bmretriever_jax.embed import default_task
 from bmretriever_jax.errors import InputPathError
-from bmretriever_jax.eval.beir import load_beir
+from bmretriever_jax.data.beir import load_beir
 from bmretriever_jax.eval.sts import load_sts_tsv
 
 

@@ -71,7 +71,7 @@ def _stem(path: str) -> str:
 def _run_filter(kind: str, pairs_path: str, out: str, *, retriever, corpus_path=None, top_k=10, instruction="",
                 report_path=None, quiet=False, generated_empty=0, min_words=None):
     from bmretriever_jax.data.pairs import read_pairs, write_pairs
-    from bmretriever_jax.eval.beir import load_corpus
+    from bmretriever_jax.data.beir import load_corpus
     from bmretriever_jax.synth.filters import filter_negatives, filter_queries
 
     pairs = read_pairs(pairs_path)

@@ -31,7 +31,7 @@ import numpy as np
 
 from bmretriever_jax.embed import TASK_INSTRUCTIONS
 from bmretriever_jax.eval import metrics
-from bmretriever_jax.eval.beir import load_beir
+from bmretriever_jax.data.beir import load_beir
 from bmretriever_jax.eval.evaluate import cached_corpus_vectors
 from bmretriever_jax.eval.search import topk_search
 from bmretriever_jax.synth.filters import normalize

@@ -148,7 +148,7 @@ def batched(items: Sequence, n: int) -> Iterator[Sequence]:
 
 def read_corpus_items(path: str, limit: Optional[int] = None) -> list[tuple[str, dict]]:
     """BEIR corpus.jsonl -> [(doc id, {"title", "text"})] in file order, documents with text only."""
-    from bmretriever_jax.eval.beir import load_corpus
+    from bmretriever_jax.data.beir import load_corpus
 
     items = [(d, doc) for d, doc in load_corpus(path).items() if doc.get("text", "").strip()]
     return items[:limit] if limit else items

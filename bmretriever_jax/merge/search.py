@@ -1,18 +1,10 @@
-"""`bmr merge`, `bmr merge-search` and `bmr export`: merging retrievers from mergekit configs, choosing merge weights on
-dev sets, and handing the result to transformers / sentence-transformers / PEFT.
+"""Choosing merge weights on dev sets (`bmr merge-search`).
 
-`bmr merge CONFIG.yaml --out DIR` runs a mergekit-format config (merge.parse_merge_config) whose `model:` entries may be
-training runs (LoRA experts are folded into their base tensor by tensor), model folders or known names. Every input is
-read as transformers base-model tensors (export.open_source), one tensor per input at a time, into a safetensors writer:
-memory is about one output shard plus one tensor per input, and each per-layer tensor is merged as its own tensor, as
-mergekit does. The output folder (config.json + model.safetensors + tokenizer + bmretriever.json) is what Encoder.load,
-`bmr eval` and `bmr export` take.
-
-`bmr merge-search` scores merge weights by NDCG@10 on dev splits: a grid (weights on the simplex in steps of 0.1, i.e.
-{0.1..0.9} for two experts, times TIES/DARE densities {0.3, 0.5, 0.7}) or CMA-ES (a self-contained implementation below)
-over softmax-normalised weights and a density in [0.05, 1]. Candidates are merged in memory; one encoder's weights are
-swapped per candidate so the forward compiles once; corpus vectors are cached per candidate (OUT/vector_cache), so a
-rerun costs no encoding. It writes candidates.tsv, search.json, the chosen config as merge.yaml and the merged model.
+Merge weights are scored by NDCG@10 on dev splits: a grid (weights on the simplex in steps of 0.1, i.e. {0.1..0.9}
+for two experts, times TIES/DARE densities {0.3, 0.5, 0.7}) or CMA-ES (below) over softmax-normalised weights and a
+density in [0.05, 1]. Candidates are merged in memory (merge/folder.py); one encoder's weights are swapped per
+candidate so the forward compiles once; corpus vectors are cached per candidate (OUT/vector_cache), so a rerun
+costs no encoding. It writes candidates.tsv, search.json, the chosen config as merge.yaml and the merged model.
 """
 from __future__ import annotations
 
@@ -23,133 +15,18 @@ import json
 import math
 import os
 import time
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bmretriever_jax import export as ex
-from bmretriever_jax.errors import ConfigError, InputPathError, MissingEntryError, OutputExistsError
-from bmretriever_jax.merge import (METHODS, DictReader, DictWriter, MergeConfig, SafetensorsWriter, merge_streamed,
-                                   parse_merge_config, run_merge)
+from bmretriever_jax.errors import ConfigError, InputPathError
+from bmretriever_jax.merge.folder import (as_config, flat_to_tree, input_refs, load_flat, merge_flat, merge_to_folder,
+                                          merged_settings, open_inputs, tokenizer_folder)
+from bmretriever_jax.merge.mergekit import MergeConfig
 
 SPARSE_METHODS = ("ties", "dare_ties", "dare_linear")
 WEIGHTED_METHODS = ("linear", "task_arithmetic") + SPARSE_METHODS
 DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
-_RETRIEVER_KEYS = ("pooling", "normalize", "max_length", "bidirectional")
-
-
-# ----------------------------------------------------------------------------------------------------
-# bmr merge
-# ----------------------------------------------------------------------------------------------------
-def _as_config(config) -> MergeConfig:
-    return config if isinstance(config, MergeConfig) else parse_merge_config(config)
-
-
-def input_refs(mc: MergeConfig) -> List[str]:
-    """Every model the merge reads: the models, then the base (when the method uses one)."""
-    refs = list(mc.models)
-    if METHODS[mc.method].needs_base and mc.base_model not in refs:
-        refs.append(mc.base_model)
-    return refs
-
-
-def open_inputs(mc: MergeConfig, *, quiet: bool = True) -> Dict[str, ex.ModelSource]:
-    sources = {ref: ex.open_source(ref, quiet=quiet) for ref in input_refs(mc)}
-    check_same_architecture(sources)
-    return sources
-
-
-def check_same_architecture(sources: Mapping[str, ex.ModelSource]) -> None:
-    """Raise naming the models and the config fields that differ (merging needs one architecture)."""
-    items = list(sources.items())
-    ref_name, ref = items[0]
-    for name, s in items[1:]:
-        if s.cfg != ref.cfg:
-            diff = [f"{f.name}: {getattr(ref.cfg, f.name)!r} vs {getattr(s.cfg, f.name)!r}"
-                    for f in dataclasses.fields(ref.cfg) if getattr(ref.cfg, f.name) != getattr(s.cfg, f.name)]
-            raise ConfigError(f"cannot merge {ref_name!r} and {name!r}: different architectures ({'; '.join(diff[:6])})")
-
-
-def _tokenizer_folder(mc: MergeConfig, sources: Mapping[str, ex.ModelSource], override: Optional[str]) -> Optional[str]:
-    choice = override or mc.extra.get("tokenizer_source")
-    if isinstance(mc.extra.get("tokenizer"), Mapping) and not choice:
-        choice = mc.extra["tokenizer"].get("source")
-    if choice == "union":
-        raise ConfigError("tokenizer_source: union is not supported (the models must share one tokenizer)")
-    if choice == "base":
-        if mc.base_model is None:
-            raise ConfigError("tokenizer_source: base, but the config has no base_model")
-        choice = mc.base_model
-    if choice:
-        if choice in sources:
-            return sources[choice].tokenizer_folder
-        return ex.open_source(choice).tokenizer_folder
-    order = ([mc.base_model] if mc.base_model in sources else []) + list(mc.models)
-    return next((sources[r].tokenizer_folder for r in order if sources[r].tokenizer_folder), None)
-
-
-def _jsonable(options: Mapping[str, Any]) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
-
-
-def merged_settings(mc: MergeConfig, sources: Mapping[str, ex.ModelSource], seed: int = 0) -> Dict[str, Any]:
-    """bmretriever.json of a merge: the experts' retriever settings (they should agree) + what was merged."""
-    experts = [sources[r] for r in mc.models if r != mc.base_model] or [sources[r] for r in mc.models]
-    first = experts[0].settings
-    for s in experts[1:]:
-        for k in _RETRIEVER_KEYS:
-            if k in first and k in s.settings and first[k] != s.settings[k]:
-                warnings.warn(f"merged models disagree on {k}: {first[k]!r} ({experts[0].label}) vs {s.settings[k]!r} "
-                              f"({s.label}); the merge uses {first[k]!r}")
-    out = {k: first[k] for k in _RETRIEVER_KEYS if k in first}
-    base = sources.get(mc.base_model) if mc.base_model else None
-    out["base_model"] = (base.settings.get("base_model") if base is not None else None) or mc.base_model or \
-        first.get("base_model")
-    out["lora"] = None
-    out["merge"] = {"method": mc.method, "models": list(mc.models), "base_model": mc.base_model,
-                    "options": _jsonable(mc.options), "seed": seed}
-    return out
-
-
-def merge_to_folder(config, out: str, *, seed: int = 0, tokenizer_source: Optional[str] = None,
-                    quiet: bool = True) -> str:
-    """Run a mergekit-format config (path, YAML text, dict or MergeConfig) streamed into the model folder `out`."""
-    mc = _as_config(config)
-    sources = open_inputs(mc, quiet=quiet)
-    tok = _tokenizer_folder(mc, sources, tokenizer_source)
-    settings = merged_settings(mc, sources, seed)
-    ex._prepare_out(out)
-    dtype = mc.dtype or "float32"
-    # The readers present per-layer transformers tensors: no stacked axes (each tensor is merged whole, as mergekit).
-    run_merge(mc, resolve_reader=lambda ref: sources[ref].reader, out_writer=SafetensorsWriter(out), key=seed,
-              stacked=(), progress=not quiet)
-    ex.write_model_files(sources[input_refs(mc)[0]].cfg, out, settings, tok, dtype=dtype)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# In-memory merges (search)
-# ----------------------------------------------------------------------------------------------------
-def load_flat(source: ex.ModelSource) -> Dict[str, np.ndarray]:
-    """{transformers tensor name: float32 array} of a whole source."""
-    return {n: source.reader.read(n) for n in source.reader.keys()}
-
-
-def merge_flat(mc: MergeConfig, flats: Mapping[str, Mapping[str, np.ndarray]], options: Mapping[str, Any], *,
-               seed: int = 0) -> Dict[str, np.ndarray]:
-    """The same merge as merge_to_folder, of tensors held in memory ({ref: flat}), with `options` replacing the
-    config's method options. Returns {tensor name: array}."""
-    base = DictReader(flats[mc.base_model], flat=True) if METHODS[mc.method].needs_base else None
-    return merge_streamed(mc.method, [DictReader(flats[r], flat=True) for r in mc.models], base,
-                          DictWriter(flat=True), key=seed, stacked=(), names=list(mc.models),
-                          base_name=mc.base_model or "base", **options)
-
-
-def flat_to_tree(cfg, flat: Mapping[str, np.ndarray]) -> dict:
-    from bmretriever_jax.convert.names import hf_to_params
-
-    return hf_to_params(cfg, flat.__getitem__, flat.__contains__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,7 +233,7 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
     from bmretriever_jax.embed import Encoder
     from bmretriever_jax.eval.evaluate import evaluate_retrieval
 
-    mc = _as_config(config)
+    mc = as_config(config)
     if mc.method not in WEIGHTED_METHODS:
         raise ConfigError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {mc.method!r} has none")
     if strategy not in ("grid", "cmaes"):
@@ -369,7 +246,7 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
     n = len(mc.models)
     sources = open_inputs(mc, quiet=True)
     settings = merged_settings(mc, sources, seed)
-    tok_folder = _tokenizer_folder(mc, sources, None)
+    tok_folder = tokenizer_folder(mc, sources, None)
     if not tok_folder:
         raise ConfigError("no input has tokenizer files: cannot encode dev queries")
     cfg = sources[input_refs(mc)[0]].cfg

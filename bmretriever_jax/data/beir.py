@@ -16,6 +16,8 @@ import gzip
 import hashlib
 import json
 import os
+import random
+import shutil
 import warnings
 from typing import Iterator
 
@@ -205,3 +207,29 @@ def corpus_digest(data_dir: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def subset_beir(src: str, dst: str, n_docs: int, seed: int = 0, splits=None) -> str:
+    """A smaller copy of a BEIR folder: every document judged in `splits` (default: every split) + seeded
+    random others up to n_docs, all queries and those splits' qrels. Keeps a run within minutes on 2 CPU
+    cores (the quickstart's corpora, dev sets for merge search); written once, then reused."""
+    if os.path.exists(os.path.join(dst, "corpus.jsonl")):
+        return dst
+    os.makedirs(os.path.join(dst, "qrels"), exist_ok=True)
+    judged = set()
+    for f in os.listdir(os.path.join(src, "qrels")):
+        if splits is not None and f[:-len(".tsv")] not in splits:
+            continue
+        with open(os.path.join(src, "qrels", f)) as fh:
+            judged |= {line.split("\t")[1] for line in list(fh)[1:] if line.strip()}
+        shutil.copy(os.path.join(src, "qrels", f), os.path.join(dst, "qrels", f))
+    shutil.copy(os.path.join(src, "queries.jsonl"), dst)
+    with open(os.path.join(src, "corpus.jsonl")) as fh:
+        lines = [line for line in fh if line.strip()]
+    ids = [json.loads(line)["_id"] for line in lines]
+    others = [i for i, d in enumerate(ids) if d not in judged]
+    random.Random(seed).shuffle(others)
+    keep = {i for i, d in enumerate(ids) if d in judged} | set(others[:max(0, n_docs - len(judged))])
+    with open(os.path.join(dst, "corpus.jsonl"), "w") as fh:
+        fh.writelines(lines[i] for i in sorted(keep))
+    return dst
