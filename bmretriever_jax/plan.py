@@ -59,7 +59,7 @@ def resolve_model_config(name: str, quiet: bool = True) -> Tuple[ModelConfig, st
     """model.name -> (ModelConfig, where it came from): a model folder's config.json, a preset of the papers'
     backbones (when the folder is not on this machine), or a packaged model (gemma3-270m)."""
     from bmretriever_jax.convert.hf import config_from_hf
-    from bmretriever_jax.models import presets
+    from bmretriever_jax.convert import presets
 
     cfg_path = os.path.join(name, "config.json")
     if os.path.isfile(cfg_path):

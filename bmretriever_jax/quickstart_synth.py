@@ -63,8 +63,10 @@ def main(argv=None) -> int:
     keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
-    from bmretriever_jax.cli import main as bmr
-    from bmretriever_jax.eval.suite import evaluate_all, print_table
+    from bmretriever_jax.synth import pipeline
+    from bmretriever_jax.synth.prompt_opt import optimize_instruction, write_report
+    from bmretriever_jax.synth.queries import count_rejected, generate_queries, read_corpus_items
+    from bmretriever_jax.eval.suite import evaluate_all, make_encoder, print_table
     from bmretriever_jax.config import load_config
     from bmretriever_jax.embed import instruction_for
     from bmretriever_jax.train import train
@@ -82,9 +84,12 @@ def main(argv=None) -> int:
                           _judged(scifact, "test") | _judged(scifact, "dev"))
     raw = os.path.join(a.out, "synth", "claims.jsonl")
     kept = os.path.join(a.out, "synth", "claims.filtered.jsonl")
-    if bmr(["synth", "queries", "--corpus", corpus, "--style", "claim", "--task", "scifact", "--out", raw,
-            "--llm", a.llm, "--filter", "--filtered-out", kept]):
-        return 1
+    # what `bmr synth queries --style claim --task scifact --filter` does, with its defaults
+    llm = pipeline.make_llm(a.llm, batch_size=8)
+    print(generate_queries(read_corpus_items(corpus, None), llm, "claim", raw, batch_size=8, max_new_tokens=64,
+                           temperature=0.7, top_p=0.9, seed=0, task="scifact", model_name=a.llm, progress=True))
+    pipeline.run_filter("queries", raw, kept, retriever="bm25", corpus_path=corpus, top_k=10,
+                        instruction=pipeline.instruction_for_pairs(raw, None), generated_empty=count_rejected(raw))
     n_kept = sum(1 for line in open(kept) if line.strip())
     print(f"kept {n_kept} of {a.passages} synthetic claims")
 
@@ -101,12 +106,12 @@ def main(argv=None) -> int:
 
     banner("3. instruction search on the SciFact dev claims (model trained with synthetic data)")
     report = os.path.join(a.out, "prompt_opt", "scifact-dev")
-    if bmr(["optimize-prompt", "--model", runs["scifact+synth"], "--data", bench, "--split", "dev",
-            "--task", "scifact", "--budget", str(a.budget), "--llm", a.llm, "--max-length", str(max_len),
-            "--cache-dir", os.path.join(a.out, "vector_cache"), "--report", report, "--no-write"]):
-        return 1
-    with open(report + ".json") as f:
-        found = json.load(f)
+    # what `bmr optimize-prompt --task scifact --split dev --no-write` does
+    encoder = make_encoder(runs["scifact+synth"], max_length=max_len, quiet=True)
+    found = optimize_instruction(encoder, bench, pipeline.make_llm(a.llm, batch_size=1), task="scifact", split="dev",
+                                 budget=a.budget, n_batches=4, cache_dir=os.path.join(a.out, "vector_cache"),
+                                 rng_seed=0, max_new_tokens=64, temperature=0.7, current=None, progress=True)
+    write_report(found, report)
     winner = found["winner"]
 
     banner(f"4. SciFact test NDCG@10 ({n_docs:,}-document corpus)")

@@ -13,7 +13,8 @@ import pytest
 
 from bmretriever_jax import plan, sharding
 from bmretriever_jax.config import ConfigError, load_config, resolve_mesh_shape
-from bmretriever_jax.models import init_params, presets
+from bmretriever_jax.convert import presets
+from bmretriever_jax.models import init_params
 from bmretriever_jax.train import init_state, make_mesh, make_optimizer, split_params
 
 ROOT = os.path.dirname(os.path.dirname(__file__))

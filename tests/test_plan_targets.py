@@ -13,7 +13,7 @@ import pytest
 
 from bmretriever_jax import podplan, sharding
 from bmretriever_jax.config import ConfigError, load_config
-from bmretriever_jax.models import presets
+from bmretriever_jax.convert import presets
 from bmretriever_jax.targets import parse_target
 
 ROOT = os.path.dirname(os.path.dirname(__file__))

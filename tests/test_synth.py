@@ -454,7 +454,7 @@ def test_generate_negatives_recipe_modes_and_resume(tmp_path):
 
 
 def _cli(argv):
-    from bmretriever_jax.synth.cli import add_commands
+    from bmretriever_jax.cli.synth import add_commands
 
     p = argparse.ArgumentParser(prog="bmr")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -6,11 +6,11 @@ import os
 import sys
 from typing import List, Optional
 
-from bmretriever_jax.cli import data, evaluation, merging, models, training
+from bmretriever_jax.cli import data, evaluation, merging, models, synth, training
 
 # command groups, in the order `bmr --help` lists them; plan / sweep / synth keep their parsers beside their code
-GROUPS = (models, data, training, evaluation, merging)
-EXTERNAL = ("bmretriever_jax.plan", "bmretriever_jax.sweep", "bmretriever_jax.synth.cli")
+GROUPS = (models, data, training, evaluation, merging, synth)
+EXTERNAL = ("bmretriever_jax.plan", "bmretriever_jax.sweep")
 
 
 def _add_quiet(parser: argparse.ArgumentParser, default) -> None:

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Optional, Protocol, Sequence
 
+from bmretriever_jax.errors import UserError
 from bmretriever_jax.synth.generate import Generator, row_seeds, truncate_at_stop
 
 Messages = Sequence[dict]
@@ -29,8 +30,8 @@ class ChatBackend(Protocol):
              top_p: float = 1.0, seed: "int | Sequence[int]" = 0, stop: Sequence[str] = ()) -> list[str]: ...
 
 
-class BackendError(RuntimeError):
-    """A backend could not produce an answer (server down, bad response, HTTP error)."""
+class BackendError(UserError, RuntimeError):
+    """A backend could not produce an answer (server down, bad response, HTTP error): printed as one line by `bmr`."""
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import re
 from typing import Dict, Optional
 
+from bmretriever_jax.convert.hf import config_from_hf
 from bmretriever_jax.models.config import ModelConfig
 
 # name -> config.json fields (only those config_from_hf reads; the rest of each file is training metadata)
@@ -71,8 +72,6 @@ ALIASES: Dict[str, str] = {
 
 def preset(name: str) -> ModelConfig:
     """A preset by its key (see `names()`) or alias -> ModelConfig."""
-    from bmretriever_jax.convert.hf import config_from_hf
-
     key = ALIASES.get(name.lower(), name.lower())
     if key not in HF_CONFIGS:
         raise KeyError(f"no preset {name!r}; known: {', '.join(names())}")

@@ -1,8 +1,10 @@
-"""`bmr synth queries|negatives|filter` and `bmr optimize-prompt`: argument parsing over synth/*."""
+"""`bmr synth queries|negatives|filter` and `bmr optimize-prompt`: argument parsing over synth/ (synth/pipeline.py)."""
 from __future__ import annotations
 
 import json
 import os
+
+from bmretriever_jax.errors import ConfigError
 
 
 def _add_llm_args(s, default_batch: int, default_new: int) -> None:
@@ -25,153 +27,77 @@ def _add_llm_args(s, default_batch: int, default_new: int) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
-def enable_compile_cache() -> None:
-    """Persist XLA programs across runs (~/.cache/bmretriever_jax/xla): the generator compiles one program per
-    prompt-length bucket, 20-50 s each on 2 CPU cores, and a resumed or repeated run should not pay again.
-    A cache directory configured by the user (JAX_COMPILATION_CACHE_DIR) wins."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    from bmretriever_jax.convert.gguf import cache_root
-
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-
-
 def _backend(a):
-    from bmretriever_jax.synth.backends import make_backend
+    from bmretriever_jax.synth.pipeline import make_llm
 
-    if not a.base_url:
-        enable_compile_cache()
-
-    return make_backend(a.llm, base_url=a.base_url, api_key=os.environ.get(a.api_key_env), timeout=a.timeout,
-                        retries=a.retries, concurrency=a.concurrency, dtype=a.llm_dtype, batch_size=a.batch_size,
-                        quiet=a.quiet)
-
-
-def _retriever(spec: str, quiet: bool):
-    """'bm25' | 'none' | a model name or folder (an Encoder) | 'minilm'."""
-    if spec in (None, "", "none"):
-        return None
-    if spec == "bm25":
-        return "bm25"
-    from bmretriever_jax.eval.suite import make_encoder
-
-    return make_encoder(spec, quiet=quiet)
-
-
-def _stem(path: str) -> str:
-    for ext in (".jsonl.gz", ".jsonl", ".json"):
-        if path.endswith(ext):
-            return path[: -len(ext)]
-    return path
-
-
-def _run_filter(kind: str, pairs_path: str, out: str, *, retriever, corpus_path=None, top_k=10, instruction="",
-                report_path=None, quiet=False, generated_empty=0, min_words=None):
-    from bmretriever_jax.data.pairs import read_pairs, write_pairs
-    from bmretriever_jax.data.beir import load_corpus
-    from bmretriever_jax.synth.filters import filter_negatives, filter_queries
-
-    pairs = read_pairs(pairs_path)
-    if kind == "queries":
-        corpus = load_corpus(corpus_path) if corpus_path else None
-        kw = {} if min_words is None else {"min_words": min_words}
-        kept, report = filter_queries(pairs, retriever=retriever, corpus=corpus, top_k=top_k, instruction=instruction,
-                                      generated_empty=generated_empty, **kw)
-    else:
-        kw = {} if min_words is None else {"min_words": min_words}
-        kept, report = filter_negatives(pairs, retriever=retriever, instruction=instruction, **kw)
-    write_pairs(out, kept)
-    report_path = report_path or _stem(out) + ".report.json"
-    with open(report_path, "w") as f:
-        json.dump({"pairs_file": pairs_path, "output_file": out, **report.to_dict()}, f, indent=1)
-    if not quiet:
-        print(report.format())
-    print(f"wrote {len(kept)} pairs to {out} (report: {report_path})")
-
-
-def _instruction_for_pairs(pairs_path: str, explicit):
-    """The query instruction to score pairs with: --instruction, else the first pair's task/instruction."""
-    from bmretriever_jax.data.pairs import iter_pairs
-    from bmretriever_jax.embed import instruction_for
-
-    if explicit:
-        return instruction_for(explicit)
-    for p in iter_pairs(pairs_path):
-        return p.instruction if p.instruction is not None else instruction_for(p.task or "")
-    return ""
+    return make_llm(a.llm, base_url=a.base_url, api_key=os.environ.get(a.api_key_env), timeout=a.timeout,
+                    retries=a.retries, concurrency=a.concurrency, dtype=a.llm_dtype, batch_size=a.batch_size,
+                    quiet=a.quiet)
 
 
 def cmd_synth_queries(a):
-    from bmretriever_jax.synth.backends import BackendError
+    from bmretriever_jax.synth import pipeline as pl
     from bmretriever_jax.synth.queries import count_rejected, generate_queries, read_corpus_items
 
     items = read_corpus_items(a.corpus, a.limit)
-    try:
-        stats = generate_queries(items, _backend(a), a.style, a.out, per_passage=a.per_passage,
-                                 batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                 top_p=a.top_p, seed=a.seed, max_passage_words=a.max_passage_words, task=a.task,
-                                 model_name=a.llm, progress=not a.quiet)
-    except BackendError as e:
-        raise SystemExit(f"bmr synth queries: error: {e}")
+    stats = generate_queries(items, _backend(a), a.style, a.out, per_passage=a.per_passage,
+                             batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                             top_p=a.top_p, seed=a.seed, max_passage_words=a.max_passage_words, task=a.task,
+                             model_name=a.llm, progress=not a.quiet)
     print(json.dumps(stats))
     if a.filter:
-        out = a.filtered_out or _stem(a.out) + ".filtered.jsonl"
-        _run_filter("queries", a.out, out, retriever=_retriever(a.consistency, a.quiet), corpus_path=a.corpus,
-                    top_k=a.top_k, instruction=_instruction_for_pairs(a.out, None), quiet=a.quiet,
-                    generated_empty=count_rejected(a.out))
+        out = a.filtered_out or pl.stem(a.out) + ".filtered.jsonl"
+        pl.run_filter("queries", a.out, out, retriever=pl.make_retriever(a.consistency, a.quiet),
+                      corpus_path=a.corpus, top_k=a.top_k, instruction=pl.instruction_for_pairs(a.out, None),
+                      quiet=a.quiet,
+                      generated_empty=count_rejected(a.out))
 
 
 def cmd_synth_negatives(a):
+    from bmretriever_jax.synth import pipeline as pl
     from bmretriever_jax.data.pairs import read_pairs
-    from bmretriever_jax.synth.backends import BackendError
     from bmretriever_jax.synth.negatives import generate_negatives
 
-    try:
-        stats = generate_negatives(read_pairs(a.pairs), _backend(a), a.out, num_negatives=a.num_negatives,
-                                   mode=a.mode, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                                   temperature=a.temperature, top_p=a.top_p, seed=a.seed, limit=a.limit,
-                                   model_name=a.llm, progress=not a.quiet)
-    except BackendError as e:
-        raise SystemExit(f"bmr synth negatives: error: {e}")
+    stats = generate_negatives(read_pairs(a.pairs), _backend(a), a.out, num_negatives=a.num_negatives,
+                               mode=a.mode, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                               temperature=a.temperature, top_p=a.top_p, seed=a.seed, limit=a.limit,
+                               model_name=a.llm, progress=not a.quiet)
     print(json.dumps(stats))
     if a.filter:
-        out = a.filtered_out or _stem(a.out) + ".filtered.jsonl"
-        _run_filter("negatives", a.out, out, retriever=_retriever(a.retriever, a.quiet),
-                    instruction=_instruction_for_pairs(a.out, None), quiet=a.quiet)
+        out = a.filtered_out or pl.stem(a.out) + ".filtered.jsonl"
+        pl.run_filter("negatives", a.out, out, retriever=pl.make_retriever(a.retriever, a.quiet),
+                      instruction=pl.instruction_for_pairs(a.out, None), quiet=a.quiet)
 
 
 def cmd_synth_filter(a):
+    from bmretriever_jax.synth import pipeline as pl
+
     if a.kind == "queries" and a.retriever not in (None, "none") and not a.corpus:
-        raise SystemExit("bmr synth filter: error: the consistency check of queries needs --corpus")
-    _run_filter(a.kind, a.pairs, a.out, retriever=_retriever(a.retriever, a.quiet), corpus_path=a.corpus,
-                top_k=a.top_k, instruction=_instruction_for_pairs(a.pairs, a.instruction), report_path=a.report,
-                quiet=a.quiet, min_words=a.min_words)
+        raise ConfigError("the consistency check of queries needs --corpus")
+    pl.run_filter(a.kind, a.pairs, a.out, retriever=pl.make_retriever(a.retriever, a.quiet), corpus_path=a.corpus,
+                  top_k=a.top_k, instruction=pl.instruction_for_pairs(a.pairs, a.instruction), report_path=a.report,
+                  quiet=a.quiet, min_words=a.min_words)
 
 
 def cmd_optimize_prompt(a):
     from bmretriever_jax import hub
     from bmretriever_jax.embed import default_task
     from bmretriever_jax.eval.suite import make_encoder
-    from bmretriever_jax.synth.backends import BackendError
     from bmretriever_jax.synth.prompt_opt import optimize_instruction, write_instruction, write_report
 
     task = a.task or default_task(a.data)
     if not task:
-        raise SystemExit("bmr optimize-prompt: error: cannot tell the task from the data folder name; pass --task")
+        raise ConfigError("cannot tell the task from the data folder name; pass --task")
     encoder = make_encoder(a.model, max_length=a.max_length, dtype=a.dtype, quiet=a.quiet)
     folder = None if a.model == "minilm" else hub.resolve(a.model, quiet=True)
     current = hub.retriever_settings(folder).get("instructions", {}).get(task) if folder else None
-    cache_dir = a.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bmretriever_jax", "vectors")
-    try:
-        res = optimize_instruction(encoder, a.data, _backend(a), task=task, split=a.split, budget=a.budget,
-                                   n_seeds=a.n_seeds, n_batches=a.n_batches, cache_dir=cache_dir, rng_seed=a.seed,
-                                   max_new_tokens=a.max_new_tokens, temperature=a.temperature, current=current,
-                                   progress=not a.quiet)
-    except BackendError as e:
-        raise SystemExit(f"bmr optimize-prompt: error: {e}")
+    from bmretriever_jax.convert.gguf import cache_root
+
+    cache_dir = a.cache_dir or os.path.join(cache_root(), "vectors")  # $BMR_CACHE/vectors
+    res = optimize_instruction(encoder, a.data, _backend(a), task=task, split=a.split, budget=a.budget,
+                               n_seeds=a.n_seeds, n_batches=a.n_batches, cache_dir=cache_dir, rng_seed=a.seed,
+                               max_new_tokens=a.max_new_tokens, temperature=a.temperature, current=current,
+                               progress=not a.quiet)
     prefix = a.report or os.path.join("runs", "prompt_opt", f"{os.path.basename(os.path.normpath(a.data))}-{task}")
     js, tsv = write_report(res, prefix)
     for c in res["candidates"]:
@@ -239,7 +165,7 @@ def add_commands(sub) -> None:
     o.add_argument("--n-batches", type=int, default=4, help="dev mini-batches of the Pareto front")
     o.add_argument("--max-length", type=int, default=None)
     o.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
-    o.add_argument("--cache-dir", default=None, help="corpus vector cache (default ~/.cache/bmretriever_jax/vectors)")
+    o.add_argument("--cache-dir", default=None, help="corpus vector cache (default $BMR_CACHE/vectors, i.e. ~/.cache/bmretriever_jax/vectors)")
     o.add_argument("--report", default=None, help="report prefix (.tsv/.json; default runs/prompt_opt/<data>-<task>)")
     o.add_argument("--no-write", action="store_true", help="do not write the winner into the model's bmretriever.json")
     _add_llm_args(o, default_batch=1, default_new=64)
