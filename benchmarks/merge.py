@@ -38,7 +38,7 @@ def make_checkpoints(work: str) -> dict:
     from bmretriever_jax import hub
     from bmretriever_jax.convert.hf import config_to_hf
     from bmretriever_jax.convert.names import params_to_hf
-    from bmretriever_jax.export import copy_tokenizer
+    from bmretriever_jax.convert.export import copy_tokenizer
 
     shutil.rmtree(work, ignore_errors=True)
     cfg, params, _, folder = hub.load("gemma3-270m", quiet=True)

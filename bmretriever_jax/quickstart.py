@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         experts[name] = os.path.join(a.out, name)
 
     banner("4. merge the experts (linear, mergekit YAML) and export for sentence-transformers")
-    from bmretriever_jax.export import export
+    from bmretriever_jax.convert.export import export
     from bmretriever_jax.merge.folder import merge_to_folder
 
     import yaml

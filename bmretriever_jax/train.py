@@ -432,16 +432,12 @@ def dev_eval(run: RunConfig, model_cfg, params, tokenizer) -> dict:
 def export_model(run: RunConfig, model_cfg, params, trainable, source_folder: str, out: str) -> str:
     """The trained retriever (merged `params` from `host_params`) as a transformers folder (+ tokenizer +
     bmretriever.json) and, with LoRA, the adapter tree (adapter.safetensors) for PEFT export."""
-    import shutil
-
     from safetensors.numpy import save_file
 
-    from bmretriever_jax.convert.hf import save_hf
+    from bmretriever_jax.convert.hf import copy_tokenizer, save_hf
 
     save_hf(model_cfg, params, out, bidirectional=run.model.bidirectional)
-    for f in os.listdir(source_folder):
-        if f.startswith("tokenizer") or f in ("special_tokens_map.json", "chat_template.jinja"):
-            shutil.copy(os.path.join(source_folder, f), out)
+    copy_tokenizer(source_folder, out)  # the same file list as every export
     settings = {"pooling": run.model.pooling, "normalize": run.model.normalize, "max_length": run.model.max_length,
                 "bidirectional": run.model.bidirectional, "base_model": run.model.name,
                 "lora": dataclasses.asdict(run.lora) if run.lora.enabled else None}

@@ -15,7 +15,7 @@ import transformers
 from safetensors.numpy import save_file
 
 from bmretriever_jax import checkpoint as ckpt
-from bmretriever_jax import export as ex
+from bmretriever_jax.convert import export as ex
 from bmretriever_jax import lora, treeutil
 from bmretriever_jax.config import LoraSection, RunConfig, to_dict
 from bmretriever_jax.convert.hf import load_hf, save_hf

@@ -11,7 +11,7 @@ import pytest
 from bmretriever_jax.cli import main as bmr
 import yaml
 
-from bmretriever_jax import export as ex
+from bmretriever_jax.convert import export as ex
 from bmretriever_jax import lora, merge, treeutil
 from bmretriever_jax.merge import folder, methods, search
 from bmretriever_jax.cli import merging

@@ -37,7 +37,7 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_synth_runs_end_to_end(tiny, tmp_path):
-    from bmretriever_jax import quickstart_synth
+    from bmretriever_jax import paths, quickstart_synth
 
     out = str(tmp_path / "qs")
     assert quickstart_synth.main(["--out", out, "--passages", "6", "--steps", "2", "--budget", "2", "--model", tiny,
@@ -51,7 +51,7 @@ def test_quickstart_synth_runs_end_to_end(tiny, tmp_path):
     # the synthetic claims never come from a document judged for a dev or test claim
     judged = set()
     for split in ("dev", "test"):
-        with open(os.path.join(quickstart_synth.ROOT, "data", "scifact", "qrels", f"{split}.tsv")) as f:
+        with open(paths.shipped_data("scifact", "qrels", f"{split}.tsv")) as f:
             judged |= {line.split("\t")[1] for line in list(f)[1:]}
     corpus = [json.loads(line)["_id"] for line in open(os.path.join(out, "synth", "corpus.jsonl"))]
     assert len(corpus) == 6 and not judged & set(corpus)

@@ -179,7 +179,7 @@ def test_plan_memory_table_runs_as_printed(in_clone_dir):
 @pytest.mark.parametrize("group", ["merging"])
 def test_parser_choices_equal_the_library_tables(group):
     """The CLI spells out choices so that `bmr --help` imports no jax; they must stay the library's."""
-    from bmretriever_jax import export
+    from bmretriever_jax.convert import export
     from bmretriever_jax.cli import merging
     from bmretriever_jax.merge import search
 

@@ -22,7 +22,7 @@ def cmd_merge(a):
 
 
 def cmd_export(a):
-    from bmretriever_jax import export as ex
+    from bmretriever_jax.convert import export as ex
 
     out = ex.export(a.source, a.out, a.format, step=a.step, instruction=a.instruction, max_length=a.max_length,
                     dtype=a.dtype, base_model=a.base_model, quiet=a.quiet)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Tuple
+import shutil
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -211,3 +212,21 @@ def save_hf(cfg: ModelConfig, params: Dict, path: str, *, bidirectional: bool = 
     d.update(extra_config or {})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f, indent=2)
+
+
+# Files that make a tokenizer besides tokenizer*.json / tokenizer.model / tokenizer_config.json.
+_TOKENIZER_EXTRA = ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+                    "spiece.model")
+
+
+def tokenizer_files(folder: Optional[str]) -> List[str]:
+    if not folder or not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.startswith("tokenizer") or f in _TOKENIZER_EXTRA)
+
+
+def copy_tokenizer(folder: Optional[str], out: str) -> List[str]:
+    files = tokenizer_files(folder)
+    for f in files:
+        shutil.copy(os.path.join(folder, f), os.path.join(out, f))
+    return files

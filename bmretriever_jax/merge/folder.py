@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from bmretriever_jax import export as ex
+from bmretriever_jax.convert import export as ex
 from bmretriever_jax.errors import ConfigError
 from bmretriever_jax.merge.methods import METHODS
 from bmretriever_jax.merge.mergekit import MergeConfig, parse_merge_config, run_merge
