@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from bmretriever_jax import treeutil
 from bmretriever_jax.errors import ConfigError, UserError
 
 
@@ -36,7 +37,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data: Dict, meta: Dict) 
 
 def _paths(tree) -> Dict[str, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): leaf for p, leaf in flat}
+    return {treeutil.path_str(p): leaf for p, leaf in flat}
 
 
 def check_compatible(stored_tree, abstract) -> None:

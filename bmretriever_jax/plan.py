@@ -25,6 +25,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from bmretriever_jax.config import ConfigError, RunConfig, load_config, resolve_mesh_shape, to_dict
 from bmretriever_jax.models.config import ModelConfig
+from bmretriever_jax import treeutil
 
 GiB = 2**30
 MiB = 2**20
@@ -116,7 +117,7 @@ def _local_bytes(tree, mesh, *, prefix: str = "", gathered: Sequence[str] = (), 
 
     total = 0
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = prefix + jax.tree_util.keystr(path, simple=True, separator="/")
+        name = prefix + treeutil.path_str(path)
         shape = list(x.shape)
         for i, axis in enumerate(tuple(sharding.spec_for(name, x.shape, mesh))):
             for a in (axis,) if isinstance(axis, str) else (axis or ()):
@@ -296,7 +297,7 @@ def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
             try:
                 s.shard_shape(x.shape)
             except Exception as e:  # noqa: BLE001 -- jax's message does not say which parameter
-                name = jax.tree_util.keystr(path, simple=True, separator="/")
+                name = treeutil.path_str(path)
                 raise ValueError(f"{name} {tuple(x.shape)}: sharding {s.spec} does not fit: {e}") from None
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 

@@ -9,11 +9,12 @@ to mesh axes. Stacked layer params carry a leading "layers" axis that is never s
 from __future__ import annotations
 
 import math
-import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bmretriever_jax import treeutil
 
 # (regex over the parameter path, logical axes of the array's dimensions)
 DEFAULT_RULES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
@@ -31,14 +32,13 @@ LOGICAL_TO_MESH: Dict[str, Optional[str]] = {
 
 
 def _path(p) -> str:
-    return jax.tree_util.keystr(p, simple=True, separator="/")
+    return treeutil.path_str(p)
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES, logical=LOGICAL_TO_MESH) -> P:
     """PartitionSpec of one leaf; an axis is only sharded when the mesh axis size divides it."""
     for regex, axes in rules:
-        # rules name parameter paths; they also match the same leaf inside optimizer state or a train state
-        if re.search(rf"(^|/){regex}$", path):
+        if treeutil.matches_within(path, regex):  # also the same leaf inside an optimizer or train state
             if axes is None or len(axes) != len(shape):
                 return P()
             out = []

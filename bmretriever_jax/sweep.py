@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from bmretriever_jax import tables
 from bmretriever_jax.config import ConfigError, load_config
 
 POINT_FILE = "point.json"
@@ -304,14 +305,9 @@ def plot_sweep(rows: List[dict], path: str) -> str:
 def print_table(rows: List[dict]) -> str:
     cols = ["point", "final_loss", "dev_ndcg@10", "examples_per_s", "step_peak_mb", "plan_estimate_mb", "peak_rss_mb",
             "seconds"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    w = max([len(r["point"]) for r in rows] + [5])
-    lines = [f"{'point':<{w}}  " + "  ".join(f"{c:>16}" for c in cols[1:])]
-    for r in rows:
-        cells = [f"{r[c]:>16.4g}" if isinstance(r.get(c), (int, float)) else f"{str(r.get(c, '')):>16}"
-                 for c in cols[1:]]
-        lines.append(f"{r['point']:<{w}}  " + "  ".join(cells) + ("  FAILED" if "error" in r else ""))
-    text = "\n".join(lines)
+    cols = [c for c in cols if any(c in r for r in rows)] + ["status"]
+    text = tables.render(cols, [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c) for c in cols[:-1]]
+                                + ["FAILED" if "error" in r else "ok"] for r in rows])
     print(text)
     return text
 

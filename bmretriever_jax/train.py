@@ -26,6 +26,7 @@ from bmretriever_jax import lora as lora_lib
 from bmretriever_jax import losses, sharding, treeutil
 from bmretriever_jax.atomic import atomic_write
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
+from bmretriever_jax.distributed import is_host0
 from bmretriever_jax.embed import (default_task, embed_batch, format_passage, format_query, instruction_for, pad_left,
                                    tokenize)
 from bmretriever_jax.errors import ConfigError, DataFormatError, InputPathError, UserError
@@ -277,10 +278,6 @@ def _log(path: str, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
-def _host0() -> bool:
-    return jax.process_index() == 0
-
-
 def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[int] = None,
           allow_config_change: bool = False) -> dict:
     """Train (resuming from the newest good checkpoint in run.out/checkpoints if any); returns final metrics.
@@ -324,7 +321,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
 
     mngr = ckpt.manager(os.path.join(run.out, "checkpoints"), keep=run.train.keep)
     meta = {"config": to_dict(run), "model_folder": folder, "model_config": model_cfg.to_dict()}
-    say = (lambda msg: print(msg, flush=True)) if _host0() else (lambda msg: None)
+    say = (lambda msg: print(msg, flush=True)) if is_host0() else (lambda msg: None)
     restored = ckpt.restore(mngr, jax.eval_shape(lambda s: s, state), warn=say)
     log_path = os.path.join(run.out, "metrics.jsonl")
     if restored is not None:
@@ -333,7 +330,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                                       os.path.join(run.out, "checkpoints"))
         state = jax.device_put(state, state_shardings)
         loader.restore(data_state)
-        if _host0():
+        if is_host0():
             _truncate_metrics(log_path, step0 // run.train.grad_accum)
             if changes:
                 _log(os.path.join(run.out, "config_changes.jsonl"), {"step": step0, "changes": changes,
@@ -341,7 +338,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                 say(f"resuming with config changes (--allow-config-change): {'; '.join(changes)}")
         if not quiet:
             say(f"resumed from step {step0} ({run.out}/checkpoints)")
-    if _host0():
+    if is_host0():
         with open(os.path.join(run.out, "config.yaml"), "w") as f:
             f.write(dump(run))
 
@@ -353,13 +350,13 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     it = iter(loader)
     last = {}
     t0, seen = time.time(), 0
-    bar = tqdm(total=total_micro // accum, initial=micro // accum, desc="train", disable=quiet or not _host0(),
+    bar = tqdm(total=total_micro // accum, initial=micro // accum, desc="train", disable=quiet or not is_host0(),
                unit="step")
     try:
         if run.data.dev and run.train.eval_every and micro == 0 and stop_at > 0:
             # the untrained model's dev metrics: the baseline every later evaluation is read against
             params, _ = host_params(run, state, frozen)
-            if _host0():
+            if is_host0():
                 _log(log_path, {"step": 0, **dev_eval(run, model_cfg, params, tokenizer)})
         while micro < stop_at:
             batch = to_global(next(it), mesh)
@@ -380,14 +377,14 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                 last = {k: float(v) for k, v in metrics.items()}
                 last.update(step=step, examples_per_s=seen / max(el, 1e-9), lr=float(make_schedule(run)(step)))
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_s']:.1f}")
-                if _host0():
+                if is_host0():
                     _log(log_path, last)
                 t0, seen = time.time(), 0
             if step % run.train.save_every == 0 or micro == total_micro:
                 ckpt.save(mngr, micro, state, loader.state(), meta)
             if run.data.dev and run.train.eval_every and step % run.train.eval_every == 0 and micro < total_micro:
                 params, _ = host_params(run, state, frozen)  # every process takes part in the gather
-                if _host0():
+                if is_host0():
                     _log(log_path, {"step": step, **dev_eval(run, model_cfg, params, tokenizer)})
         mngr.wait_until_finished()
     finally:
@@ -396,7 +393,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     result = dict(last)
     if micro == total_micro:
         params, trainable = host_params(run, state, frozen)
-        if _host0():
+        if is_host0():
             export_model(run, model_cfg, params, trainable, folder, os.path.join(run.out, "model"))
             if run.data.dev:
                 ev = dev_eval(run, model_cfg, params, tokenizer)

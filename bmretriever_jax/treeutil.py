@@ -15,6 +15,13 @@ from typing import Any
 SEP = "/"
 
 
+def path_str(keypath) -> str:
+    """A jax key path -> the "/"-joined parameter path every selector here matches ("layers/attn/q/kernel")."""
+    import jax
+
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
+
+
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dicts -> {"a/b/c": leaf}, in insertion order. Empty dicts vanish (they hold no leaf)."""
     if not isinstance(tree, Mapping):
@@ -54,6 +61,12 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def matches(path: str, patterns: Iterable[str]) -> bool:
     return any(re.fullmatch(p, path) for p in patterns)
+
+
+def matches_within(path: str, pattern: str) -> bool:
+    """The same full match as `matches`, of `path` or of any "/"-suffix of it: one rule for a parameter also names
+    that parameter inside an optimizer or train state ("opt_state/0/mu/model/layers/attn/q/kernel")."""
+    return re.fullmatch(rf"(?:.*/)?(?:{pattern})", path) is not None
 
 
 def select(tree_or_paths: Mapping[str, Any] | Iterable[str], patterns: Iterable[str]) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from bmretriever_jax.atomic import CacheWarning, atomic_write, check_file, remove_stale_temps, write_checksum
+from bmretriever_jax import tables
 from bmretriever_jax.eval import metrics
 from bmretriever_jax.data.beir import Corpus, corpus_digest, load_beir
 from bmretriever_jax.eval.search import topk_search
@@ -175,15 +176,7 @@ def format_table(results: Mapping[str, Any], columns: Sequence[str] | None = Non
     """Markdown table. `results` is {row name: {metric: value}} or one {metric: value} dict (one row)."""
     if results and all(isinstance(v, (int, float)) for v in results.values()):
         results = {"": results}
-    if columns is None:
-        columns = []
-        for row in results.values():
-            columns += [c for c in row if c not in columns]
-    lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for name, row in results.items():
-        cells = [f"{row[c]:.{digits}f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return tables.from_records(results, columns, digits=digits, markdown=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

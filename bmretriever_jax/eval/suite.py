@@ -5,6 +5,7 @@ import os
 import time
 from typing import Dict
 
+from bmretriever_jax import tables
 from bmretriever_jax.convert.gguf import cache_root
 from bmretriever_jax.embed import default_task
 from bmretriever_jax.errors import InputPathError
@@ -85,11 +86,7 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
 def print_table(results: Dict[str, Dict[str, float]]) -> str:
     cols = ["ndcg@10", "mrr@10", "recall@100", "spearman", "pearson", "seconds"]
     cols = [c for c in cols if any(c in r for r in results.values())]
-    w = max([len(k) for k in results] + [10])
-    lines = [f"{'model | data':<{w}}  " + "  ".join(f"{c:>10}" for c in cols), "-" * (w + 12 * len(cols))]
-    for k, r in results.items():
-        lines.append(f"{k:<{w}}  " + "  ".join(f"{r[c]:>10.4f}" if c in r and c != "seconds" else
-                                                 (f"{r[c]:>10.1f}" if c in r else f"{'':>10}") for c in cols))
-    table = "\n".join(lines)
+    shown = {k: {c: (f"{v:.1f}" if c == "seconds" else v) for c, v in r.items()} for k, r in results.items()}
+    table = tables.from_records(shown, cols, first="model | data")
     print(table)
     return table
