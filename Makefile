@@ -45,7 +45,7 @@ $(CUDA_PLUGIN)/.installed: $(STAMP)
 	touch $@
 
 test: $(STAMP) $(TPU_PLUGIN)/.installed
-	BMR_PLUGIN_PATH=$(TPU_PLUGIN) $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	BMR_PLUGIN_PATH=$(TPU_PLUGIN) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-slow: $(STAMP) $(TPU_PLUGIN)/.installed $(CUDA_PLUGIN)/.installed
 	BMR_PLUGIN_PATH=$(TPU_PLUGIN):$(CUDA_PLUGIN) $(BIN)/python -m pytest -q -m slow
