@@ -110,6 +110,7 @@ def _target_run(run: RunConfig) -> RunConfig:
 def compile_on_target(run: RunConfig, target: Target, devices) -> dict:
     """Compile the full-size step of `run` on the target's devices -> figures per chip (bytes, seconds)."""
     from bmretriever_jax import plan, sharding
+    from bmretriever_jax.models import decoder
 
     run = _target_run(run)
     shape = resolve_mesh_shape(run.mesh, target.n_chips)
@@ -128,7 +129,9 @@ def compile_on_target(run: RunConfig, target: Target, devices) -> dict:
     common = {"mesh": list(shape), "estimate_bytes": estimate, "global_batch_size": B,
               "grad_cache_chunk": run.train.grad_cache_chunk, "model_source": source}
     try:
-        compiled, _ = plan.compile_train_step(cfg, run, mesh)
+        # traced as for the target's chips, not for this CPU process (decoder.compiling_for: no CPU row chunking)
+        with decoder.compiling_for(target.chip.platform):
+            compiled, _ = plan.compile_train_step(cfg, run, mesh)
     except Exception as e:  # noqa: BLE001 -- XLA:TPU refuses programs larger than HBM: that is the answer
         msg = str(e)
         if "Ran out of memory" not in msg and "RESOURCE_EXHAUSTED" not in msg:

@@ -147,8 +147,11 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
     def scale_of(trainable):
         return trainable.get("log_scale") if t.learn_temperature else None
 
-    # hidden states [rows, T, D] stay split over the batch axes layer after layer (the plain path; the
-    # gradient cache embeds inside shard_map, where every array is already per device)
+    # hidden states [rows, T, D] stay split over the batch axes layer after layer, in the plain path and in
+    # the gradient cache's chunks alike. Without the pin, a chunk's re-embedding (a vjp inside the cache's
+    # scan over chunks) is left to sharding propagation, which splits its rows over "data" only (the FSDP
+    # weights claim "fsdp" for the feature axis): every chip of an fsdp group then computes the group's rows,
+    # fsdp x the activations (with data>1 and fsdp>1; an fsdp-only mesh has no second axis to fall back to).
     act = NamedSharding(mesh, P(BATCH_AXES, None, None)) if sharded else None
 
     def plain_loss(trainable, frozen, batch, key):
@@ -164,7 +167,7 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
     def cached_loss_and_grads(trainable, frozen, batch):
         def embed_fn(model_tree, chunk):
             params = assemble(run, model_tree, frozen)
-            return embed_batch(model_cfg, params, chunk["ids"], chunk["mask"], **embed_kw)
+            return embed_batch(model_cfg, params, chunk["ids"], chunk["mask"], activation_sharding=act, **embed_kw)
 
         qb = {"ids": batch["q_ids"], "mask": batch["q_mask"]}
         pb = {"ids": batch["p_ids"], "mask": batch["p_mask"]}

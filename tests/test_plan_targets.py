@@ -147,3 +147,16 @@ def _documented_target(path):
 def test_every_paper_config_compiles_and_fits_on_its_target(path):
     r = _bmr(path, "--target", _documented_target(path))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_target_compile_traces_without_cpu_row_chunking():
+    """forward's CPU-only row chunking (a lax.map over row blocks) must not reach a TPU / GPU compile made from a
+    CPU process: it would measure another program than the chips run (it also hid the gradient cache's
+    (data, fsdp) sharding bug behind a different one)."""
+    from bmretriever_jax.models import decoder
+
+    assert decoder._row_chunks(64, 512) > 1  # this test session is on CPU
+    for platform in ("tpu", "cuda"):
+        with decoder.compiling_for(platform):
+            assert decoder._row_chunks(64, 512) == 1
+    assert decoder._row_chunks(64, 512) > 1

@@ -12,6 +12,7 @@ layer (measured 5% slower on Gemma 3 270M).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Any, Optional
@@ -381,9 +382,26 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 CPU_CHUNK_TOKENS = 2048
 
 
+# The platform the traced program is compiled for when that is not this process's default backend: a deviceless
+# compile for TPU / GPU from a CPU process (`bmr plan --target`) must not get the CPU-only row chunking, or it
+# measures a different program from the one the chips run (see `compiling_for`).
+_TARGET_PLATFORM: Optional[str] = None
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace `forward` as for `platform` ("tpu", "gpu", "cpu") inside this block, whatever jax.default_backend()."""
+    global _TARGET_PLATFORM
+    previous, _TARGET_PLATFORM = _TARGET_PLATFORM, platform
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM = previous
+
+
 def _row_chunks(batch: int, seq: int) -> int:
     """How many chunks to split `batch` rows of `seq` tokens into on CPU (1 = no chunking)."""
-    if jax.default_backend() != "cpu" or CPU_CHUNK_TOKENS <= 0:
+    if (_TARGET_PLATFORM or jax.default_backend()) != "cpu" or CPU_CHUNK_TOKENS <= 0:
         return 1
     return min(batch, -(-batch * seq // CPU_CHUNK_TOKENS))
 
