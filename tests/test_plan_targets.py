@@ -27,8 +27,19 @@ def _plugin(module):
         os.path.isdir(os.path.join(p, module)) for p in paths)
 
 
-needs_tpu = pytest.mark.skipif(not _plugin("libtpu"), reason="libtpu not installed (make test installs it)")
-needs_cuda = pytest.mark.skipif(not _plugin("jax_cuda12_plugin"), reason="CUDA plugin not installed (make test-slow)")
+@pytest.fixture
+def _libtpu():
+    assert _plugin("libtpu"), "libtpu is not installed: `make test` installs it (BMR_PLUGIN_PATH=.venv/plugins/tpu)"
+
+
+@pytest.fixture
+def _cuda_plugin():
+    assert _plugin("jax_cuda12_plugin"), "the CUDA plugin is not installed: `make test-slow` installs it"
+
+
+# a compiler the test set-up installs is a requirement, not a reason to skip
+needs_tpu = pytest.mark.usefixtures("_libtpu")
+needs_cuda = pytest.mark.usefixtures("_cuda_plugin")
 
 
 @pytest.mark.parametrize("name,topology,chips,hosts", [
@@ -117,8 +128,9 @@ def test_mesh_over_part_of_a_slice_is_a_one_line_error():
 
 def test_without_the_compiler_says_how_to_install_and_exits_2(tmp_path):
     """A GPU target where the CUDA plugin is not importable (PYTHONPATH / BMR_PLUGIN_PATH without it)."""
-    if importlib.util.find_spec("jax_cuda12_plugin") is not None:
-        pytest.skip("the CUDA plugin is installed in this environment")
+    # BMR_PLUGIN_PATH points at an empty folder, so the compile subprocess cannot find the plugin even where
+    # `make test-slow` installed it beside the venv (it is never installed into the venv itself)
+    assert importlib.util.find_spec("jax_cuda12_plugin") is None, "the CUDA plugin must not be in the venv"
     r = _bmr(SMOKE, "--target", "h100x8", env_extra={"BMR_PLUGIN_PATH": str(tmp_path)})
     assert r.returncode == 2, r.stdout + r.stderr
     assert "the CUDA compiler is not installed: pip install -e '.[gpu]'" in r.stdout
