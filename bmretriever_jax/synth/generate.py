@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmretriever_jax.models.config import ModelConfig
-from bmretriever_jax.models.decoder import decode_step, head_weights, logits, prefill, unstack_layers
+from bmretriever_jax.models.decoder import decode_step, head_weights, prefill, unstack_layers
+from bmretriever_jax.models.decoder import logits as lm_logits
 from bmretriever_jax.precision import resolve_dtype
 
 # SmolLM2's own template (ChatML) without its default system prompt: the fallback for tokenizers that
@@ -85,7 +86,7 @@ def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: 
     row_mask = jnp.concatenate([attention_mask > 0, jnp.ones((B, N), bool)], axis=1)     # [B, T + N]
     slots = jnp.arange(T + N)
 
-    tok = sample_logits(logits(cfg, params, h, dtype, head=head), step_keys(keys, 0), temperature, top_p)
+    tok = sample_logits(lm_logits(cfg, params, h, dtype, head=head), step_keys(keys, 0), temperature, top_p)
     out = jnp.full((B, N), pad_id).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
 
@@ -98,7 +99,7 @@ def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: 
         slot = T + i
         h, ck, cv = decode_step(cfg, params, tok, prompt_len + i, ck, cv, row_mask & (slots < slot)[None], slot,
                                 dtype=dtype)
-        nxt = sample_logits(logits(cfg, params, h, dtype, head=head), step_keys(keys, i + 1), temperature, top_p)
+        nxt = sample_logits(lm_logits(cfg, params, h, dtype, head=head), step_keys(keys, i + 1), temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
         return i + 1, nxt, out, done | jnp.isin(nxt, eos), ck, cv
