@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmretriever_jax.models import ModelConfig, forward
+from bmretriever_jax.models import ModelConfig, encode
 from bmretriever_jax.precision import resolve_dtype
 
 # BMRetriever's task instructions (its evaluation code and mteb's BMRetriever settings); keys are the task
@@ -104,25 +104,11 @@ def pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int, rows: Opti
     return ids, mask
 
 
-def pool(hidden: jax.Array, mask: jax.Array, pooling: str, normalize: bool) -> jax.Array:
-    """hidden [B, T, D], mask [B, T] -> [B, D] float32 (last token: left padding puts it at T-1)."""
-    if pooling == "last":
-        v = hidden[:, -1]
-    elif pooling == "mean":
-        m = mask[..., None].astype(hidden.dtype)
-        v = (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    else:
-        raise ValueError(f"unknown pooling {pooling!r}; allowed: last, mean")
-    if normalize:
-        v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-    return v
-
-
 def embed_batch(cfg: ModelConfig, params, input_ids, attention_mask, *, pooling="last", normalize=True,
                 dtype="auto", bidirectional=False, **fwd_kw) -> jax.Array:
-    """[B, T] ids/mask -> [B, D] vectors; the function training differentiates."""
-    h = forward(cfg, params, input_ids, attention_mask, dtype=dtype, bidirectional=bidirectional, **fwd_kw)
-    return pool(h, attention_mask, pooling, normalize)
+    """[B, T] ids/mask -> [B, D] vectors (the `Encoder` module); the function training differentiates."""
+    return encode(cfg, params, input_ids, attention_mask, pooling=pooling, normalize=normalize, dtype=dtype,
+                  bidirectional=bidirectional, **fwd_kw)
 
 
 def _bucket(n: int, max_length: int) -> int:

@@ -32,7 +32,7 @@ MiB = 2**20
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Bytes the backward pass keeps per token of one decoder layer, per unit of each width, plus the attention
-# probabilities (H x T per token). What autodiff must save in `models/decoder.py` is ~12 B per hidden unit
+# probabilities (H x T per token). What autodiff must save in `models/modules.py` is ~12 B per hidden unit
 # (f32 norm inputs, bf16 matmul inputs), ~14 B per unit of a gated MLP (f32 gate / up / activation, bf16
 # down input; ~6 B for a plain one), ~8 B per q/k/v unit and 4 + 2 B per attention probability (f32
 # softmax output, bf16 copy for the PV matmul). XLA keeps more (unfused converts, gradient temporaries):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax.models.decoder import mp_einsum
+from bmretriever_jax.models.ops import mp_einsum
 
 SPECS = [("...i,io->...o", (3, 5, 64), (64, 48)),   # linear
          ("bqd,bsd->bqs", (4, 16, 32), (4, 12, 32)),  # attention scores
@@ -77,7 +77,7 @@ def _plain_lora(x, xa, w, a, b):
 
 @pytest.mark.parametrize("with_dropout", [False, True])
 def test_lora_linear_fp32_equals_autodiff(with_dropout):
-    from bmretriever_jax.models.decoder import lora_linear
+    from bmretriever_jax.models.ops import lora_linear
 
     x, xa, w, a, b, cot = _lora_inputs()
     xa = xa if with_dropout else None
@@ -97,7 +97,7 @@ def test_lora_linear_fp32_equals_autodiff(with_dropout):
 
 
 def test_lora_linear_bf16_within_rounding_and_bf16_backward():
-    from bmretriever_jax.models.decoder import lora_linear
+    from bmretriever_jax.models.ops import lora_linear
 
     x, _, w, a, b, cot = _lora_inputs(seed=1, n_in=64, n_out=48, r=8)
     f = lambda x, w, a, b: jnp.sum(lora_linear(x, None, w, a, b, jnp.bfloat16) * cot)  # noqa: E731
@@ -115,7 +115,7 @@ def test_lora_linear_bf16_within_rounding_and_bf16_backward():
 def test_lora_linear_frozen_base_drops_the_weight_gradient():
     """With the base frozen (LoRA training), the compiled backward has no [in, out] weight-gradient matmul;
     with the base trained (full fine-tuning) it has."""
-    from bmretriever_jax.models.decoder import lora_linear
+    from bmretriever_jax.models.ops import lora_linear
 
     x, _, w, a, b, cot = _lora_inputs(seed=2, lead=(4, 8), n_in=40, n_out=56, r=4)
     loss = lambda w, a, b, x: jnp.sum(lora_linear(x, None, w, a, b, jnp.float32) * cot)  # noqa: E731

@@ -1,12 +1,15 @@
-"""Decoder backbones: a `ModelConfig` plus a pytree of arrays; `forward` is a pure function.
+"""Decoder backbones: a `ModelConfig`, the flax.linen modules (`Decoder`, `Encoder`) and a pytree of arrays;
+`forward`, `encode`, `logits` are pure functions over that pytree.
 
-The decoder (and so jax) is imported on first use of one of its names, so that reading a config - what
-`bmr --help` and `bmr plan --no-compile` need - stays cheap.
+The modules (and so jax and flax) are imported on first use of one of their names, so that reading a config -
+what `bmr --help` and `bmr plan --no-compile` need - stays cheap.
 """
 from bmretriever_jax.models.config import FAMILIES, ModelConfig
 
-__all__ = ["FAMILIES", "ModelConfig", "forward", "init_params", "logits", "param_shapes"]
-_DECODER = ("forward", "init_params", "logits", "param_shapes")
+__all__ = ["FAMILIES", "Decoder", "Encoder", "ModelConfig", "encode", "forward", "init_params", "logits",
+           "param_shapes"]
+_DECODER = ("encode", "forward", "init_params", "logits", "param_shapes")
+_MODULES = ("Decoder", "Encoder")
 
 
 def __getattr__(name):
@@ -14,4 +17,8 @@ def __getattr__(name):
         from bmretriever_jax.models import decoder
 
         return getattr(decoder, name)
+    if name in _MODULES:
+        from bmretriever_jax.models import modules
+
+        return getattr(modules, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The one model config every decoder family is described by.
 
 Families differ only in switches (norm type, gated MLP, parallel residual, q/k norms, sandwich norms,
-rope theta per layer type, ...), so a single set of layers in `decoder.py` serves GPT-NeoX, Llama/Mistral,
+rope theta per layer type, ...), so a single set of modules in `modules.py` serves GPT-NeoX, Llama/Mistral,
 Gemma, Gemma 3 and Qwen3.
 """
 from __future__ import annotations

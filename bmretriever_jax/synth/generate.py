@@ -1,17 +1,11 @@
 """Text generation with a KV cache: batched, left-padded prompts, one jitted prefill + `lax.while_loop` decode.
 
-The layers mirror `models.decoder.attention` / `models.decoder.block` (GQA, q/k norms, sandwich norms,
-per-layer sliding windows and rope thetas, GPT-NeoX parallel residual) and reuse its public pieces, so the
-numerics are those of `decoder.forward` + `decoder.logits` with the same `dtype`: matmul inputs in `dtype`
-(bf16 by default), float32 accumulation, float32 residual stream, norms, softmax and rotary maths.
+The model is the package's one `Decoder` module (`models.decoder.prefill` / `decode_step`, the same layers,
+attention and numerics as `forward` + `logits` with the same `dtype`); this file holds only sampling, the
+decode loop and host-side batching.
 
-Cache layout: k and v are each [L, B, K, T + N, hd] in `dtype` (decoder.attention casts k/v to `dtype`
-before its einsums, so storing them in `dtype` changes nothing). KV heads come before time so that each
-(row, KV head) sequence is contiguous and a decode step's attention is two plain batched matmuls, the layout
-decoder.attention uses, with no transpose of the cache per step. Slot s holds the token at column s of the
-left-padded prompt (s < T) or the (s - T)-th generated token. Because the real tokens of a
-row are contiguous (left padding), slot distances equal position distances, which is what the sliding-window
-rule `0 <= q - k < window` of `decoder.attention_bias` is written in.
+Cache layout: k and v are each [L, B, K, T + N, hd] in `dtype` (see `models.modules.Attention`). Slot s holds
+the token at column s of the left-padded prompt (s < T) or the (s - T)-th generated token.
 
 Sampling: greedy (temperature 0), or temperature + nucleus (top-p) sampling. Each prompt row carries its own
 PRNG key (from its own seed), folded with the step index, so a row's sample does not depend on which other
@@ -29,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmretriever_jax.models.config import ModelConfig
-from bmretriever_jax.models.decoder import (NEG_INF, apply_rope, embed_tokens, linear, mlp, norm, positions_from_mask,
-                                            rope_tables)
+from bmretriever_jax.models.decoder import decode_step, head_weights, prefill, unstack_layers
+from bmretriever_jax.models.decoder import logits as lm_logits
 from bmretriever_jax.precision import resolve_dtype
 
 # SmolLM2's own template (ChatML) without its default system prompt: the fallback for tokenizers that
@@ -41,211 +35,6 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
 # End-of-turn tokens of common chat templates: generation stops on them as on EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
 PROMPT_BUCKETS = (32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Layers with a cache
-# ----------------------------------------------------------------------------------------------------
-def _qkv(cfg: ModelConfig, p: dict, x, cos, sin, dtype):
-    """x [B, S, D] -> q [B, S, K, G, hd] float32 (scaled), k, v [B, S, K, hd] in `dtype`."""
-    B, S, _ = x.shape
-    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = linear(p["attn"]["q"], x, dtype).reshape(B, S, H, hd)
-    k = linear(p["attn"]["k"], x, dtype).reshape(B, S, K, hd)
-    v = linear(p["attn"]["v"], x, dtype).reshape(B, S, K, hd)
-    if cfg.qk_norm:
-        q = norm(cfg, p["q_norm"], q)
-        k = norm(cfg, p["k_norm"], k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
-    return (q * scale).reshape(B, S, K, H // K, hd), k.astype(dtype), v.astype(dtype)
-
-
-def _scores(cfg: ModelConfig, q, k, dtype):
-    """q [N, Q, hd], k [N, S, hd] (N = rows x KV heads) -> [N, Q, S] float32 (soft-capped like decoder.attention)."""
-    s = jnp.einsum("bqd,bsd->bqs", q.astype(dtype), k, preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap:
-        s = jnp.tanh(s / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    return s
-
-
-def _block(cfg: ModelConfig, p: dict, x, attend, dtype):
-    """decoder.block with the attention core swapped: attend(p, h) -> (out [B, S, D], new k/v)."""
-    h, kv = attend(p, norm(cfg, p["attn_norm"], x))
-    if cfg.sandwich_norm:
-        h = norm(cfg, p["post_attn_norm"], h)
-    if cfg.parallel_residual:
-        return x + h + mlp(cfg, p, norm(cfg, p["mlp_norm"], x), dtype), kv
-    x = x + h
-    h = mlp(cfg, p, norm(cfg, p["mlp_norm"], x), dtype)
-    if cfg.sandwich_norm:
-        h = norm(cfg, p["post_mlp_norm"], h)
-    return x + h, kv
-
-
-def _ropes(cfg: ModelConfig, positions):
-    return (rope_tables(cfg, positions, cfg.rope_theta),
-            rope_tables(cfg, positions, cfg.rope_local_theta or cfg.rope_theta))
-
-
-def _prompt_bias(attention_mask: jax.Array, window: Optional[int]) -> jax.Array:
-    """attention_mask [B, T] -> causal additive bias [B, 1, 1, T, T] float32 (query, key); a window keeps
-    0 <= q - k < window (transformers' rule, as decoder.attention)."""
-    T = attention_mask.shape[1]
-    q, k = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed &= q - k < window
-    allowed = allowed[None] & (attention_mask[:, None, :] > 0)
-    return jnp.where(allowed, 0.0, NEG_INF)[:, None, None]
-
-
-def _select(is_sliding, local, full):
-    """Per-layer choice: a Python bool (unrolled layers) picks statically, a traced one (scan) with where."""
-    if isinstance(is_sliding, (bool, np.bool_)):
-        return local if is_sliding else full
-    return jax.tree.map(lambda a, b: jnp.where(is_sliding, a, b), local, full)
-
-
-def unstack_layers(params: dict) -> dict:
-    """params with "layers" stacked on axis 0 -> the same tree with "layers" a list of per-layer trees.
-
-    The generator loops over such a list in Python (unrolled) instead of `lax.scan`: on XLA:CPU a bf16
-    matmul inside a scan body runs up to 10x slower than the same matmul unrolled (measured at batch 4),
-    and decoding is nothing but small matmuls.
-    """
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]}
-
-
-def _run_layers(cfg: ModelConfig, layers, x, layer_fn, per_layer=None):
-    """x -> (x, stacked ys) through every layer: layer_fn(p, is_sliding, x, per_layer slice) -> (x, ys).
-
-    `layers` stacked (scan, is_sliding traced) or a list (Python loop, is_sliding a bool); `per_layer` is an
-    optional tree of [L, ...] arrays sliced per layer (the caches).
-    """
-    sliding = cfg.layer_is_sliding
-    if isinstance(layers, (list, tuple)):
-        ys = []
-        for i, p in enumerate(layers):
-            extra = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
-            x, y = layer_fn(p, sliding[i], x, extra)
-            ys.append(y)
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
-
-    def body(x, xs):
-        p, is_sliding, extra = xs
-        return layer_fn(p, is_sliding, x, extra)
-
-    return jax.lax.scan(body, x, (layers, jnp.asarray(sliding), per_layer))
-
-
-def prefill(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array, *, dtype):
-    """Run the prompt: input_ids, attention_mask [B, T] (left padded) ->
-    (hidden of the last column after the final norm [B, D] float32, k, v [L, B, K, T, hd] in `dtype`).
-
-    params["layers"] may be stacked or a list (`unstack_layers`)."""
-    x = embed_tokens(cfg, params, input_ids)
-    rope_global, rope_local = _ropes(cfg, positions_from_mask(attention_mask))
-    bias_full = _prompt_bias(attention_mask, None)
-    bias_local = bias_full if cfg.sliding_window is None else _prompt_bias(attention_mask, cfg.sliding_window)
-    B, T = input_ids.shape
-    K, hd = cfg.num_kv_heads, cfg.head_dim
-    G = cfg.num_heads // K
-
-    def layer(p, is_sliding, x, _):
-        cos, sin = _select(is_sliding, rope_local, rope_global)
-        bias = _select(is_sliding, bias_local, bias_full)
-
-        def attend(p, h):
-            q, k, v = _qkv(cfg, p, h, cos, sin, dtype)
-            # heads before time, the G query heads of one KV head stacked along the query axis: each
-            # (row, KV head) is one plain [G*T, hd] x [hd, T] matmul (as decoder.attention)
-            q3 = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, hd)
-            k = k.transpose(0, 2, 1, 3)                                                   # [B, K, T, hd]
-            v = v.transpose(0, 2, 1, 3)
-            s = _scores(cfg, q3, k.reshape(B * K, T, hd), dtype).reshape(B, K, G, T, T) + bias
-            probs = jax.nn.softmax(s, axis=-1).astype(dtype).reshape(B * K, G * T, T)
-            o = jnp.einsum("bqs,bsd->bqd", probs, v.reshape(B * K, T, hd), preferred_element_type=jnp.float32)
-            o = o.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G * hd)
-            return linear(p["attn"]["o"], o, dtype), (k, v)
-
-        return _block(cfg, p, x, attend, dtype)
-
-    x, (ks, vs) = _run_layers(cfg, params["layers"], x, layer)
-    return norm(cfg, params["final_norm"], x[:, -1]), ks, vs
-
-
-def decode_step(cfg: ModelConfig, params: dict, token: jax.Array, position: jax.Array, cache_k: jax.Array,
-                cache_v: jax.Array, key_valid: jax.Array, slot: jax.Array, *, dtype):
-    """One new token per row against the cache.
-
-    token, position [B] int32; cache_k/v [L, B, K, S, hd]; key_valid [B, S] bool (cache slots this token
-    may see, excluding its own slot); slot: scalar int, the cache slot the token is written to.
-    -> (hidden after the final norm [B, D] float32, cache_k, cache_v with slot filled).
-    """
-    B = token.shape[0]
-    S = cache_k.shape[3]
-    K, hd = cfg.num_kv_heads, cfg.head_dim
-    G = cfg.num_heads // K
-    x = embed_tokens(cfg, params, token[:, None])                                          # [B, 1, D]
-    rope_global, rope_local = _ropes(cfg, position[:, None])
-    bias_full = jnp.where(key_valid, 0.0, NEG_INF)                                         # [B, S]
-    bias_local = bias_full
-    if cfg.sliding_window is not None:
-        in_window = slot - jnp.arange(S) < cfg.sliding_window
-        bias_local = jnp.where(key_valid & in_window[None], 0.0, NEG_INF)
-
-    def layer(p, is_sliding, x, cache):
-        kc, vc = cache                                                                    # [B, K, S, hd]
-        cos, sin = _select(is_sliding, rope_local, rope_global)
-        bias = _select(is_sliding, bias_local, bias_full)[:, None, None, :]              # [B, 1, 1, S]
-
-        def attend(p, h):
-            q, k, v = _qkv(cfg, p, h, cos, sin, dtype)                                    # k, v [B, 1, K, hd]
-            q3 = q.reshape(B * K, G, hd)
-            k3, v3 = k.reshape(B * K, 1, hd), v.reshape(B * K, 1, hd)
-            # scores against the cache and against the token itself, one softmax over both: the cache
-            # is read in place instead of being copied into a concatenation every layer and step
-            s_cache = _scores(cfg, q3, kc.reshape(B * K, S, hd), dtype).reshape(B, K, G, S) + bias
-            s_self = _scores(cfg, q3, k3, dtype).reshape(B, K, G, 1)
-            probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], axis=-1), axis=-1).astype(dtype)
-            probs = probs.reshape(B * K, G, S + 1)
-            o = (jnp.einsum("bgs,bsd->bgd", probs[..., :S], vc.reshape(B * K, S, hd),
-                            preferred_element_type=jnp.float32)
-                 + jnp.einsum("bgs,bsd->bgd", probs[..., S:], v3, preferred_element_type=jnp.float32))
-            return linear(p["attn"]["o"], o.reshape(B, 1, K * G * hd), dtype), (k[:, 0], v[:, 0])
-
-        return _block(cfg, p, x, attend, dtype)
-
-    x, (ks, vs) = _run_layers(cfg, params["layers"], x, layer, (cache_k, cache_v))       # ks [L, B, K, hd]
-    # one in-place write of the new slot for all layers (the while-loop carry is updated in place)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, ks[:, :, :, None], (0, 0, 0, slot, 0))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, vs[:, :, :, None], (0, 0, 0, slot, 0))
-    return norm(cfg, params["final_norm"], x[:, 0]), cache_k, cache_v
-
-
-def head_weights(cfg: ModelConfig, params: dict, dtype) -> jax.Array:
-    """The LM head in `dtype`, cast once: [V, D] (tied embedding) or [D, V] (separate lm_head kernel)."""
-    if cfg.tie_embeddings:
-        return jnp.asarray(params["embed"]["embedding"]).astype(dtype)
-    if "lm_head" not in params:
-        raise ValueError("this checkpoint has an untied LM head that was not loaded (a base-model checkpoint): "
-                         "load the CausalLM checkpoint to generate text")
-    return jnp.asarray(params["lm_head"]["kernel"]).astype(dtype)
-
-
-def head_logits(cfg: ModelConfig, params: dict, head: jax.Array, hidden: jax.Array, dtype) -> jax.Array:
-    """hidden [B, D] -> logits [B, V] float32; the same einsums as `decoder.logits`."""
-    if cfg.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", hidden.astype(dtype), head, preferred_element_type=jnp.float32)
-    p = {"kernel": head}
-    if "bias" in params["lm_head"]:
-        p["bias"] = params["lm_head"]["bias"]
-    return linear(p, hidden, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,7 +86,7 @@ def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: 
     row_mask = jnp.concatenate([attention_mask > 0, jnp.ones((B, N), bool)], axis=1)     # [B, T + N]
     slots = jnp.arange(T + N)
 
-    tok = sample_logits(head_logits(cfg, params, head, h, dtype), step_keys(keys, 0), temperature, top_p)
+    tok = sample_logits(lm_logits(cfg, params, h, dtype, head=head), step_keys(keys, 0), temperature, top_p)
     out = jnp.full((B, N), pad_id).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
 
@@ -310,7 +99,7 @@ def generate_tokens(cfg: ModelConfig, params: dict, head: jax.Array, input_ids: 
         slot = T + i
         h, ck, cv = decode_step(cfg, params, tok, prompt_len + i, ck, cv, row_mask & (slots < slot)[None], slot,
                                 dtype=dtype)
-        nxt = sample_logits(head_logits(cfg, params, head, h, dtype), step_keys(keys, i + 1), temperature, top_p)
+        nxt = sample_logits(lm_logits(cfg, params, h, dtype, head=head), step_keys(keys, i + 1), temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
         return i + 1, nxt, out, done | jnp.isin(nxt, eos), ck, cv
@@ -504,6 +293,5 @@ def count_flops_per_token(cfg: ModelConfig) -> float:
     return 2.0 * (L * per_layer + cfg.vocab_size * D)
 
 
-__all__ = ["CHATML_TEMPLATE", "Generator", "count_flops_per_token", "decode_step", "generate_tokens",
-           "greedy_no_cache", "head_logits", "head_weights", "prefill", "row_seeds", "sample_logits",
-           "truncate_at_stop", "unstack_layers"]
+__all__ = ["CHATML_TEMPLATE", "Generator", "count_flops_per_token", "generate_tokens", "greedy_no_cache",
+           "row_seeds", "sample_logits", "truncate_at_stop"]
