@@ -7,9 +7,9 @@ from typing import Dict
 
 from bmretriever_jax import tables
 from bmretriever_jax.convert.gguf import cache_root
-from bmretriever_jax.embed import default_task
-from bmretriever_jax.errors import InputPathError
 from bmretriever_jax.data.beir import load_beir
+from bmretriever_jax.embed import default_task, instruction_for
+from bmretriever_jax.errors import InputPathError
 from bmretriever_jax.eval.sts import load_sts_tsv
 
 
@@ -44,7 +44,6 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
                  cache_dir=None, quiet=False) -> Dict[str, Dict[str, float]]:
     """models: names (bm25, minilm, gemma3-270m, paths); datasets: BEIR folders or STS .tsv files.
     -> {"model | data": {metric: value}} with NDCG@10 etc. (retrieval) or Spearman/Pearson (STS)."""
-    from bmretriever_jax.embed import instruction_for
     from bmretriever_jax.eval.evaluate import evaluate_bm25, evaluate_retrieval, evaluate_sts
 
     cache_dir = cache_dir or os.path.join(cache_root(), "vectors")  # $BMR_CACHE/vectors
