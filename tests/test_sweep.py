@@ -36,7 +36,7 @@ def test_point_overrides_order_user_then_grid_win():
 
     run = load_config(None, ov)
     assert run.train.log_every == 5 and run.train.temperature == 0.05 and run.train.steps == 10
-    assert run.train.save_every == 10 and run.out == "out/p"
+    assert run.train.save_every == 2 and run.out == "out/p"  # a checkpoint every quarter: resumable points
 
 
 def test_summarize_run_skips_the_compiling_step(tmp_path):
@@ -191,3 +191,84 @@ def test_two_point_sweep_of_a_tiny_model(tmp_path, monkeypatch):
     again = sweep.sweep("/dev/null", ["train.global_batch_size=4,16"], out, overrides=a.overrides, steps=3, quiet=True)
     assert not calls and [r["final_loss"] for r in again] == pytest.approx([float(r["final_loss"]) for r in rows],
                                                                           rel=1e-5)
+
+
+def _study_args(model, pairs, dev, out):
+    return ["sweep", "/dev/null", f"model.name={model}", f"data.train=[{pairs}]", "data.num_negatives=0",
+            "model.max_length=16", "model.query_max_length=8", "mesh.data=1", "train.lr=3e-3",
+            "train.temperature=0.05", "model.dtype=float32", "--point", "train.global_batch_size=4",
+            "--point", "train.global_batch_size=8,data.num_negatives=1", "--examples", "16",
+            "--lr-rule", "sqrt", "--lr-base-batch", "4", "--dev", dev, "--out", out]
+
+
+STUDY_KEYS = ("point", "steps", "examples", "lr", "final_loss", "final_accuracy", "dev_ndcg@10",
+              "dev_ndcg@10:dev", "dev_recall@100")
+
+
+def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path):
+    """A tiny-model study as `bmr sweep` runs it: the same 16 training queries at every point (4 steps of 4,
+    2 steps of 8), sqrt lr scaling, a dev metric for every point and for the untrained model; killed (SIGKILL
+    of its process group) in the middle of its second point, rerun, it gives the uninterrupted table."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tiny_model_dir(str(tmp_path / "model"))
+    pairs = str(tmp_path / "pairs.jsonl")
+    write_pairs(pairs, tiny_pairs(64))
+    dev = _tiny_beir(str(tmp_path / "dev"), tiny_pairs(24, seed=1))
+    cmd = [sys.executable, "-m", "bmretriever_jax.cli", "-q"]
+    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+    subprocess.run(cmd + _study_args(model, pairs, dev, ref), check=True, capture_output=True, text=True)
+
+    second = os.path.join(killed, "global_batch_size=8,num_negatives=1")
+    proc = subprocess.Popen(cmd + _study_args(model, pairs, dev, killed) + ["--no-baseline"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(second, "checkpoints", "1")) and time.time() < deadline:
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(second, sweep.POINT_FILE))  # killed mid-point, after step 1's checkpoint
+    subprocess.run(cmd + _study_args(model, pairs, dev, killed) + ["--no-baseline"], check=True, capture_output=True,
+                   text=True)
+
+    a = json.load(open(os.path.join(ref, "results.json")))
+    b = json.load(open(os.path.join(killed, "results.json")))
+    assert [r["resumed_from_step"] for r in b["points"]] == [0, 1] and b["baseline"] is None
+    assert 0 <= a["baseline"]["dev_ndcg@10"] == a["baseline"]["dev_ndcg@10:dev"] <= 1 and a["baseline"]["eval_seconds"] > 0
+    for ra, rb in zip(a["points"], b["points"]):
+        assert {k: ra[k] for k in STUDY_KEYS} == {k: rb[k] for k in STUDY_KEYS}
+    rows = a["points"]
+    assert [(r["steps"], r["examples"]) for r in rows] == [(4, 16), (2, 16)]
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3, 3e-3 * math.sqrt(2)])
+    assert [r["candidates_per_query"] for r in rows] == [4, 16]
+    for r in rows:
+        assert 0.0 <= r["dev_ndcg@10"] <= 1.0 and r["dev_ndcg@10"] == r["dev_ndcg@10:dev"]
+        assert r["step_peak_mb"] > 0 and r["seconds"] > r["train_seconds"] > 0 and r["eval_seconds"] > 0
+    with open(os.path.join(killed, "sweep.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explicit_points_lr_rule_and_examples_validation(tmp_path):
+    assert sweep.parse_point("train.global_batch_size=4,data.num_negatives=1") == {
+        "train.global_batch_size": 4, "data.num_negatives": 1}
+    pts = sweep.grid_points(sweep.parse_grid(["train.global_batch_size=4,8"]),
+                            [{"train.global_batch_size": 8}, {"train.global_batch_size": 4, "data.num_negatives": 1}])
+    assert [n for n, _ in pts] == ["global_batch_size=4", "global_batch_size=8",
+                                   "global_batch_size=4,num_negatives=1"]
+    assert sweep.steps_for(1024, 256) == 4 and sweep.steps_for(1000, 64) == 16
+    assert sweep.scaled_lr(2e-4, 64, "sqrt", 16) == pytest.approx(4e-4)
+    assert sweep.scaled_lr(2e-4, 64, "linear", 16) == pytest.approx(8e-4)
+    with pytest.raises(ConfigError, match="allowed: none, sqrt, linear"):
+        sweep.scaled_lr(2e-4, 64, "cubic", 16)
+    with pytest.raises(ConfigError, match="expected KEY=V,KEY=V"):
+        sweep.parse_point("train.global_batch_size")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        sweep.sweep(None, ["train.global_batch_size=4"], str(tmp_path / "s"), overrides=["model.name=tiny"],
+                    steps=3, examples=16, quiet=True)
+    with pytest.raises(ConfigError, match="no qrels/dev.tsv"):
+        sweep.sweep(None, ["train.global_batch_size=4"], str(tmp_path / "s"), overrides=["model.name=tiny"],
+                    dev=[str(tmp_path)], quiet=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import re
 import sys
 import warnings
@@ -237,6 +238,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exclude-documents", help=f"medquad: held-out document list (default data/{MEDQUAD_HELDOUT})")
     group.add_argument("--no-exclude", action="store_true", help="medquad: keep every pair")
     parser.add_argument("--instruction", help="pretrain: the query instruction")
+    parser.add_argument("--max-pairs", type=int, help="keep a seeded random sample of at most N pairs (e.g. to "
+                                                      "balance a large source against small ones)")
+    parser.add_argument("--seed", type=int, default=0, help="with --max-pairs: the sample's seed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -253,6 +257,12 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--instruction applies to pretrain only (the others name their task)")
         kwargs["instruction"] = args.instruction
     pairs = build(args.name, args.source, **kwargs)
+    if args.max_pairs is not None:
+        if args.max_pairs < 1:
+            raise ConfigError(f"--max-pairs {args.max_pairs}: allowed: >= 1")
+        if args.max_pairs < len(pairs):  # a seeded sample, kept in the source's order
+            keep = sorted(random.Random(args.seed).sample(range(len(pairs)), args.max_pairs))
+            pairs = [pairs[i] for i in keep]
     n = write_pairs(args.out, pairs)
     print(f"{args.name}: wrote {n} pairs to {args.out}")
     return 0
