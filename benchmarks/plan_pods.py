@@ -34,10 +34,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="substring of the config names to run")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the README table from the JSON, no compile")
     a = ap.parse_args()
     out_path = os.path.join(ROOT, "benchmarks", "results", "plan_pods.json")
     rows = json.load(open(out_path)) if os.path.exists(out_path) else {}
-    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "papers", "*.yaml"))):
+    for path in [] if a.table_only else sorted(glob.glob(os.path.join(ROOT, "configs", "papers", "*.yaml"))):
         rel = os.path.relpath(path, ROOT)
         if a.only not in rel:
             continue
@@ -56,20 +57,43 @@ def main():
             print(json.dumps({key: rows[key].get("memory", rows[key].get("error"))}), flush=True)
             with open(out_path, "w") as f:
                 json.dump(rows, f, indent=1)
-    print("| config | target | mesh (data, fsdp, tensor) | compiled GiB/chip / usable | fits | tokens/step | "
-          "FLOPs/step (executed) | step at 40% of peak | hours for the steps | compile | CPU estimate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows.values():
+    table = markdown_table(rows)
+    print(table)
+    if not a.only:
+        rewrite_readme(table)
+
+
+def markdown_table(rows):
+    """The README's table: one row per (config, target), TPU slice first, in config order."""
+    head = ["| command | mesh (data, fsdp, tensor) | compiled GiB/chip / usable | fits | tokens/step | "
+            "FLOPs/step (executed) | step at 40% of peak | hours for the config's steps | compile | CPU estimate |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    body = []
+    for key in sorted(rows, key=lambda k: (rows[k]["config"], rows[k]["target"].startswith("h100"))):
+        r = rows[key]
         if "memory" not in r:
-            print(f"| {r['config']} | {r['target']} | compile failed | | | | | | | | |")
+            body.append(f"| `bmr plan {r['config']} --target {r['target']}` | compile failed | | | | | | | | |")
             continue
         m = r["memory"]
-        print(f"| `{r['command']}` | {r['target']} | {tuple(r['mesh'])} | {m['peak'] / GiB:.2f} / "
-              f"{r['usable_bytes'] / GiB:.1f} | {'yes' if r['fits'] else 'NO'} | {r['flops']['tokens']:,.0f} | "
-              f"{r['flops']['executed']:.3g} | {r['at_40pct']['step_s']:.2f} s | {r['at_40pct']['hours']:.1f} | "
-              f"{r['compile_s']:.0f} s | {r['estimate_bytes'] / GiB:.2f} GiB "
-              f"({100 * (r['estimate_bytes'] - m['peak']) / m['peak']:+.0f}%) |")
+        margin = (r["usable_bytes"] - m["peak"]) / GiB
+        fits = "yes" if r["fits"] else f"**NO** ({-margin:.2f} GiB over)"
+        body.append(f"| `{r['command']}` | {tuple(r['mesh'])} | {m['peak'] / GiB:.2f} / {r['usable_bytes'] / GiB:.1f} | "
+                    f"{fits} | {r['flops']['tokens']:,.0f} | {r['flops']['executed']:.3g} | "
+                    f"{r['at_40pct']['step_s']:.2f} s | {r['at_40pct']['hours']:.1f} | {r['compile_s']:.0f} s | "
+                    f"{r['estimate_bytes'] / GiB:.2f} GiB ({100 * (r['estimate_bytes'] - m['peak']) / m['peak']:+.0f}%) |")
+    return "\n".join(head + body)
 
+
+def rewrite_readme(table):
+    path = os.path.join(ROOT, "README.md")
+    text = open(path).read()
+    b, e = "<!-- pods:begin -->", "<!-- pods:end -->"
+    if b not in text or e not in text:
+        raise SystemExit(f"README.md has no {b} ... {e} section")
+    text = text[:text.index(b) + len(b)] + "\n" + table + "\n" + text[text.index(e):]
+    with open(path, "w") as f:
+        f.write(text)
+    print("rewrote the README table")
 
 if __name__ == "__main__":
     main()

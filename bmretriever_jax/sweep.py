@@ -23,20 +23,18 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from bmretriever_jax import tables
+from bmretriever_jax.plot import plot_sweep, series as _series  # noqa: F401 (the sweep's figure)
 from bmretriever_jax.config import ConfigError, load_config
+from bmretriever_jax.sweep_run import BASELINE_FILE, POINT_FILE, point_main, run_point, summarize_run  # noqa: F401
 
-POINT_FILE = "point.json"
 SPEC_FILE = "point-spec.json"
-BASELINE_FILE = "baseline.json"
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 COLUMNS = ["point", "global_batch_size", "num_negatives", "temperature", "candidates_per_query", "steps",
            "examples", "lr", "final_loss", "final_accuracy", "chance_loss", "dev_ndcg@10", "dev_recall@100",
@@ -133,133 +131,6 @@ def point_overrides(overrides: Sequence[str], assign: Dict[str, object], steps: 
         pre += [f"train.steps={steps}", f"train.save_every={max(1, steps // 4)}"]
     return (pre + list(overrides) + [f"{k}={json.dumps(v)}" for k, v in assign.items()] + list(derived)
             + [f"out={out}"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# One point (runs in its own process)
-# ----------------------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
-
-
-def summarize_run(run_dir: str) -> Dict[str, float]:
-    """metrics.jsonl of a run -> final loss / accuracy, dev metrics and the steady-state examples/s."""
-    from bmretriever_jax.plot import read_metrics
-
-    rows = read_metrics(run_dir)
-    steps = [r for r in rows if "loss" in r]
-    if not steps:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no training steps")
-    last = steps[-1]
-    # the first logged step pays for compilation; with one step there is nothing else to report
-    speeds = [r["examples_per_s"] for r in steps[1:]] or [steps[0]["examples_per_s"]]
-    out = {"final_loss": last["loss"], "final_accuracy": last.get("accuracy", float("nan")),
-           "examples_per_s": statistics.median(speeds), "steps": last["step"]}
-    dev = [r for r in rows if "dev_ndcg@10" in r]
-    if dev:
-        out.update({k: v for k, v in dev[-1].items() if k.startswith("dev_")})
-    return out
-
-
-def evaluate_dev_sets(encoder, dev_sets: Sequence[dict], cache_dir: str) -> Dict[str, float]:
-    """NDCG@10 / recall@100 on each dev set ("dev_ndcg@10:<name>") and their means ("dev_ndcg@10")."""
-    from bmretriever_jax.embed import instruction_for
-    from bmretriever_jax.eval.evaluate import evaluate_retrieval
-
-    out: Dict[str, float] = {}
-    for d in dev_sets:
-        res = evaluate_retrieval(encoder, d["path"], d["split"], instruction_for(d["task"]),
-                                 cache_dir=os.path.join(cache_dir, d["name"]), progress=False)
-        for m in ("ndcg@10", "recall@100"):
-            out[f"dev_{m}:{d['name']}"] = res[m]
-    for m in ("ndcg@10", "recall@100"):
-        out[f"dev_{m}"] = statistics.mean(out[f"dev_{m}:{d['name']}"] for d in dev_sets)
-    return out
-
-
-def run_point(config: Optional[str], overrides: Sequence[str], dev_sets: Sequence[dict] = (),
-              quiet: bool = True) -> dict:
-    """Train one point (resuming from its checkpoints if any), evaluate it on the dev sets and collect its
-    numbers; writes <out>/point.json. Call in a fresh process (peak RSS).
-
-    The train step's own memory comes from XLA: after training, the same step is lowered again with
-    abstract inputs and its `memory_analysis()` read. A persistent compilation cache private to this
-    process makes that second compile a cache hit instead of a second full compile.
-    """
-    import tempfile
-
-    import jax
-
-    from bmretriever_jax.config import resolve_mesh_shape
-    from bmretriever_jax.embed import Encoder
-    from bmretriever_jax.plan import compile_train_step, compiled_peak_bytes, estimate_memory, resolve_model_config
-    from bmretriever_jax.train import make_mesh, train
-
-    run = load_config(config, overrides)
-    cache = tempfile.mkdtemp(prefix="bmr-sweep-xla-cache-")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
-        ckpt = os.path.join(run.out, "checkpoints")
-        done_steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()] if os.path.isdir(ckpt) else []
-        t0 = time.time()
-        train(run, quiet=quiet)
-        res = summarize_run(run.out)
-        res["train_seconds"] = time.time() - t0
-        res["resumed_from_step"] = max(done_steps, default=0)
-        res["peak_rss_mb"] = _peak_rss_mb()
-        # the exported folder holds the exact ModelConfig training used (same HLO -> cache hit)
-        model_cfg, _ = resolve_model_config(os.path.join(run.out, "model"))
-        compiled, _ = compile_train_step(model_cfg, run, make_mesh(run))
-        res["step_peak_mb"] = compiled_peak_bytes(compiled)["peak"] / 2**20
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    if dev_sets:
-        t1 = time.time()
-        enc = Encoder.load(os.path.join(run.out, "model"), max_length=run.model.max_length, dtype=run.model.dtype,
-                           quiet=True)
-        res.update(evaluate_dev_sets(enc, dev_sets, os.path.join(run.out, "vector_cache")))
-        res["eval_seconds"] = time.time() - t1
-    res["seconds"] = time.time() - t0
-    try:
-        est = estimate_memory(model_cfg, run, resolve_mesh_shape(run.mesh, len(jax.devices())))
-        res["plan_estimate_mb"] = sum(est.values()) / 2**20
-    except (ConfigError, ValueError) as e:  # an estimate is a bonus, never a reason to lose a point
-        res["plan_estimate_mb"] = float("nan")
-        res["plan_error"] = str(e)
-    with open(os.path.join(run.out, POINT_FILE), "w") as f:
-        json.dump(res, f, indent=1)
-    return res
-
-
-def run_baseline(config: Optional[str], overrides: Sequence[str], dev_sets: Sequence[dict], out: str) -> dict:
-    """The untrained model (model.name) on the dev sets, with the points' sequence length and dtype."""
-    from bmretriever_jax.embed import Encoder
-
-    run = load_config(config, list(overrides))
-    t0 = time.time()
-    enc = Encoder.load(run.model.name, max_length=run.model.max_length, dtype=run.model.dtype,
-                       pooling=run.model.pooling, quiet=True)
-    res = evaluate_dev_sets(enc, dev_sets, os.path.join(out, "baseline_vector_cache"))
-    res["eval_seconds"] = time.time() - t0
-    shutil.rmtree(os.path.join(out, "baseline_vector_cache"), ignore_errors=True)
-    with open(os.path.join(out, BASELINE_FILE), "w") as f:
-        json.dump(res, f, indent=1)
-    return res
-
-
-def _point_main(spec_path: str) -> int:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    if spec.get("baseline"):
-        run_baseline(spec["config"], spec["overrides"], spec["dev"], spec["out"])
-    else:
-        run_point(spec["config"], spec["overrides"], spec.get("dev", ()))
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,86 +290,6 @@ def write_results(rows: List[dict], out: str, grid_keys: Sequence[str], *, dev_s
                    "baseline": baseline, "points": rows}, f, indent=1)
 
 
-def _series(rows: List[dict], x_keys: Sequence[str]):
-    """Group rows by every grid value that is not on the x axis -> {label: [rows]}."""
-    groups: Dict[str, List[dict]] = {}
-    for r in rows:
-        parts = [p for p in r["point"].split(",") if p.split("=")[0] not in x_keys]
-        groups.setdefault(", ".join(parts) or "all", []).append(r)
-    return groups
-
-
-def plot_sweep(rows: List[dict], path: str, baseline: Optional[dict] = None) -> str:
-    """2 x 2 panels: dev NDCG@10 (or in-batch accuracy) vs global batch, one line per setting of the other axes
-    and dev set (the untrained model dotted); loss vs candidates per query; examples/s and peak memory vs
-    global batch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if "error" not in r]
-    fig, axs = plt.subplots(2, 2, figsize=(11, 8))
-    dev_keys = sorted({k for r in ok for k in r if k.startswith("dev_ndcg@10:")}) or (
-        ["dev_ndcg@10"] if any("dev_ndcg@10" in r for r in ok) else [])
-    quality = dev_keys or ["final_accuracy"]
-    ax = axs[0, 0]
-    for qi, y in enumerate(quality):
-        for name, rs in _series(ok, ("global_batch_size",)).items():
-            rs = sorted((r for r in rs if y in r and r[y] == r[y]), key=lambda r: r["global_batch_size"])
-            label = ", ".join(p for p in (name if name != "all" else "", y.split(":", 1)[1] if ":" in y else "") if p)
-            if rs:
-                ax.plot([r["global_batch_size"] for r in rs], [r[y] for r in rs], "os^vD"[qi % 5] + "-",
-                        label=label or None)
-        if baseline and y in baseline:
-            ax.axhline(baseline[y], ls=":", color="gray")
-            ax.annotate(f"untrained {y.split(':', 1)[-1] if ':' in y else ''}".strip(), (1.0, baseline[y]),
-                        xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7, color="gray")
-    ax.set_ylabel("dev NDCG@10" if dev_keys else "in-batch accuracy (no dev set)")
-    panels = [
-        (axs[0, 1], "candidates_per_query", "final_loss", "final InfoNCE loss"),
-        (axs[1, 0], "global_batch_size", "examples_per_s", "examples / s"),
-        (axs[1, 1], "global_batch_size", "step_peak_mb", "peak memory per device (MB)"),
-    ]
-    for ax_, x, y, label in panels:
-        x_keys = ("global_batch_size", "num_negatives") if x == "candidates_per_query" else ("global_batch_size",)
-        for name, rs in _series(ok, x_keys).items():
-            rs = sorted((r for r in rs if y in r and r[y] == r[y]), key=lambda r: r[x])
-            if name == "all":  # a single series: name the measurement, not the (empty) grouping
-                name = "train step (XLA memory_analysis)" if y == "step_peak_mb" else None
-            elif y == "step_peak_mb":
-                name = f"train step, {name}"
-            if rs:
-                ax_.plot([r[x] for r in rs], [r[y] for r in rs], "o-", label=name)
-        if y == "final_loss":  # the loss of a uniform guess grows with the candidates: ln(candidates)
-            rs = sorted(ok, key=lambda r: r[x])
-            ax_.plot([r[x] for r in rs], [r["chance_loss"] for r in rs], ":", color="gray", label="chance ln(N)")
-        if y == "step_peak_mb":  # the same step: XLA's figure, the plan's, and the whole process
-            rs = sorted(ok, key=lambda r: r[x])
-            for key, style, lab in (("plan_estimate_mb", "s--", "bmr plan estimate"),
-                                    ("peak_rss_mb", "^:", "process peak RSS (+ host copies of the model)")):
-                pts = [(r[x], r[key]) for r in rs if r.get(key, float("nan")) == r.get(key)]
-                if pts:
-                    ax_.plot(*zip(*pts), style, label=lab)
-        ax_.set_ylabel(label)
-    for ax_, x in ((axs[0, 0], "global_batch_size"), (axs[0, 1], "candidates_per_query"),
-                   (axs[1, 0], "global_batch_size"), (axs[1, 1], "global_batch_size")):
-        ax_.set_xscale("log", base=2)
-        ax_.set_xlabel("candidates per query (batch x (1 + negatives))" if x == "candidates_per_query"
-                       else "global batch")
-        ax_.grid(alpha=0.3)
-        if ax_.get_legend_handles_labels()[0]:
-            ax_.legend(fontsize=7)
-    ex = sorted({r.get("examples") for r in ok if r.get("examples")})
-    what = (f"{ex[0]:,}-{ex[-1]:,} training queries each" if len(ex) > 1 else f"{ex[0]:,} training queries each"
-            ) if ex else f"{', '.join(map(str, sorted({r.get('steps') for r in ok})))} steps each"
-    fig.suptitle(f"scaling sweep ({len(ok)} points, {what})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def print_table(rows: List[dict], baseline: Optional[dict] = None) -> str:
     per_dev = sorted({k for r in rows for k in r if k.startswith("dev_ndcg@10:")})
     cols = ["point", "steps", "lr", "final_loss", "dev_ndcg@10"] + per_dev + [
@@ -557,5 +348,5 @@ def add_commands(sub) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--point":
-        sys.exit(_point_main(sys.argv[2]))
+        sys.exit(point_main(sys.argv[2]))
     raise SystemExit("usage: python -m bmretriever_jax.sweep --point SPEC.json (internal; use `bmr sweep`)")

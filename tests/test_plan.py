@@ -274,3 +274,19 @@ def test_memory_estimate_within_25_percent_other_settings(name, over):
 ])
 def test_memory_estimate_with_pinned_activations(name, over):
     _check_within_25pct(_small(name), load_config(None, SMALL + over))
+
+
+def test_the_estimate_range_printed_is_the_one_measured_against_the_compiles():
+    """`bmr plan --devices` prints how far its CPU-calibrated estimate was from the real TPU / GPU compiles of
+    the paper configs: that range must be the one in benchmarks/results/plan_pods.json, not a guess."""
+    import json
+
+    from bmretriever_jax import plan as plan_mod
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                        "plan_pods.json")
+    rows = [r for r in json.load(open(path)).values() if "memory" in r]
+    assert len(rows) >= 8, "benchmarks/plan_pods.py has compiled too few paper configs"
+    rel = [(r["estimate_bytes"] - r["memory"]["peak"]) / r["memory"]["peak"] for r in rows]
+    lo, hi = plan_mod.ESTIMATE_VS_COMPILE
+    assert lo <= min(rel) < lo + 0.01 and hi - 0.01 < max(rel) <= hi, (min(rel), max(rel))

@@ -272,3 +272,28 @@ def test_explicit_points_lr_rule_and_examples_validation(tmp_path):
     with pytest.raises(ConfigError, match="no qrels/dev.tsv"):
         sweep.sweep(None, ["train.global_batch_size=4"], str(tmp_path / "s"), overrides=["model.name=tiny"],
                     dev=[str(tmp_path)], quiet=True)
+
+
+def test_the_study_script_runs_real_commands():
+    """benchmarks/scaling_study.sh (the README's study): every `bmr` line in it goes through the real parser,
+    and its sweep names the shipped dev folders and 1,024 training queries per point."""
+    import shlex
+
+    from bmretriever_jax.cli import build_parser
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "scaling_study.sh")
+    assert os.access(path, os.X_OK)
+    text = open(path).read().replace("\\\n", " ")
+    lines = [ln.strip().lstrip("{").strip() for ln in text.splitlines()]
+    cmds = [shlex.split(ln.replace("$BMR", "bmr").replace("$P", "runs/study").replace('"$@"', ""), comments=True)
+            for ln in lines if ln.startswith("$BMR ")]
+    assert [c[1] for c in cmds] == ["pairs", "pairs", "pairs", "mine", "sweep"]
+    parser = build_parser()
+    for argv in cmds:
+        parser.parse_args(argv[1:])
+    a = parser.parse_args(cmds[-1][1:])
+    assert a.examples == 1024 and a.dev == ["data/scifact", "data/medquad"] and a.dev_docs == 1000
+    for d in a.dev:
+        assert os.path.isfile(os.path.join(root, d, "qrels", "dev.tsv"))
+    assert len(a.point) == 8 and {sweep.parse_point(p)["train.global_batch_size"] for p in a.point} == {4, 16, 64, 256}
