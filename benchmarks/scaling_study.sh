@@ -28,4 +28,4 @@ $BMR sweep configs/quickstart.yaml model.max_length=64 model.query_max_length=32
   --point train.global_batch_size=16,data.num_negatives=1 \
   --point train.global_batch_size=64,data.num_negatives=1 \
   --dev data/scifact --dev data/medquad --dev-docs 1000 \
-  --out benchmarks/results/scaling-study "$@"
+  --keep-models --out benchmarks/results/scaling-study "$@"

@@ -179,7 +179,7 @@ def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Se
           points: Sequence[str] = (), steps: Optional[int] = None, examples: Optional[int] = None,
           lr_rule: str = "none", lr_base_batch: Optional[int] = None, warmup_fraction: float = 0.1,
           dev: Sequence[str] = (), dev_docs: int = 0, dev_split: str = "dev", baseline: bool = True,
-          keep_runs: bool = False, quiet: bool = False, timeout: Optional[float] = None) -> List[dict]:
+          keep_runs: bool = False, keep_models: bool = False, quiet: bool = False, timeout: Optional[float] = None) -> List[dict]:
     """Run every point (skipping finished ones, resuming unfinished ones) and write results.tsv /
     results.json / sweep.png. Returns one row per point (see COLUMNS); a failed point keeps its row with
     `error` set. `steps` and `examples` exclude each other."""
@@ -245,7 +245,7 @@ def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Se
         with open(done) as f:
             row.update(json.load(f))
         if not keep_runs:  # the exported model and checkpoints of a short run are not worth the disk
-            for sub in ("model", "checkpoints", "vector_cache"):
+            for sub in ("checkpoints", "vector_cache") + (() if keep_models else ("model",)):
                 shutil.rmtree(os.path.join(pdir, sub), ignore_errors=True)
         if not quiet:
             print("  " + ", ".join(f"{k}={_fmt(round(row[k], 4) if isinstance(row[k], float) else row[k])}"
@@ -308,7 +308,7 @@ def cmd_sweep(a):
     rows = sweep(a.config, a.grid or [], a.out, overrides=a.overrides, points=a.point or [], steps=a.steps,
                  examples=a.examples, lr_rule=a.lr_rule, lr_base_batch=a.lr_base_batch,
                  warmup_fraction=a.warmup_fraction, dev=a.dev or [], dev_docs=a.dev_docs, dev_split=a.dev_split, baseline=a.baseline,
-                 keep_runs=a.keep_runs, quiet=getattr(a, "quiet", False))
+                 keep_runs=a.keep_runs, keep_models=a.keep_models, quiet=getattr(a, "quiet", False))
     base = os.path.join(a.out, BASELINE_FILE)
     print_table(rows, json.load(open(base)) if os.path.exists(base) else None)
     print(f"wrote {a.out}/results.tsv, results.json" + (", sweep.png" if os.path.exists(
@@ -343,6 +343,8 @@ def add_commands(sub) -> None:
                    help="skip the untrained model's dev figures (baseline.json)")
     s.add_argument("--out", required=True, help="sweep folder: one run folder per point + results")
     s.add_argument("--keep-runs", action="store_true", help="keep each point's exported model and checkpoints")
+    s.add_argument("--keep-models", action="store_true", help="keep each point's exported model (for test-set "
+                                                               "evaluation), drop its checkpoints")
     s.set_defaults(fn=cmd_sweep)
 
 
