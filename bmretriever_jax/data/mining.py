@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from bmretriever_jax.data.beir import load_corpus
 from bmretriever_jax.data.bm25 import BM25Index
 from bmretriever_jax.data.pairs import Doc, Pair, as_passage, doc_id, doc_keys, read_pairs, resolve_instruction, \
     write_pairs
@@ -85,7 +86,6 @@ def _corpus_docs(corpus: str | Mapping[str, Mapping[str, str]] | Sequence[Doc] |
     if corpus is None:
         return []
     if isinstance(corpus, str):
-        from bmretriever_jax.data.beir import load_corpus
         corpus = load_corpus(corpus)
     if isinstance(corpus, Mapping):
         return [{"title": d.get("title", ""), "text": d["text"], "id": i} for i, d in corpus.items()]
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     retriever: Any = "bm25"
     instructions = None
     if args.encoder:
-        from bmretriever_jax.embed import Encoder  # jax: only for dense mining
+        from bmretriever_jax.embed import Encoder  # jax: only for dense mining (`bmr --help` imports this module)
 
         retriever = Encoder.load(args.encoder, quiet=getattr(args, "quiet", False))
         if args.instructions:

@@ -62,7 +62,7 @@ class MiniLMEncoder:
 
     def __init__(self, path: str | None = None, *, max_length: int = 256, device: str = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
+        import torch  # an optional extra (mteb / demo / test), as is this baseline's model package
         from transformers import AutoModel, AutoTokenizer
 
         self.path = path or minilm_path()

@@ -17,9 +17,15 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import transformers
+import yaml
 
+from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.errors import ConfigError, InputPathError
+from bmretriever_jax.eval.evaluate import evaluate_retrieval
 from bmretriever_jax.merge.folder import (as_config, flat_to_tree, input_refs, load_flat, merge_flat, merge_to_folder,
                                           merged_settings, open_inputs, tokenizer_folder)
 from bmretriever_jax.merge.mergekit import MergeConfig
@@ -119,9 +125,6 @@ class CandidateEncoder:
         return self.encoder.max_length
 
     def set_params(self, params, tag: str) -> None:
-        import jax
-        import jax.numpy as jnp
-
         self.encoder.params = jax.tree.map(jnp.asarray, params)
         h = hashlib.sha256(tag.encode())
         for leaf in jax.tree.leaves(params):  # a strided sample of every leaf: the weights themselves key the cache
@@ -137,9 +140,6 @@ class CandidateEncoder:
 
 
 def _dev_instruction(dev: str, instruction: Optional[str]) -> str:
-    from bmretriever_jax.embed import default_task
-    from bmretriever_jax.embed import instruction_for
-
     return instruction_for(instruction if instruction is not None else default_task(dev))
 
 
@@ -199,11 +199,6 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
     config: a mergekit config (its weights / densities are the search's to choose; its other parameters stay).
     strategy: "grid" (simplex weights in `grid_step` x `densities`) or "cmaes" (`budget` evaluations, the equal-weight
     point first). The best candidate (first on ties) is written as OUT/merge.yaml and merged into OUT/model."""
-    import transformers
-
-    from bmretriever_jax.embed import Encoder
-    from bmretriever_jax.eval.evaluate import evaluate_retrieval
-
     mc = as_config(config)
     if mc.method not in WEIGHTED_METHODS:
         raise ConfigError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {mc.method!r} has none")
@@ -296,8 +291,6 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
 
 
 def _write_search(out: str, rows, best, chosen, info) -> None:
-    import yaml
-
     devs = list(rows[0]["scores"]) if rows else []
     with open(os.path.join(out, "candidates.tsv"), "w") as f:
         f.write("\t".join(["id", "strategy", "generation", "weights", "density", *[f"ndcg@10:{d}" for d in devs],

@@ -13,13 +13,22 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
+from jax.experimental import multihost_utils
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
 from bmretriever_jax import checkpoint as ckpt
-from bmretriever_jax import sharding, treeutil
+from bmretriever_jax import hub, sharding, treeutil
 from bmretriever_jax.config import RunConfig, dump, to_dict
+from bmretriever_jax.convert.hf import copy_tokenizer, load_hf, save_hf
+from bmretriever_jax.data import builders
+from bmretriever_jax.data.loader import PairLoader
+from bmretriever_jax.data.pairs import read_pairs
 from bmretriever_jax.distributed import is_host0
-from bmretriever_jax.embed import default_task, instruction_for
+from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.errors import ConfigError, DataFormatError, InputPathError, UserError
+from bmretriever_jax.eval.evaluate import evaluate_retrieval
 from bmretriever_jax.train.resume import check_resume_config, truncate_metrics
 from bmretriever_jax.train.step import (init_state, make_mesh, make_optimizer, make_schedule, make_tokenize_fn,
                                         merged_params, make_train_step, split_params, to_global)
@@ -34,9 +43,6 @@ class NonFiniteLoss(UserError, RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 def load_training_pairs(run: RunConfig):
     """data.train entries: pairs JSONL files, or builder names (scifact, pubmedqa, medquad, pretrain:PATH)."""
-    from bmretriever_jax.data import builders
-    from bmretriever_jax.data.pairs import read_pairs
-
     names = ", ".join(sorted(builders.BUILDERS))
     if not run.data.train:
         raise ConfigError(f"data.train is empty: list pairs JSONL files or builder names ({names})")
@@ -75,14 +81,6 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     allow_config_change: resume although the config differs from the one the run was started with (in more
       than RESUMABLE_CHANGES); the differences are appended to run.out/config_changes.jsonl.
     """
-    from tqdm.auto import tqdm
-
-    from bmretriever_jax import hub
-    from bmretriever_jax.convert.hf import load_hf
-    from bmretriever_jax.data.loader import PairLoader
-
-    import transformers
-
     # everything a user can get wrong fails here, in a second, before the model loads
     pairs = load_training_pairs(run)
     if run.data.dev and not os.path.isdir(run.data.dev):
@@ -194,8 +192,6 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
 def host_params(run: RunConfig, state, frozen) -> Tuple[dict, dict]:
     """(plain backbone params with LoRA folded in, trainable tree) as host numpy arrays; a collective:
     every process must call it."""
-    from jax.experimental import multihost_utils
-
     trainable = multihost_utils.process_allgather(state["trainable"]["model"], tiled=True)
     frozen = multihost_utils.process_allgather(frozen, tiled=True)
     merged = jax.tree.map(lambda x: np.asarray(x, np.float32), merged_params(run, trainable, frozen))
@@ -204,9 +200,6 @@ def host_params(run: RunConfig, state, frozen) -> Tuple[dict, dict]:
 
 def dev_eval(run: RunConfig, model_cfg, params, tokenizer) -> dict:
     """NDCG@10 etc. on the dev split of data.dev with the given (merged) weights."""
-    from bmretriever_jax.embed import Encoder
-    from bmretriever_jax.eval.evaluate import evaluate_retrieval
-
     enc = Encoder(model_cfg, params, tokenizer, max_length=run.model.max_length, pooling=run.model.pooling,
                   normalize=run.model.normalize, dtype=run.model.dtype, bidirectional=run.model.bidirectional)
     task = run.data.dev_task or default_task(run.data.dev)  # data/scifact -> scifact's instruction
@@ -218,10 +211,6 @@ def dev_eval(run: RunConfig, model_cfg, params, tokenizer) -> dict:
 def export_model(run: RunConfig, model_cfg, params, trainable, source_folder: str, out: str) -> str:
     """The trained retriever (merged `params` from `host_params`) as a transformers folder (+ tokenizer +
     bmretriever.json) and, with LoRA, the adapter tree (adapter.safetensors) for PEFT export."""
-    from safetensors.numpy import save_file
-
-    from bmretriever_jax.convert.hf import copy_tokenizer, save_hf
-
     save_hf(model_cfg, params, out, bidirectional=run.model.bidirectional)
     copy_tokenizer(source_folder, out)  # the same file list as every export
     settings = {"pooling": run.model.pooling, "normalize": run.model.normalize, "max_length": run.model.max_length,
