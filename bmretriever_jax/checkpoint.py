@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from bmretriever_jax import treeutil
 from bmretriever_jax.errors import ConfigError, UserError
@@ -105,8 +106,6 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: List[int]) -> None:
             if os.path.exists(src):
                 shutil.move(src, os.path.join(aside, f"{s}-{int(time.time())}"))
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("bmr-checkpoint-set-aside")
     mngr.reload()
 

@@ -18,7 +18,7 @@ def maybe_initialize() -> bool:
     global _initialized
     if _initialized:
         return True
-    import jax
+    import jax  # here: the `bmr` entry point imports this module, and `bmr --help` imports no jax
 
     coord = os.environ.get("BMR_COORDINATOR")
     if coord:
@@ -35,6 +35,6 @@ def maybe_initialize() -> bool:
 
 
 def is_host0() -> bool:
-    import jax
+    import jax  # (see maybe_initialize)
 
     return jax.process_index() == 0

@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from bmretriever_jax import hub
 from bmretriever_jax.models import ModelConfig, encode
 from bmretriever_jax.precision import resolve_dtype
 
@@ -150,8 +152,6 @@ class Encoder:
              quiet: bool = False) -> "Encoder":
         """From a model name, .gguf, transformers folder or `bmr export` folder (its bmretriever.json wins
         over the defaults; explicit arguments win over both)."""
-        from bmretriever_jax import hub
-
         cfg, params, tok, folder = hub.load(name_or_path, quiet=quiet)
         s = hub.retriever_settings(folder)
         pick = lambda arg, key, default: arg if arg is not None else s.get(key, default)  # noqa: E731
@@ -186,8 +186,6 @@ class Encoder:
     def encode_texts(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False,
                      desc: str = "encoding") -> np.ndarray:
         """Raw texts (no template) -> [n, d] float32, in input order. Sorted by length for speed."""
-        from tqdm.auto import tqdm
-
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)

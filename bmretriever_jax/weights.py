@@ -11,6 +11,10 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from bmretriever_jax import treeutil
 from bmretriever_jax.errors import ConfigError, MissingEntryError, ModelFileNotFound, OutputExistsError
@@ -100,7 +104,6 @@ class SafetensorsReader:
 
     @staticmethod
     def _keys_of(file: str) -> dict[str, str]:
-        from safetensors import safe_open
         with safe_open(file, framework="numpy") as f:
             return {k: file for k in f.keys()}
 
@@ -109,7 +112,6 @@ class SafetensorsReader:
 
     def _info(self, path):
         if path not in self._meta:
-            from safetensors import safe_open
             with safe_open(self._file[path], framework="numpy") as f:
                 sl = f.get_slice(path)
                 self._meta[path] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype()))
@@ -125,7 +127,6 @@ class SafetensorsReader:
         return dt
 
     def read(self, path):
-        from safetensors import safe_open
         with safe_open(self._file[path], framework="numpy") as f:
             return f.get_tensor(path)
 
@@ -167,7 +168,6 @@ class SafetensorsWriter:
         self._total += arr.nbytes
 
     def _flush(self):
-        from safetensors.numpy import save_file
         name = self.path if self._single_file else os.path.join(self.path, f".shard-{len(self._shards):05d}.tmp")
         save_file(self._pending, name, metadata=self._metadata)
         self._shards.append((name, list(self._pending)))
@@ -198,9 +198,6 @@ class OrbaxReader:
     fine-tuned checkpoint streams leaf by leaf instead of being restored whole (with its optimizer state)."""
 
     def __init__(self, item_dir: str | os.PathLike, prefix: str = ""):
-        import orbax.checkpoint as ocp
-        from etils import epath
-
         self.path = epath.Path(os.fspath(item_dir))
         if not (self.path / "_METADATA").exists():
             raise ModelFileNotFound(f"{item_dir}: not an Orbax PyTree item (no _METADATA)")
@@ -223,8 +220,6 @@ class OrbaxReader:
         return np.dtype(self._meta[path].dtype)
 
     def read(self, path):
-        import orbax.checkpoint as ocp
-
         if path not in self._meta:
             raise MissingEntryError(f"{self.path}: no leaf {path!r} under {'/'.join(self._prefix) or '<root>'}")
         full = self._prefix + path.split("/")

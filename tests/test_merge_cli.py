@@ -144,20 +144,29 @@ def test_cmaes_minimises_and_is_deterministic():
     target = np.array([1.0, -2.0, 0.5])
     scales = np.array([1.0, 10.0, 100.0])  # an ill-conditioned ellipsoid: needs the covariance adaptation
 
-    def run(seed):
-        es = search.CMAES(np.zeros(3), 1.0, seed=seed)
-        best = np.inf
-        for _ in range(150):
-            xs = es.ask()
-            fs = [float(np.sum(scales * (x - target) ** 2)) for x in xs]
-            best = min(best, min(fs))
-            es.tell(xs, fs)
-        return best, es.mean
+    def run(seed, budget=1500, popsize=None):
+        calls = []
 
-    best, mean = run(0)
-    assert best < 1e-8 and np.abs(mean - target).max() < 1e-4
-    best2, mean2 = run(0)
-    assert best2 == best and np.array_equal(mean, mean2)
+        def f(x, generation):
+            calls.append((generation, x.copy()))
+            return float(np.sum(scales * (x - target) ** 2))
+
+        best_x, best_f = search.cmaes_minimise(f, 3, budget=budget, sigma=1.0, popsize=popsize, seed=seed)
+        return best_x, best_f, calls
+
+    best_x, best_f, calls = run(0)
+    assert best_f < 1e-8 and np.abs(best_x - target).max() < 1e-4
+    assert len(calls) == 1500 and calls[0][0] == 0 and not calls[0][1].any()  # the start point 0 first
+    gens = [g for g, _ in calls[1:]]
+    assert gens == sorted(gens) and gens[:7] == [1] * 7 and gens[7] == 2  # popsize 4 + 3 ln 3 = 7 per generation
+    best_x2, best_f2, calls2 = run(0)
+    assert best_f2 == best_f and np.array_equal(best_x, best_x2)
+    assert all(g == g2 and np.array_equal(x, x2) for (g, x), (g2, x2) in zip(calls, calls2))
+    assert run(1)[1] != best_f  # another seed, other points
+    _, _, short = run(0, budget=6, popsize=3)  # the start point, a full generation of 3, 2 of the next
+    assert [g for g, _ in short] == [0, 1, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="popsize"):
+        run(0, popsize=1)
 
 
 def test_grid_search_picks_the_best_and_writes_it(experts, tmp_path):

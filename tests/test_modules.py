@@ -1,13 +1,17 @@
 """The flax.linen modules: their parameter tree is the saved layout, pure init / apply, LoRA inside the
 linears (hand-written backward), remat and unrolled layers change nothing."""
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bmretriever_jax import lora, treeutil
+from bmretriever_jax.convert import presets
 from bmretriever_jax.convert.hf import config_from_hf
-from bmretriever_jax.models import Decoder, Encoder, forward, init_params
+from bmretriever_jax.models import Decoder, Encoder, forward, init_params, param_shapes
 from bmretriever_jax.models.decoder import unstack_layers
 from hf_tiny import padded_batch, tiny_hf_config
 
@@ -60,6 +64,16 @@ def test_init_tree_is_the_saved_layout(family):
         assert type(tree) is dict  # a plain nested dict, no FrozenDict
         got = {p: tuple(x.shape) for p, x in treeutil.flatten(tree).items()}
         assert got == saved_layout(cfg)
+
+
+def test_num_params_counts_the_initialised_tree():
+    # ModelConfig.num_params counts from the switches (models/config.py imports nothing from the modules)
+    cfgs = [_cfg(f) for f in FAMILIES] + [presets.preset(n) for n in presets.names()]
+    cfgs += [dataclasses.replace(_cfg("llama"), attn_bias=True, mlp_bias=True, norm="layer", qk_norm=True,
+                                 sandwich_norm=True, gated_mlp=False)]
+    for cfg in cfgs:
+        shapes = treeutil.flatten(param_shapes(cfg))
+        assert cfg.num_params() == sum(math.prod(s) for s in shapes.values()), cfg.family
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`bmr`: the command line. One thin module per command group; each parses arguments and calls the library.
 
 Nothing in the library imports from here. Building the parser imports no jax (`bmr --help` stays fast): every
-command imports what it drives inside its function.
+command imports the jax-side library it drives inside its function (light helpers are imported at the top).
 """
 from bmretriever_jax.cli.main import build_parser, main
 

@@ -3,26 +3,22 @@ from __future__ import annotations
 
 import logging
 
+from bmretriever_jax.data import builders, mining  # numpy and the JSONL readers only: no jax
+
 
 def cmd_pairs(a):
-    from bmretriever_jax.data import builders
-
     if not a.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     return builders.run(a)
 
 
 def cmd_mine(a):
-    from bmretriever_jax.data import mining
-
     if not a.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     return mining.run(a)
 
 
 def add_commands(sub) -> None:
-    from bmretriever_jax.data import builders, mining  # numpy and the JSONL readers only: no jax
-
     s = sub.add_parser("pairs", help="build training pairs from shipped data (scifact, pubmedqa, medquad, pretrain)")
     builders.add_arguments(s)
     s.set_defaults(fn=cmd_pairs)

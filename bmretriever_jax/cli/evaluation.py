@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 
+from bmretriever_jax.atomic import atomic_write, check_writable_file
 from bmretriever_jax.cli.models import DTYPE_HELP, DTYPES
 from bmretriever_jax.errors import ConfigError
 
 
 def cmd_eval(a):
     from bmretriever_jax.eval.suite import evaluate_all, print_table
-
-    from bmretriever_jax.atomic import check_writable_file
 
     models = list(a.model or []) + list(a.baseline or [])
     if not models:
@@ -21,8 +20,6 @@ def cmd_eval(a):
                        dtype=a.dtype, cache_dir=a.cache_dir, quiet=a.quiet)
     print_table(res)
     if a.out:
-        from bmretriever_jax.atomic import atomic_write
-
         with atomic_write(a.out, "w") as f:
             json.dump(res, f, indent=1)
 

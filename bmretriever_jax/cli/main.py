@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import List, Optional
 
+from bmretriever_jax.allocator import keep_freed_memory
 from bmretriever_jax.cli import data, evaluation, merging, models, synth, training
+from bmretriever_jax.distributed import maybe_initialize
+from bmretriever_jax.errors import UserError
 
 # command groups, in the order `bmr --help` lists them; plan / sweep / synth keep their parsers beside their code
 GROUPS = (models, data, training, evaluation, merging, synth)
@@ -19,8 +23,6 @@ def _add_quiet(parser: argparse.ArgumentParser, default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     p = argparse.ArgumentParser(prog="bmr", description="decoder-only LLMs -> biomedical dense retrievers (JAX)")
     _add_quiet(p, False)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -37,14 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bmretriever_jax.allocator import keep_freed_memory
-
     keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from bmretriever_jax.distributed import maybe_initialize
-    from bmretriever_jax.errors import UserError
-
     try:
         maybe_initialize()
         rc = args.fn(args)

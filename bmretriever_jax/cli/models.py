@@ -4,7 +4,12 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
+from bmretriever_jax.atomic import check_writable_dir
+from bmretriever_jax.data.beir import jsonl_records
 from bmretriever_jax.errors import DataFormatError, InputPathError
+from bmretriever_jax.vector_files import write_vectors
 
 DTYPES = ["auto", "bfloat16", "float32"]
 DTYPE_HELP = "matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units"
@@ -43,8 +48,6 @@ def cmd_info(a):
 def read_jsonl_texts(path: str):
     """-> ids, items; each line {"_id"|"id", "text", "title"?} (a BEIR corpus) or {"id", "query"}. Ids must be
     unique (they name the rows of vectors.npy); a line without one is named by its line number."""
-    from bmretriever_jax.data.beir import jsonl_records
-
     if not os.path.isfile(path):
         raise InputPathError(f"--input {path}: no such file")
     ids, items, first = [], [], {}
@@ -64,12 +67,7 @@ def read_jsonl_texts(path: str):
 
 
 def cmd_encode(a):
-    import numpy as np
-
     from bmretriever_jax.embed import Encoder
-
-    from bmretriever_jax.atomic import check_writable_dir
-    from bmretriever_jax.vector_files import write_vectors
 
     ids, items = read_jsonl_texts(a.input)  # bad input and an unwritable --out fail before the model loads
     check_writable_dir(a.out)

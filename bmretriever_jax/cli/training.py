@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 
+from bmretriever_jax.config import load_config
+from bmretriever_jax.plot import plot_run
+
 
 def cmd_train(a):
-    from bmretriever_jax.config import load_config
     from bmretriever_jax.train import train
 
     run = load_config(a.config, a.overrides)
@@ -14,8 +16,6 @@ def cmd_train(a):
 
 
 def cmd_plot(a):
-    from bmretriever_jax.plot import plot_run
-
     print(plot_run(a.run_dir, a.out))
 
 

@@ -34,15 +34,20 @@ import json
 import math
 import os
 import warnings
+from importlib.metadata import version
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
 from bmretriever_jax import lora as lora_lib
 from bmretriever_jax import treeutil
 from bmretriever_jax.convert.hf import config_to_hf, copy_tokenizer, tokenizer_files  # noqa: F401  (part of this API)
-from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, rules_for
-from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS
+from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, hf_to_params, rules_for
+from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS, instruction_for, tokenize
 from bmretriever_jax.errors import ModelSourceError, OutputExistsError
 from bmretriever_jax.convert.sources import (ADAPTER_FILE, SETTINGS_FILE, ModelSource, _adapter_modules, _module_of,
                                             hf_layout, open_source)  # noqa: F401  (hf_layout: part of this API)
@@ -70,8 +75,6 @@ def _prepare_out(out: str) -> None:
 
 def write_weights(reader, out: str, dtype: str = "float32", progress: bool = False) -> None:
     """Stream every tensor of `reader` into out/model.safetensors (sharded above 5 GiB)."""
-    from tqdm.auto import tqdm
-
     writer = SafetensorsWriter(out)
     for name in tqdm(list(reader.keys()), desc=f"writing {os.path.basename(os.path.normpath(out))}", unit="tensor",
                      disable=not progress, leave=False):
@@ -81,8 +84,6 @@ def write_weights(reader, out: str, dtype: str = "float32", progress: bool = Fal
 
 def _np_dtype(dtype: str):
     if dtype == "bfloat16":
-        import ml_dtypes
-
         return ml_dtypes.bfloat16
     if dtype not in ("float32", "float16"):
         raise ModelSourceError(f"dtype {dtype!r}; allowed: float32, float16, bfloat16")
@@ -125,8 +126,6 @@ def export_hf(source: ModelSource, out: str, *, dtype: str = "float32", max_leng
     write_weights(source.reader, out, dtype, progress=progress)
     write_model_files(source.cfg, out, settings, source.tokenizer_folder, dtype=dtype)
     if source.adapters is not None:  # keep the adapter beside the merged weights, so `--format peft` works on `out`
-        from safetensors.numpy import save_file
-
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in source.adapters.items()},
                   os.path.join(out, ADAPTER_FILE))
     return out
@@ -145,9 +144,7 @@ def st_tokenizer_args(folder: str, max_length: int) -> Dict[str, Any]:
     They go to sentence_bert_config.json ("tokenizer_args", passed to AutoTokenizer.from_pretrained), not into the
     tokenizer files, so the same folder still loads unchanged in our Encoder (which appends EOS itself).
     add_eos_token / add_bos_token make transformers rebuild the post-processor as [BOS] text EOS."""
-    import transformers
-
-    from bmretriever_jax.embed import tokenize
+    import transformers  # ~0.8 s (tokenizers ~2 s more), for this export only: not for every importer of merge/
 
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     if tok.eos_token_id is None:
@@ -179,8 +176,6 @@ def export_sentence_transformers(source: ModelSource, out: str, *, instruction: 
                                  max_length: Optional[int] = None, dtype: str = "float32",
                                  progress: bool = False) -> str:
     """The hf export + the sentence-transformers module files (legacy layout, which every version since 2.x loads)."""
-    from bmretriever_jax.embed import instruction_for
-
     settings = _settings_for_export(source, max_length)
     if settings.get("bidirectional") and source.cfg.family not in _BIDIRECTIONAL_IN_HF:
         raise ModelSourceError(f"a bidirectional {source.cfg.family} retriever cannot be expressed for sentence-transformers "
@@ -235,8 +230,6 @@ max_seq_length {L} (EOS included).
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("bmretriever_jax")
     except Exception:  # noqa: BLE001 - a missing distribution only loses the version stamp
         return "unknown"
@@ -303,8 +296,6 @@ def peft_tensors(cfg: ModelConfig, adapters: Mapping[str, Any], lcfg: lora_lib.L
 
 def export_peft(source: ModelSource, out: str, *, base_model: Optional[str] = None) -> str:
     """adapter_config.json + adapter_model.safetensors (+ tokenizer files and bmretriever.json, which PEFT ignores)."""
-    from safetensors.numpy import save_file
-
     if source.adapters is None or source.lora is None:
         raise ModelSourceError(f"{source.label} has no LoRA adapter (a full fine-tune, a merge or a plain model): "
                          "export it with --format hf or sentence-transformers instead")
@@ -329,8 +320,6 @@ def export_peft(source: ModelSource, out: str, *, base_model: Optional[str] = No
 
 def load_peft(folder: str, cfg: ModelConfig) -> Tuple[lora_lib.LoraConfig, dict]:
     """A PEFT LoRA folder (ours or PEFT's own, for a base model of cfg's family) -> (LoraConfig, adapter tree)."""
-    from safetensors import safe_open
-
     with open(os.path.join(folder, "adapter_config.json")) as f:
         c = json.load(f)
     if c.get("peft_type") != "LORA":
@@ -392,7 +381,5 @@ def export(src, out: str, fmt: str = "hf", *, step: Optional[int] = None, instru
 
 def load_tree(source: ModelSource) -> dict:
     """The whole model of a source as our parameter tree (numpy float32): for in-memory use (search, tests)."""
-    from bmretriever_jax.convert.names import hf_to_params
-
     flat = {n: source.reader.read(n) for n in source.reader.keys()}
     return hf_to_params(source.cfg, flat.__getitem__, flat.__contains__)

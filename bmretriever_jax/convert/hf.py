@@ -7,6 +7,8 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from bmretriever_jax.convert.names import hf_to_params, params_to_hf, strip_prefix
 from bmretriever_jax.models.config import ModelConfig
@@ -154,8 +156,6 @@ class SafetensorsDir:
     """Lazy reader over model.safetensors or a sharded model.safetensors.index.json; refuses pickles."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
         self.path = path
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
@@ -201,8 +201,6 @@ def load_hf(path: str, dtype=np.float32) -> Tuple[ModelConfig, Dict]:
 def save_hf(cfg: ModelConfig, params: Dict, path: str, *, bidirectional: bool = False,
             dtype=np.float32, extra_config: Optional[dict] = None) -> None:
     """Write config.json + model.safetensors that transformers' AutoModel loads (base-model names)."""
-    from safetensors.numpy import save_file
-
     os.makedirs(path, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in params_to_hf(cfg, params).items()}
     if cfg.tie_embeddings:

@@ -9,7 +9,12 @@ import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from safetensors.numpy import load_file
 
+from bmretriever_jax import checkpoint as ckpt
+from bmretriever_jax import hub
 from bmretriever_jax import lora as lora_lib
 from bmretriever_jax import treeutil
 from bmretriever_jax.convert.hf import PICKLE_FILES, config_from_hf
@@ -247,8 +252,6 @@ def _step_dir(path: str, step: Optional[int]) -> Optional[str]:
             raise ModelFileNotFound(f"{root}: no checkpoint")
         return None
     if step is None:
-        from bmretriever_jax import checkpoint as ckpt
-
         with ckpt.manager(root, async_save=False) as m:  # the manager knows which steps finished writing
             step = m.latest_step()
         if step is None:
@@ -259,9 +262,6 @@ def _step_dir(path: str, step: Optional[int]) -> Optional[str]:
 
 
 def _open_run(step_dir: str) -> ModelSource:
-    import orbax.checkpoint as ocp
-    from etils import epath
-
     meta = ocp.JsonCheckpointHandler().restore(epath.Path(os.path.join(step_dir, "meta")))
     run = meta.get("config") or {}
     base_folder = meta.get("model_folder")
@@ -288,15 +288,11 @@ def _open_run(step_dir: str) -> ModelSource:
 
 
 def _open_folder(folder: str, label: str) -> ModelSource:
-    from bmretriever_jax import hub
-
     cfg = _read_config(folder)
     settings = hub.retriever_settings(folder)
     reader = TensorReader(cfg, _folder_fetch(cfg, folder), label)
     adapters = lcfg = base_folder = None
     if os.path.exists(os.path.join(folder, ADAPTER_FILE)) and settings.get("lora"):
-        from safetensors.numpy import load_file
-
         adapters = load_file(os.path.join(folder, ADAPTER_FILE))
         lcfg = _lora_config(settings["lora"])
         _adapter_modules(cfg, adapters)
@@ -310,8 +306,6 @@ def _open_folder(folder: str, label: str) -> ModelSource:
 
 def open_source(src: str, *, step: Optional[int] = None, quiet: bool = True) -> ModelSource:
     """A run folder, checkpoint root or step dir, a model folder, or a known model name / .gguf -> ModelSource."""
-    from bmretriever_jax import hub
-
     src = os.fspath(src)
     if os.path.isdir(src) and not os.path.exists(os.path.join(src, "config.json")):
         src = os.path.abspath(src)  # Orbax refuses relative checkpoint paths

@@ -34,6 +34,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from bmretriever_jax.data.beir import load_corpus
+from bmretriever_jax.data.bm25 import BM25Index
 from bmretriever_jax.data.pairs import Doc, Pair, as_passage, doc_id, doc_keys, read_pairs, resolve_instruction, \
     write_pairs
 from bmretriever_jax.errors import ConfigError
@@ -84,7 +86,6 @@ def _corpus_docs(corpus: str | Mapping[str, Mapping[str, str]] | Sequence[Doc] |
     if corpus is None:
         return []
     if isinstance(corpus, str):
-        from bmretriever_jax.data.beir import load_corpus
         corpus = load_corpus(corpus)
     if isinstance(corpus, Mapping):
         return [{"title": d.get("title", ""), "text": d["text"], "id": i} for i, d in corpus.items()]
@@ -93,31 +94,9 @@ def _corpus_docs(corpus: str | Mapping[str, Mapping[str, str]] | Sequence[Doc] |
 
 # ---------------------------------------------------------------------------------------------------- scoring
 
-class _BM25Scorer:
-    """BM25 over "title text" (bm25s, Lucene variant, English stop words, Snowball stemming)."""
-
-    def __init__(self, docs: Sequence[Doc]):
-        import bm25s
-        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
-        import Stemmer
-
-        self._bm25s = bm25s
-        self.stemmer = Stemmer.Stemmer("english")
-        texts = [" ".join(p for p in (as_passage(d)["title"], as_passage(d)["text"]) if p) for d in docs]
-        tokens = bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=False)
-        self.retriever = bm25s.BM25()
-        self.retriever.index(tokens, show_progress=False)
-        self.n = len(docs)
-
-    def scores(self, queries: list[str]) -> np.ndarray:
-        """[len(queries), n_docs] float32 BM25 scores (0: no shared term)."""
-        tokens = self._bm25s.tokenize(queries, stopwords="en", stemmer=self.stemmer, return_ids=False,
-                                      show_progress=False)
-        out = np.zeros((len(queries), self.n), np.float32)
-        for row, toks in enumerate(tokens):
-            if toks:  # a query of stop words only has no tokens, and bm25s refuses an empty list
-                out[row] = self.retriever.get_scores(list(toks))
-        return out
+def _doc_text(d: Doc) -> str:
+    """"title text" of a document, the text BM25 indexes."""
+    return " ".join(p for p in (as_passage(d)["title"], as_passage(d)["text"]) if p)
 
 
 class _DenseScorer:
@@ -268,7 +247,7 @@ def mine_hard_negatives(
         scorer = _DenseScorer(retriever, index.docs, corpus_embeddings, n_given, batch_size)
         query_instr = [resolve_instruction(pairs[m[0]], instructions) for m in group_members]
     else:
-        scorer = _BM25Scorer(index.docs)
+        scorer = BM25Index([_doc_text(d) for d in index.docs])  # data.bm25: stop words, Snowball stemming
 
     counts = dict.fromkeys(("absolute_margin", "relative_margin", "max_score_ratio", "max_score", "min_score"), 0)
     mined: list[list[int]] = [[] for _ in group_members]
@@ -337,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     retriever: Any = "bm25"
     instructions = None
     if args.encoder:
-        from bmretriever_jax.embed import Encoder  # jax: only for dense mining
+        from bmretriever_jax.embed import Encoder  # jax: only for dense mining (`bmr --help` imports this module)
 
         retriever = Encoder.load(args.encoder, quiet=getattr(args, "quiet", False))
         if args.instructions:

@@ -1,7 +1,7 @@
 """The baselines a user would otherwise pick: BM25 (bm25s) and all-MiniLM-L6-v2 (PyTorch).
 
-BM25: bm25s defaults (Lucene variant, k1=1.5, b=0.75), lower-cased, English stop words removed, Snowball
-(PyStemmer) English stemming, over "title text". MiniLM: mean pooling over non-padding tokens, 256 tokens,
+BM25: `data.bm25.BM25Index` (bm25s, Lucene variant, k1=1.5, b=0.75, lower-cased, English stop words removed,
+Snowball English stemming) over "title text". MiniLM: mean pooling over non-padding tokens, 256 tokens,
 L2-normalised (cosine), no instruction, exposing the project's Encoder protocol so that the same
 evaluation code runs it.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from bmretriever_jax.data.bm25 import B, K1, BM25Index
 
 
 def passage_text(doc: Mapping[str, str]) -> str:
@@ -24,26 +25,16 @@ def passage_text(doc: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------- BM25
 
 def bm25_search(corpus: Mapping[str, Mapping[str, str]], queries: Mapping[str, str], k: int = 1000, *,
-                k1: float = 1.5, b: float = 0.75) -> dict[str, dict[str, float]]:
+                k1: float = K1, b: float = B) -> dict[str, dict[str, float]]:
     """BM25 run {query id: {doc id: score}} with the top min(k, N) documents of every query.
 
     Documents with score 0 (no shared term) are left out, so a query with no known term gets an empty run
     rather than an arbitrary list (an arbitrary list would make the metric depend on tie-breaking).
     """
-    import bm25s
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
-    import Stemmer
-
-    stemmer = Stemmer.Stemmer("english")
     doc_ids = list(corpus)
-    corpus_tokens = bm25s.tokenize([passage_text(corpus[d]) for d in doc_ids], stopwords="en", stemmer=stemmer,
-                                   show_progress=False)
-    retriever = bm25s.BM25(k1=k1, b=b)
-    retriever.index(corpus_tokens, show_progress=False)
     query_ids = list(queries)
-    query_tokens = bm25s.tokenize([queries[q] for q in query_ids], stopwords="en", stemmer=stemmer,
-                                  show_progress=False)
-    hits, scores = retriever.retrieve(query_tokens, k=min(k, len(doc_ids)), show_progress=False, n_threads=0)
+    index = BM25Index([passage_text(corpus[d]) for d in doc_ids], k1=k1, b=b)
+    hits, scores = index.top_k([queries[q] for q in query_ids], k)
     run = {}
     for row, qid in enumerate(query_ids):
         run[qid] = {doc_ids[int(j)]: float(s) for j, s in zip(hits[row], scores[row]) if s > 0}
@@ -71,7 +62,7 @@ class MiniLMEncoder:
 
     def __init__(self, path: str | None = None, *, max_length: int = 256, device: str = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
+        import torch  # an optional extra (mteb / demo / test), as is this baseline's model package
         from transformers import AutoModel, AutoTokenizer
 
         self.path = path or minilm_path()

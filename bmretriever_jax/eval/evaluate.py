@@ -17,11 +17,13 @@ import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from bmretriever_jax.atomic import CacheWarning, atomic_write, check_file, remove_stale_temps, write_checksum
 from bmretriever_jax import tables
-from bmretriever_jax.eval import metrics
+from bmretriever_jax.atomic import CacheWarning, atomic_write, check_file, remove_stale_temps, write_checksum
 from bmretriever_jax.data.beir import Corpus, corpus_digest, load_beir
+from bmretriever_jax.eval import metrics
+from bmretriever_jax.eval.baselines import MiniLMEncoder, bm25_search
 from bmretriever_jax.eval.search import topk_search
 from bmretriever_jax.eval.sts import cosine_rows, load_sts_tsv
 
@@ -93,8 +95,6 @@ def cached_corpus_vectors(encoder, corpus: Corpus, data_dir: str, cache_dir: str
             json.dump({"key": key, "dataset": os.path.abspath(data_dir), "created": time.time()}, f, indent=1)
     remove_stale_temps(folder)  # temporaries of runs that were killed mid-write
 
-    from tqdm.auto import tqdm
-
     chunks = []
     bar = tqdm(total=len(doc_ids), desc=f"corpus {os.path.basename(os.path.normpath(data_dir))}", unit="doc",
                disable=not progress)
@@ -152,8 +152,6 @@ def evaluate_retrieval(encoder, beir_dir: str, split: str = "test", instruction:
 def evaluate_bm25(beir_dir: str, split: str = "test", *,
                   k_values: Iterable[int] = metrics.DEFAULT_K) -> dict[str, float]:
     """BM25 (bm25s, stop words + Snowball stemming) scored by the same metric code as the dense models."""
-    from bmretriever_jax.eval.baselines import bm25_search
-
     k_values = tuple(k_values)
     corpus, queries, qrels = load_beir(beir_dir, split)
     run = bm25_search(corpus, queries, k=max(k_values))
@@ -162,7 +160,7 @@ def evaluate_bm25(beir_dir: str, split: str = "test", *,
 
 def evaluate_sts(encoder, tsv: str) -> dict[str, float]:
     """{"spearman", "pearson"} between cosine(encode_texts(s1), encode_texts(s2)) and the gold scores."""
-    from scipy import stats
+    from scipy import stats  # not a dependency of the package (the test extra has it); ~1.5 s
 
     s1, s2, gold = load_sts_tsv(tsv)
     # encode_texts: no template, no instruction (the protocol gives it no batch_size argument).
@@ -193,7 +191,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     results: dict[str, dict[str, float]] = {}
     encoder = None
     if args.model == "minilm":
-        from bmretriever_jax.eval.baselines import MiniLMEncoder
         encoder = MiniLMEncoder()
     for d in args.data:
         t0 = time.time()

@@ -8,8 +8,10 @@ from typing import Dict
 from bmretriever_jax import tables
 from bmretriever_jax.convert.gguf import cache_root
 from bmretriever_jax.data.beir import load_beir
-from bmretriever_jax.embed import default_task, instruction_for
+from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.errors import InputPathError
+from bmretriever_jax.eval.baselines import MiniLMEncoder
+from bmretriever_jax.eval.evaluate import evaluate_bm25, evaluate_retrieval, evaluate_sts
 from bmretriever_jax.eval.sts import load_sts_tsv
 
 
@@ -19,11 +21,7 @@ def _data_name(path: str) -> str:
 
 def make_encoder(name: str, *, max_length=None, dtype="auto", quiet=False):
     if name == "minilm":
-        from bmretriever_jax.eval.baselines import MiniLMEncoder
-
         return MiniLMEncoder()
-    from bmretriever_jax.embed import Encoder
-
     return Encoder.load(name, max_length=max_length, dtype=dtype, quiet=quiet)
 
 
@@ -44,8 +42,6 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
                  cache_dir=None, quiet=False) -> Dict[str, Dict[str, float]]:
     """models: names (bm25, minilm, gemma3-270m, paths); datasets: BEIR folders or STS .tsv files.
     -> {"model | data": {metric: value}} with NDCG@10 etc. (retrieval) or Spearman/Pearson (STS)."""
-    from bmretriever_jax.eval.evaluate import evaluate_bm25, evaluate_retrieval, evaluate_sts
-
     cache_dir = cache_dir or os.path.join(cache_root(), "vectors")  # $BMR_CACHE/vectors
     for d in datasets:  # every data set is read (and so checked) before any model loads
         if d.endswith(".tsv"):

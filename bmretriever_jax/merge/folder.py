@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from bmretriever_jax.convert import export as ex
+from bmretriever_jax.convert.names import hf_to_params
 from bmretriever_jax.errors import ConfigError
 from bmretriever_jax.merge.methods import METHODS
 from bmretriever_jax.merge.mergekit import MergeConfig, parse_merge_config, run_merge
@@ -132,8 +133,6 @@ def merge_flat(mc: MergeConfig, flats: Mapping[str, Mapping[str, np.ndarray]], o
 
 
 def flat_to_tree(cfg, flat: Mapping[str, np.ndarray]) -> dict:
-    from bmretriever_jax.convert.names import hf_to_params
-
     return hf_to_params(cfg, flat.__getitem__, flat.__contains__)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import yaml
 
 from bmretriever_jax.errors import ConfigError
 from bmretriever_jax.merge.methods import REQUIRED, METHODS
@@ -87,7 +88,6 @@ def parse_merge_config(source: str | os.PathLike | Mapping[str, Any]) -> MergeCo
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
-        import yaml
         text = os.fspath(source)
         if os.path.isfile(text) or re.search(r"\.ya?ml$", text.strip()):
             with open(text) as f:

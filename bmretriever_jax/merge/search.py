@@ -17,9 +17,15 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import transformers
+import yaml
 
+from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.errors import ConfigError, InputPathError
+from bmretriever_jax.eval.evaluate import evaluate_retrieval
 from bmretriever_jax.merge.folder import (as_config, flat_to_tree, input_refs, load_flat, merge_flat, merge_to_folder,
                                           merged_settings, open_inputs, tokenizer_folder)
 from bmretriever_jax.merge.mergekit import MergeConfig
@@ -30,69 +36,40 @@ DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
 
 
 # ----------------------------------------------------------------------------------------------------
-# CMA-ES (Hansen's (mu/mu_w, lambda)-CMA-ES with rank-one and rank-mu updates; minimises)
+# CMA-ES (the `cmaes` package: Hansen's (mu/mu_w, lambda)-CMA-ES with default parameters; minimises)
 # ----------------------------------------------------------------------------------------------------
-class CMAES:
-    """Small, self-contained CMA-ES (Hansen 2016, "The CMA Evolution Strategy: A Tutorial", default parameters).
+def cmaes_minimise(objective: Callable[[np.ndarray, int], float], dim: int, *, budget: int, sigma: float,
+                   popsize: Optional[int] = None, seed: int = 0) -> Tuple[np.ndarray, float]:
+    """Minimise objective(x, generation) over R^dim in `budget` evaluations -> (best x, its value), first on ties.
 
-    es = CMAES(x0, sigma0, seed=0); while ...: xs = es.ask(); es.tell(xs, [f(x) for x in xs])  (minimisation).
+    The start point 0 is evaluated first (generation 0), then generations 1, 2, ... of `popsize` points asked from
+    CMA-ES (mean 0, step `sigma`); a last generation that does not fit the budget is scored in part and not told.
     Deterministic for a seed."""
+    # imported here: `import cmaes` imports scipy.stats when scipy is installed (~1.2 s), needed by this strategy only
+    from cmaes import CMA
 
-    def __init__(self, x0: Sequence[float], sigma0: float, *, popsize: Optional[int] = None, seed: int = 0):
-        self.mean = np.asarray(x0, np.float64).copy()
-        n = self.n = self.mean.size
-        if n < 1:
-            raise ConfigError("CMA-ES needs at least one dimension")
-        self.sigma = float(sigma0)
-        self.lam = int(popsize or 4 + int(3 * math.log(n)))
-        if self.lam < 2:
-            raise ConfigError(f"popsize must be >= 2, got {self.lam}")
-        self.mu = self.lam // 2
-        w = math.log(self.mu + 0.5) - np.log(np.arange(1, self.mu + 1))
-        self.weights = w / w.sum()
-        self.mueff = 1.0 / float(np.sum(self.weights ** 2))
-        self.cc = (4 + self.mueff / n) / (n + 4 + 2 * self.mueff / n)
-        self.cs = (self.mueff + 2) / (n + self.mueff + 5)
-        self.c1 = 2 / ((n + 1.3) ** 2 + self.mueff)
-        self.cmu = min(1 - self.c1, 2 * (self.mueff - 2 + 1 / self.mueff) / ((n + 2) ** 2 + self.mueff))
-        self.damps = 1 + 2 * max(0.0, math.sqrt((self.mueff - 1) / (n + 1)) - 1) + self.cs
-        self.chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
-        self.pc = np.zeros(n)
-        self.ps = np.zeros(n)
-        self.C = np.eye(n)
-        self.generation = 0
-        self.rng = np.random.default_rng(seed)
-
-    def _eig(self):
-        d2, B = np.linalg.eigh((self.C + self.C.T) / 2)
-        return np.sqrt(np.maximum(d2, 1e-20)), B
-
-    def ask(self) -> np.ndarray:
-        """-> [popsize, n] candidate points."""
-        D, B = self._eig()
-        z = self.rng.standard_normal((self.lam, self.n))
-        return self.mean + self.sigma * (z * D) @ B.T
-
-    def tell(self, xs: np.ndarray, fs: Sequence[float]) -> None:
-        xs, fs = np.asarray(xs, np.float64), np.asarray(fs, np.float64)
-        if xs.shape != (self.lam, self.n) or fs.shape != (self.lam,):
-            raise ConfigError(f"tell needs {self.lam} points of dimension {self.n} and their values")
-        order = np.argsort(fs, kind="stable")[: self.mu]
-        y = (xs[order] - self.mean) / self.sigma
-        y_w = self.weights @ y
-        self.mean = self.mean + self.sigma * y_w
-        D, B = self._eig()
-        c_inv_sqrt_y = B @ ((B.T @ y_w) / D)
-        self.ps = (1 - self.cs) * self.ps + math.sqrt(self.cs * (2 - self.cs) * self.mueff) * c_inv_sqrt_y
-        self.generation += 1
-        norm_ps = float(np.linalg.norm(self.ps))
-        hsig = norm_ps / math.sqrt(1 - (1 - self.cs) ** (2 * self.generation)) / self.chi_n < 1.4 + 2 / (self.n + 1)
-        self.pc = (1 - self.cc) * self.pc + hsig * math.sqrt(self.cc * (2 - self.cc) * self.mueff) * y_w
-        rank_mu = (self.weights[:, None] * y).T @ y
-        self.C = ((1 - self.c1 - self.cmu) * self.C
-                  + self.c1 * (np.outer(self.pc, self.pc) + (1 - hsig) * self.cc * (2 - self.cc) * self.C)
-                  + self.cmu * rank_mu)
-        self.sigma *= math.exp((self.cs / self.damps) * (norm_ps / self.chi_n - 1))
+    if dim < 1:
+        raise ConfigError("CMA-ES needs at least one dimension")
+    if popsize is not None and popsize < 2:
+        raise ConfigError(f"popsize must be >= 2, got {popsize}")
+    if sigma <= 0:
+        raise ConfigError(f"sigma must be > 0, got {sigma}")
+    with np.errstate(divide="ignore"):  # popsize <= 3 (one parent): rank-mu rate 0, a harmless 1/0 in the weights
+        es = CMA(mean=np.zeros(dim), sigma=float(sigma), seed=seed, population_size=popsize)
+    best_x, best_f = np.zeros(dim), float(objective(np.zeros(dim), 0))
+    used = 1
+    while used < budget:
+        xs = [es.ask() for _ in range(es.population_size)]
+        take = min(len(xs), budget - used)
+        fs = [float(objective(x, es.generation + 1)) for x in xs[:take]]
+        used += take
+        for x, f in zip(xs, fs):
+            if f < best_f:
+                best_x, best_f = x, f
+        if take < len(xs):
+            break
+        es.tell(list(zip(xs, fs)))
+    return best_x, best_f
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,9 +125,6 @@ class CandidateEncoder:
         return self.encoder.max_length
 
     def set_params(self, params, tag: str) -> None:
-        import jax
-        import jax.numpy as jnp
-
         self.encoder.params = jax.tree.map(jnp.asarray, params)
         h = hashlib.sha256(tag.encode())
         for leaf in jax.tree.leaves(params):  # a strided sample of every leaf: the weights themselves key the cache
@@ -166,9 +140,6 @@ class CandidateEncoder:
 
 
 def _dev_instruction(dev: str, instruction: Optional[str]) -> str:
-    from bmretriever_jax.embed import default_task
-    from bmretriever_jax.embed import instruction_for
-
     return instruction_for(instruction if instruction is not None else default_task(dev))
 
 
@@ -228,11 +199,6 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
     config: a mergekit config (its weights / densities are the search's to choose; its other parameters stay).
     strategy: "grid" (simplex weights in `grid_step` x `densities`) or "cmaes" (`budget` evaluations, the equal-weight
     point first). The best candidate (first on ties) is written as OUT/merge.yaml and merged into OUT/model."""
-    import transformers
-
-    from bmretriever_jax.embed import Encoder
-    from bmretriever_jax.eval.evaluate import evaluate_retrieval
-
     mc = as_config(config)
     if mc.method not in WEIGHTED_METHODS:
         raise ConfigError(f"merge-search tunes weights of {WEIGHTED_METHODS}; {mc.method!r} has none")
@@ -301,15 +267,9 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
             evaluate(options, 0)
     else:
         dim = n + (1 if mc.method in SPARSE_METHODS else 0)
-        es = CMAES(np.zeros(dim), sigma, popsize=popsize, seed=seed)
-        evaluate(decode_cmaes(np.zeros(dim), mc.method, n), 0)  # the equal-weight, mid-density start
-        while len(rows) < budget:
-            xs = es.ask()
-            take = min(len(xs), budget - len(rows))
-            fs = [-evaluate(decode_cmaes(x, mc.method, n), es.generation + 1) for x in xs[:take]]
-            if take < len(xs):
-                break
-            es.tell(xs, fs)
+        # the equal-weight, mid-density point first; maximises NDCG@10
+        cmaes_minimise(lambda x, generation: -evaluate(decode_cmaes(x, mc.method, n), generation), dim,
+                       budget=budget, sigma=sigma, popsize=popsize, seed=seed)
 
     best = max(rows, key=lambda r: (r["ndcg@10"], -r["id"]))
     best_options = {"weights": tuple(best["weights"])}
@@ -331,8 +291,6 @@ def search(config, dev: Sequence[str], *, strategy: str = "grid", split: str = "
 
 
 def _write_search(out: str, rows, best, chosen, info) -> None:
-    import yaml
-
     devs = list(rows[0]["scores"]) if rows else []
     with open(os.path.join(out, "candidates.tsv"), "w") as f:
         f.write("\t".join(["id", "strategy", "generation", "weights", "density", *[f"ndcg@10:{d}" for d in devs],

@@ -71,11 +71,22 @@ class ModelConfig:
         return int(self.head_dim * self.rotary_pct)
 
     def num_params(self) -> int:
-        from bmretriever_jax.models.decoder import param_shapes
+        """Parameters of the backbone (`modules.Decoder`: embedding, layers, final norm; no LM head), counted from
+        the switches here (tests/test_modules.py checks it against the initialised tree of every family)."""
+        D, F, L, hd = self.hidden_size, self.intermediate_size, self.num_layers, self.head_dim
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
 
-        import math
+        def linear(n_in, n_out, bias):
+            return n_in * n_out + (n_out if bias else 0)
 
-        return sum(math.prod(s) for s in _leaves(param_shapes(self)))
+        def norm(dim):
+            return dim * (2 if self.norm == "layer" else 1)
+
+        attn = (linear(D, q, self.attn_bias) + 2 * linear(D, kv, self.attn_bias) + linear(q, D, self.attn_bias)
+                + (2 * norm(hd) if self.qk_norm else 0))
+        mlp = (2 if self.gated_mlp else 1) * linear(D, F, self.mlp_bias) + linear(F, D, self.mlp_bias)
+        norms = (4 if self.sandwich_norm else 2) * norm(D)
+        return self.vocab_size * D + L * (attn + mlp + norms) + norm(D)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,10 +106,3 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree

@@ -12,18 +12,18 @@ Synthetic hard negatives (each negative of each pair):
   the positive does and almost all of them: it probably answers the query) -> retriever (the retriever
   scores it at or above the positive minus a margin: a likely false negative).
 
-A retriever is the string "bm25" (bm25s, the same tokenisation as `eval.baselines`) or any object with
+A retriever is the string "bm25" (`data.bm25`, the index of `eval.baselines`) or any object with
 encode_queries(texts, instruction) / encode_passages(docs) (an `embed.Encoder`, MiniLM, a test fake).
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from bmretriever_jax.data.bm25 import BM25Index
 from bmretriever_jax.data.pairs import Pair, as_passage, doc_id, doc_keys
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -135,30 +135,6 @@ class FilterReport:
 # ----------------------------------------------------------------------------------------------------
 # Retrievers
 # ----------------------------------------------------------------------------------------------------
-class BM25Index:
-    """bm25s over a list of texts, scoring every text for a query (same settings as `eval.baselines`)."""
-
-    def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75):
-        import bm25s
-        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
-        import Stemmer
-
-        self._bm25s = bm25s
-        self._stemmer = Stemmer.Stemmer("english")
-        self.n = len(texts)
-        tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self._stemmer, show_progress=False)
-        self.index = bm25s.BM25(k1=k1, b=b)
-        self.index.index(tokens, show_progress=False)
-
-    def scores(self, query: str) -> np.ndarray:
-        """[n] BM25 scores of every indexed text (0 where no term is shared)."""
-        toks = self._bm25s.tokenize([query], stopwords="en", stemmer=self._stemmer, return_ids=False,
-                                    show_progress=False)[0]
-        if not toks:
-            return np.zeros(self.n, np.float32)
-        return np.asarray(self.index.get_scores(toks), np.float32)
-
-
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -180,7 +156,7 @@ def source_ranks(queries: Sequence[str], sources: Sequence[int], docs: Sequence[
             raise ValueError(f"unknown retriever {retriever!r}: 'bm25' or an encoder object")
         index = BM25Index([passage_text(d) for d in docs])
         for i, q in enumerate(queries):
-            s = index.scores(q)
+            s = index.scores([q])[0]
             src = s[sources[i]]
             ranks[i] = 1 + int((s > src).sum()) if src > 0 else len(docs) + 1
         return ranks
@@ -344,7 +320,7 @@ def _retriever_keep(pairs, negs, retriever, instruction, margin, batch_size) -> 
         for i, (p, ns) in enumerate(zip(pairs, negs)):
             if not ns:
                 continue
-            s = bm25.scores(p.query)
+            s = bm25.scores([p.query])[0]
             pos = s[index_of[passage_text(p.positive)]]
             keep[i] = [bool(s[index_of[passage_text(n)]] < pos - margin) for n in ns]
         return keep

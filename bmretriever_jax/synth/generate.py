@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bmretriever_jax import hub
 from bmretriever_jax.models.config import ModelConfig
-from bmretriever_jax.models.decoder import decode_step, head_weights, prefill, unstack_layers
+from bmretriever_jax.models.decoder import decode_step, forward, head_weights, prefill, unstack_layers
 from bmretriever_jax.models.decoder import logits as lm_logits
 from bmretriever_jax.precision import resolve_dtype
 
@@ -112,9 +113,7 @@ def greedy_no_cache(cfg: ModelConfig, params: dict, input_ids, attention_mask, m
                     dtype=jnp.float32) -> np.ndarray:
     """Reference greedy decoding that re-runs `decoder.forward` over the whole sequence at every step
     (no cache): [B, T] -> [B, N] int32. Slow; for tests."""
-    from bmretriever_jax.models import forward, logits
-
-    fwd = jax.jit(lambda p, i, m: logits(cfg, p, forward(cfg, p, i, m, dtype=dtype)[:, -1], dtype=dtype))
+    fwd = jax.jit(lambda p, i, m: lm_logits(cfg, p, forward(cfg, p, i, m, dtype=dtype)[:, -1], dtype=dtype))
     ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
     B, T = ids.shape
     # the growing sequence is left-padded to a fixed T + N columns (more left padding changes nothing), so
@@ -197,8 +196,6 @@ class Generator:
     @classmethod
     def load(cls, name_or_path: str, *, dtype: Any = "auto", batch_size: int = 8, quiet: bool = False):
         """From a model name (smollm2-135m, gemma3-270m), .gguf file or transformers folder."""
-        from bmretriever_jax import hub
-
         cfg, params, tok, folder = hub.load(name_or_path, quiet=quiet)
         return cls(cfg, params, tok, dtype=dtype, batch_size=batch_size, name=name_or_path)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable, Optional
 
+from tqdm.auto import tqdm
+
 from bmretriever_jax.data.pairs import Pair, as_passage
 from bmretriever_jax.synth.queries import Appender, batched, done_ids, item_seed, truncate_words
 
@@ -75,8 +77,6 @@ def generate_negatives(pairs: Iterable[Pair], backend, out: str, *, num_negative
 
     -> {"pairs": total, "skipped", "written", "negatives": new negatives, "empty": empty generations}.
     """
-    from tqdm.auto import tqdm
-
     if mode not in ("prepend", "append", "replace"):
         raise ValueError(f"mode={mode!r}; allowed: prepend, append, replace")
     pairs = list(pairs)[:limit] if limit else list(pairs)

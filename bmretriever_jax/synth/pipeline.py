@@ -6,19 +6,23 @@ import json
 import os
 from typing import Optional
 
+import jax
+
+from bmretriever_jax.convert.gguf import cache_root
+from bmretriever_jax.data.beir import load_corpus
+from bmretriever_jax.data.pairs import iter_pairs, read_pairs, write_pairs
+from bmretriever_jax.embed import instruction_for
+from bmretriever_jax.eval.suite import make_encoder
 from bmretriever_jax.synth.backends import make_backend
+from bmretriever_jax.synth.filters import filter_negatives, filter_queries
 
 
 def enable_compile_cache() -> None:
     """Persist XLA programs across runs (~/.cache/bmretriever_jax/xla): the generator compiles one program per
     prompt-length bucket, 20-50 s each on 2 CPU cores, and a resumed or repeated run should not pay again.
     A cache directory configured by the user (JAX_COMPILATION_CACHE_DIR) wins."""
-    import jax
-
     if jax.config.jax_compilation_cache_dir:
         return
-    from bmretriever_jax.convert.gguf import cache_root
-
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
@@ -38,8 +42,6 @@ def make_retriever(spec: str, quiet: bool):
         return None
     if spec == "bm25":
         return "bm25"
-    from bmretriever_jax.eval.suite import make_encoder
-
     return make_encoder(spec, quiet=quiet)
 
 
@@ -52,10 +54,6 @@ def stem(path: str) -> str:
 
 def run_filter(kind: str, pairs_path: str, out: str, *, retriever, corpus_path=None, top_k=10, instruction="",
                 report_path=None, quiet=False, generated_empty=0, min_words=None):
-    from bmretriever_jax.data.pairs import read_pairs, write_pairs
-    from bmretriever_jax.data.beir import load_corpus
-    from bmretriever_jax.synth.filters import filter_negatives, filter_queries
-
     pairs = read_pairs(pairs_path)
     if kind == "queries":
         corpus = load_corpus(corpus_path) if corpus_path else None
@@ -76,9 +74,6 @@ def run_filter(kind: str, pairs_path: str, out: str, *, retriever, corpus_path=N
 
 def instruction_for_pairs(pairs_path: str, explicit):
     """The query instruction to score pairs with: --instruction, else the first pair's task/instruction."""
-    from bmretriever_jax.data.pairs import iter_pairs
-    from bmretriever_jax.embed import instruction_for
-
     if explicit:
         return instruction_for(explicit)
     for p in iter_pairs(pairs_path):

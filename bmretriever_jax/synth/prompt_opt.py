@@ -28,6 +28,7 @@ import random
 from typing import Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from bmretriever_jax.embed import TASK_INSTRUCTIONS
 from bmretriever_jax.eval import metrics
@@ -186,8 +187,6 @@ def optimize_instruction(encoder, beir_dir: str, proposer, *, task: str, split: 
     (`synth.backends`). n_seeds: how many seed instructions to score (default: up to half the budget).
     -> {"winner": str, "winner_score": float, "baseline": the first seed's score, "candidates": [dict, ...]}.
     """
-    from tqdm.auto import tqdm
-
     if budget < 1:
         raise ValueError(f"budget={budget}: must be >= 1")
     scorer = DevScorer(encoder, beir_dir, split, cache_dir=cache_dir, batch_size=batch_size)

@@ -17,6 +17,9 @@ import os
 import re
 from typing import Iterable, Iterator, Optional, Sequence
 
+from tqdm.auto import tqdm
+
+from bmretriever_jax.data.beir import load_corpus
 from bmretriever_jax.data.pairs import Pair
 
 SYSTEM_PROMPT = "You are a biomedical expert who writes search queries for a retrieval data set."
@@ -148,7 +151,6 @@ def batched(items: Sequence, n: int) -> Iterator[Sequence]:
 
 def read_corpus_items(path: str, limit: Optional[int] = None) -> list[tuple[str, dict]]:
     """BEIR corpus.jsonl -> [(doc id, {"title", "text"})] in file order, documents with text only."""
-    from bmretriever_jax.data.beir import load_corpus
 
     items = [(d, doc) for d, doc in load_corpus(path).items() if doc.get("text", "").strip()]
     return items[:limit] if limit else items
@@ -178,8 +180,6 @@ def generate_queries(corpus: Iterable[tuple[str, dict]], backend, style: str, ou
 
     -> {"items": total, "skipped": already done, "written": new pairs, "empty": new empty generations}.
     """
-    from tqdm.auto import tqdm
-
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; allowed: {', '.join(STYLES)}")
     task = task or STYLES[style]["task"]

@@ -1,0 +1,48 @@
+"""Resuming a run: what may change between a run and its resume, the config-change guard, and the metrics log
+cut back to the restored step. (Checkpoints themselves: `bmretriever_jax.checkpoint`.)"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List
+
+from bmretriever_jax.atomic import atomic_write
+from bmretriever_jax.config import RunConfig, to_dict
+from bmretriever_jax.errors import ConfigError
+
+# what may change between a run and its resume without --allow-config-change: how long it runs, how it reports
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep")
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> List[str]:
+    """['train.lr: 0.0002 -> 0.001', ...]: every leaf of the two config dicts that differs."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        path = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume_config(saved: dict, run: RunConfig, allow: bool, where: str) -> List[str]:
+    """The differences that need --allow-config-change; raises ConfigError listing them when not allowed."""
+    changes = [c for c in config_changes(saved, to_dict(run)) if c.split(":")[0] not in RESUMABLE_CHANGES]
+    if changes and not allow:
+        raise ConfigError(f"{where}: the run was started with another config; resuming would change "
+                          f"{'; '.join(changes)}. Use a new `out` folder, or pass --allow-config-change")
+    return changes
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the log lines of steps after `step` (they are about to be run again from the checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with atomic_write(path, "w") as f:
+            f.writelines(keep)
