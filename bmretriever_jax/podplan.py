@@ -340,9 +340,9 @@ def cmd_plan_target(a) -> None:
     def on_line(obj):
         tr = obj.get("trial")
         if tr:
-            peak = _gib(tr["memory"]["peak"]) if tr["memory"] else "(compiler: out of memory)"
-            print(f"tried      global batch {tr['global_batch_size']:>6}, chunk {tr['grad_cache_chunk']:>3}: peak "
-                  f"{peak} GiB of {_gib(target.usable_bytes)} -> "
+            peak = f"peak {_gib(tr['memory']['peak'])} GiB" if tr["memory"] else "the compiler ran out of memory"
+            print(f"tried      global batch {tr['global_batch_size']:>6}, chunk {tr['grad_cache_chunk']:>3}: "
+                  f"{peak} of {_gib(target.usable_bytes)} GiB -> "
                   f"{'fits' if tr['fits'] else 'does not fit'} ({tr['compile_s']:.0f} s)", flush=True)
 
     res = run_target(a.config, a.overrides, a.target, max_batch=a.max_batch, on_line=on_line)

@@ -154,7 +154,9 @@ def test_tiny_model_keeps_the_family_and_divides_the_mesh(path):
 
 def _parser():
     p = argparse.ArgumentParser(prog="bmr")
-    plan.add_commands(p.add_subparsers(dest="cmd", required=True))
+    from bmretriever_jax.cli import planning
+
+    planning.add_commands(p.add_subparsers(dest="cmd", required=True))
     return p
 
 

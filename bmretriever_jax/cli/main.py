@@ -8,13 +8,13 @@ import sys
 from typing import List, Optional
 
 from bmretriever_jax.allocator import keep_freed_memory
-from bmretriever_jax.cli import data, evaluation, merging, models, synth, training
+from bmretriever_jax.cli import data, evaluation, merging, models, planning, synth, training
 from bmretriever_jax.distributed import maybe_initialize
 from bmretriever_jax.errors import UserError
 
-# command groups, in the order `bmr --help` lists them; plan / sweep / synth keep their parsers beside their code
-GROUPS = (models, data, training, evaluation, merging, synth)
-EXTERNAL = ("bmretriever_jax.plan", "bmretriever_jax.sweep")
+# command groups, in the order `bmr --help` lists them; sweep keeps its parser beside its code
+GROUPS = (models, data, training, evaluation, merging, synth, planning)
+EXTERNAL = ("bmretriever_jax.sweep",)
 
 
 def _add_quiet(parser: argparse.ArgumentParser, default) -> None:
