@@ -55,8 +55,8 @@ def markdown(rows, baseline, pending):
                      f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"])
     text = tables.render(cols, body, digits=3, markdown=True)
     if pending:
-        text += "\n\nNot finished yet (`bash benchmarks/scaling_study.sh` resumes them): " + ", ".join(
-            f"`{p}`" for p in pending)
+        text += ("\n\nStarted, not finished (`bash benchmarks/scaling_study.sh` resumes them; the script's points "
+                 "not named anywhere here have not started): " + ", ".join(f"`{p}`" for p in pending))
     return text
 
 
