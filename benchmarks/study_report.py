@@ -7,6 +7,7 @@ point.json (finished) is a row, the others are listed as pending. Rewrites the R
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 
@@ -30,7 +31,8 @@ def read_points(d):
         ov = json.load(open(spec_path))["overrides"]
         b, n = spec_value(ov, "train.global_batch_size"), spec_value(ov, "data.num_negatives")
         row = {"point": os.path.basename(pdir), "global_batch_size": b, "num_negatives": n,
-               "candidates_per_query": b * (1 + n), "lr": spec_value(ov, "train.lr")}
+               "candidates_per_query": b * (1 + n), "lr": spec_value(ov, "train.lr"),
+               "chance_loss": math.log(b * (1 + n))}
         if os.path.exists(os.path.join(pdir, POINT_FILE)):
             row.update(json.load(open(os.path.join(pdir, POINT_FILE))))
             row["examples"] = row["steps"] * b
