@@ -25,7 +25,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from bmretriever_jax.config import ConfigError, RunConfig, load_config, resolve_mesh_shape, to_dict
 from bmretriever_jax.models.config import ModelConfig
-from bmretriever_jax import treeutil
+from bmretriever_jax import tables, treeutil
+from bmretriever_jax.stepcompile import abstract_train_state, compile_train_step, compiled_peak_bytes, param_dtype
 
 GiB = 2**30
 MiB = 2**20
@@ -88,29 +89,6 @@ def _abstract_mesh(shape: Sequence[int]):
     from jax.sharding import AbstractMesh
 
     return AbstractMesh(tuple(shape), MESH_AXES)
-
-
-def _param_dtype(run: RunConfig):
-    import jax.numpy as jnp
-
-    return jnp.dtype(run.model.param_dtype)
-
-
-def abstract_train_state(model_cfg: ModelConfig, run: RunConfig):
-    """(optimizer, abstract state, abstract frozen params): the trees `train.train` builds, as
-    ShapeDtypeStructs (nothing is allocated)."""
-    import jax
-
-    from bmretriever_jax.models import init_params
-    from bmretriever_jax.train import init_state, make_optimizer, split_params
-
-    pdt = _param_dtype(run)
-    # train() loads the base in float32 unless param_dtype is bfloat16; trainable leaves keep that dtype
-    params = jax.eval_shape(lambda k: init_params(model_cfg, k, dtype=pdt), jax.random.PRNGKey(0))
-    trainable, frozen = jax.eval_shape(lambda p, k: split_params(p, run, k), params, jax.random.PRNGKey(0))
-    optimizer = make_optimizer(run)
-    state = jax.eval_shape(lambda t: init_state(run, t, optimizer), trainable)
-    return optimizer, state, frozen
 
 
 def _local_bytes(tree, mesh, *, prefix: str = "", gathered: Sequence[str] = (), per_layer: int = 1) -> int:
@@ -187,7 +165,7 @@ def estimate_memory(model_cfg: ModelConfig, run: RunConfig, mesh_shape: Sequence
         # Measured on 8 fake devices (tests/test_plan.py): without the pin GSPMD gathered the activations
         # instead and this row was far too small; with it, one compute-dtype layer is what the peak adds.
         layers = [t_.get("layers", {}) for t_ in (frozen, state["trainable"].get("model", {}))]
-        stored = _param_dtype(run).itemsize
+        stored = param_dtype(run).itemsize
         rows["FSDP-gathered layer weights"] = int(min(e, stored) / stored * sum(
             _local_bytes(t_, mesh, prefix="layers/", gathered=("fsdp",), per_layer=L) for t_ in layers))
 
@@ -228,15 +206,11 @@ def estimate_memory(model_cfg: ModelConfig, run: RunConfig, mesh_shape: Sequence
 
 def format_table(rows: Dict[str, int], device_memory_gib: Optional[float] = None) -> str:
     total = sum(rows.values())
-    w = max(len(k) for k in rows) + 2
-    lines = [f"{'per device':<{w}}{'GiB':>10}{'MiB':>12}", "-" * (w + 22)]
-    for k, v in rows.items():
-        lines.append(f"{k:<{w}}{v / GiB:>10.3f}{v / MiB:>12.1f}")
-    lines.append("-" * (w + 22))
-    lines.append(f"{'total':<{w}}{total / GiB:>10.3f}{total / MiB:>12.1f}")
+    body = [[k, f"{v / GiB:.3f}", f"{v / MiB:.1f}"] for k, v in rows.items()]
+    body.append(["total", f"{total / GiB:.3f}", f"{total / MiB:.1f}"])
     if device_memory_gib:
-        lines.append(f"{'device memory':<{w}}{device_memory_gib:>10.3f}")
-    return "\n".join(lines)
+        body.append(["device memory", f"{device_memory_gib:.3f}", None])
+    return tables.render(["per device", "GiB", "MiB"], body)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,68 +253,6 @@ def tiny_run(run: RunConfig, mesh_shape: Sequence[int]) -> RunConfig:
     from bmretriever_jax.config import build
 
     return build(RunConfig, d)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Compiling the sharded step with abstract inputs
-# ----------------------------------------------------------------------------------------------------
-def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
-    """(optimizer, state shardings, state, frozen, batch) as ShapeDtypeStructs carrying their shardings."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from bmretriever_jax import sharding
-    from bmretriever_jax.train import BATCH_AXES
-
-    optimizer, state, frozen = abstract_train_state(model_cfg, run)
-    st_sh = sharding.tree_shardings(state, mesh)
-    fr_sh = sharding.tree_shardings(frozen, mesh)
-
-    def with_sharding(tree, shardings):
-        def one(path, x, s):
-            try:
-                s.shard_shape(x.shape)
-            except Exception as e:  # noqa: BLE001 -- jax's message does not say which parameter
-                name = treeutil.path_str(path)
-                raise ValueError(f"{name} {tuple(x.shape)}: sharding {s.spec} does not fit: {e}") from None
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-
-        return jax.tree_util.tree_map_with_path(one, tree, shardings)
-
-    B, G = run.train.global_batch_size, 1 + run.data.num_negatives
-    rows = NamedSharding(mesh, P(BATCH_AXES))
-    Tq, Tp = run.model.query_max_length, run.model.max_length
-    batch = {"q_ids": (B, Tq), "q_mask": (B, Tq), "p_ids": (B * G, Tp), "p_mask": (B * G, Tp)}
-    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rows) for k, s in batch.items()}
-    return optimizer, st_sh, with_sharding(state, st_sh), with_sharding(frozen, fr_sh), batch
-
-
-# Sharding propagation and SPMD partitioning run before the backend's code generation, so a check that only
-# has to reach the end of compilation can skip LLVM's optimisations (halves the compile time on CPU).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def compile_train_step(model_cfg: ModelConfig, run: RunConfig, mesh, *, fast: bool = False):
-    """The sharded train step of `train.train`, lowered and compiled for `mesh` without any real array.
-    Returns (compiled, (state, frozen, batch) abstract inputs); `fast` skips backend optimisations."""
-    from bmretriever_jax.train import make_train_step
-
-    optimizer, st_sh, state, frozen, batch = abstract_inputs(model_cfg, run, mesh)
-    step = make_train_step(model_cfg, run, optimizer, mesh, st_sh)
-    lowered = step.lower(state, frozen, batch)
-    compiled = lowered.compile(compiler_options=FAST_COMPILE) if fast else lowered.compile()
-    return compiled, (state, frozen, batch)
-
-
-def compiled_peak_bytes(compiled) -> Dict[str, int]:
-    """Per-device bytes XLA assigned to the compiled step: arguments + outputs not aliased to a donated
-    argument + temporaries (the buffer-assignment peak)."""
-    m = compiled.memory_analysis()
-    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
-    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
-    return out
 
 
 def _check_in_process(model_cfg: ModelConfig, run: RunConfig, n_devices: int) -> dict:

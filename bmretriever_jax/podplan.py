@@ -109,7 +109,7 @@ def _target_run(run: RunConfig) -> RunConfig:
 
 def compile_on_target(run: RunConfig, target: Target, devices) -> dict:
     """Compile the full-size step of `run` on the target's devices -> figures per chip (bytes, seconds)."""
-    from bmretriever_jax import plan, sharding
+    from bmretriever_jax import plan, sharding, stepcompile
     from bmretriever_jax.models import decoder
 
     run = _target_run(run)
@@ -131,7 +131,7 @@ def compile_on_target(run: RunConfig, target: Target, devices) -> dict:
     try:
         # traced as for the target's chips, not for this CPU process (decoder.compiling_for: no CPU row chunking)
         with decoder.compiling_for(target.chip.platform):
-            compiled, _ = plan.compile_train_step(cfg, run, mesh)
+            compiled, _ = stepcompile.compile_train_step(cfg, run, mesh)
     except Exception as e:  # noqa: BLE001 -- XLA:TPU refuses programs larger than HBM: that is the answer
         msg = str(e)
         if "Ran out of memory" not in msg and "RESOURCE_EXHAUSTED" not in msg:
@@ -139,7 +139,7 @@ def compile_on_target(run: RunConfig, target: Target, devices) -> dict:
         line = next((ln for ln in msg.splitlines() if "memory" in ln), msg.splitlines()[0])
         return {**common, "memory": None, "oom": line.strip()[:300], "compile_s": time.time() - t0, "fits": False}
     seconds = time.time() - t0
-    mem = plan.compiled_peak_bytes(compiled)
+    mem = stepcompile.compiled_peak_bytes(compiled)
     return {**common, "memory": mem, "compile_s": seconds,
             "fits": mem["peak"] <= target.usable_bytes,
             "model": {"family": cfg.family, "params": cfg.num_params(), "layers": cfg.num_layers,

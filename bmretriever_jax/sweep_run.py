@@ -75,7 +75,8 @@ def run_point(config: Optional[str], overrides: Sequence[str], dev_sets: Sequenc
 
     from bmretriever_jax.config import resolve_mesh_shape
     from bmretriever_jax.embed import Encoder
-    from bmretriever_jax.plan import compile_train_step, compiled_peak_bytes, estimate_memory, resolve_model_config
+    from bmretriever_jax.plan import estimate_memory, resolve_model_config
+    from bmretriever_jax.stepcompile import compile_train_step, compiled_peak_bytes
     from bmretriever_jax.train import make_mesh, train
 
     run = load_config(config, overrides)

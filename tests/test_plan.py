@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax import plan, sharding
+from bmretriever_jax import plan, sharding, stepcompile
 from bmretriever_jax.config import ConfigError, load_config, resolve_mesh_shape
 from bmretriever_jax.convert import presets
 from bmretriever_jax.models import init_params
@@ -224,7 +224,7 @@ def _measure(cfg, run):
     `memory_analysis()` is per device and is exactly what the allocator must provide for this program.
     """
     mesh = make_mesh(run, jax.devices())
-    compiled, (a_state, a_frozen, a_batch) = plan.compile_train_step(cfg, run, mesh)
+    compiled, (a_state, a_frozen, a_batch) = stepcompile.compile_train_step(cfg, run, mesh)
     params = init_params(cfg, jax.random.PRNGKey(0), dtype=jnp.dtype(run.model.param_dtype))
     trainable, frozen = split_params(params, run, jax.random.PRNGKey(1))
     state = init_state(run, trainable, make_optimizer(run))
@@ -235,7 +235,7 @@ def _measure(cfg, run):
                                           else np.ones(v.shape), np.int32), v.sharding) for k, v in a_batch.items()}
     _, metrics = compiled(state, frozen, batch)
     assert np.isfinite(float(metrics["loss"]))
-    return plan.compiled_peak_bytes(compiled)
+    return stepcompile.compiled_peak_bytes(compiled)
 
 
 def _check_within_25pct(cfg, run):

@@ -88,14 +88,14 @@ def test_remat_policies_give_the_same_step(model_dir, policy):
 
 
 def _compiled_peak(cfg, overrides, mesh_shape):
-    from bmretriever_jax import plan
+    from bmretriever_jax import stepcompile
 
     run = load_config(None, ["model.name=tiny", "model.dtype=float32", "model.param_dtype=float32",
                              "model.max_length=64", "model.query_max_length=64", "lora.enabled=true",
                              "data.num_negatives=1", "train.global_batch_size=32", *overrides,
                              *[f"mesh.{a}={s}" for a, s in zip(("data", "fsdp", "tensor"), mesh_shape)]])
-    compiled, _ = plan.compile_train_step(cfg, run, make_mesh(run), fast=True)
-    return plan.compiled_peak_bytes(compiled)["peak"]
+    compiled, _ = stepcompile.compile_train_step(cfg, run, make_mesh(run), fast=True)
+    return stepcompile.compiled_peak_bytes(compiled)["peak"]
 
 
 def test_grad_cache_memory_on_a_data_x_fsdp_mesh():
