@@ -13,7 +13,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import replace_section  # noqa: E402  (benchmarks/common.py)
 from bmretriever_jax import podplan  # noqa: E402
 from bmretriever_jax.config import load_config  # noqa: E402
 from bmretriever_jax.plan import resolve_model_config  # noqa: E402
@@ -85,14 +87,7 @@ def markdown_table(rows):
 
 
 def rewrite_readme(table):
-    path = os.path.join(ROOT, "README.md")
-    text = open(path).read()
-    b, e = "<!-- pods:begin -->", "<!-- pods:end -->"
-    if b not in text or e not in text:
-        raise SystemExit(f"README.md has no {b} ... {e} section")
-    text = text[:text.index(b) + len(b)] + "\n" + table + "\n" + text[text.index(e):]
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(os.path.join(ROOT, "README.md"), "pods", table)
     print("rewrote the README table")
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import replace_section  # noqa: E402  (benchmarks/common.py)
 from bmretriever_jax import tables  # noqa: E402
 from bmretriever_jax.plot import plot_sweep  # noqa: E402
 from bmretriever_jax.sweep_run import BASELINE_FILE, POINT_FILE  # noqa: E402
@@ -76,15 +78,8 @@ def main():
     if rows:
         print("wrote", plot_sweep(rows, os.path.join(d, "sweep.png"), baseline=baseline))
     if not a.no_readme:
-        path = os.path.join(ROOT, "README.md")
-        s = open(path).read()
-        b, e = "<!-- study:begin -->", "<!-- study:end -->"
-        if b not in s or e not in s:
-            raise SystemExit(f"README.md has no {b} ... {e} section")
-        s = s[:s.index(b) + len(b)] + "\n" + text + "\n" + s[s.index(e):]
-        open(path, "w").write(s)
+        replace_section(os.path.join(ROOT, "README.md"), "study", text)
         print("rewrote the README table")
-
 
 if __name__ == "__main__":
     main()
