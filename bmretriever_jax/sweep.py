@@ -179,7 +179,8 @@ def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Se
           points: Sequence[str] = (), steps: Optional[int] = None, examples: Optional[int] = None,
           lr_rule: str = "none", lr_base_batch: Optional[int] = None, warmup_fraction: float = 0.1,
           dev: Sequence[str] = (), dev_docs: int = 0, dev_split: str = "dev", baseline: bool = True,
-          keep_runs: bool = False, keep_models: bool = False, quiet: bool = False, timeout: Optional[float] = None) -> List[dict]:
+          keep_runs: bool = False, keep_models: bool = False, quiet: bool = False,
+          timeout: Optional[float] = None) -> List[dict]:
     """Run every point (skipping finished ones, resuming unfinished ones) and write results.tsv /
     results.json / sweep.png. Returns one row per point (see COLUMNS); a failed point keeps its row with
     `error` set. `steps` and `examples` exclude each other."""
@@ -307,8 +308,9 @@ def print_table(rows: List[dict], baseline: Optional[dict] = None) -> str:
 def cmd_sweep(a):
     rows = sweep(a.config, a.grid or [], a.out, overrides=a.overrides, points=a.point or [], steps=a.steps,
                  examples=a.examples, lr_rule=a.lr_rule, lr_base_batch=a.lr_base_batch,
-                 warmup_fraction=a.warmup_fraction, dev=a.dev or [], dev_docs=a.dev_docs, dev_split=a.dev_split, baseline=a.baseline,
-                 keep_runs=a.keep_runs, keep_models=a.keep_models, quiet=getattr(a, "quiet", False))
+                 warmup_fraction=a.warmup_fraction, dev=a.dev or [], dev_docs=a.dev_docs, dev_split=a.dev_split,
+                 baseline=a.baseline, keep_runs=a.keep_runs, keep_models=a.keep_models,
+                 quiet=getattr(a, "quiet", False))
     base = os.path.join(a.out, BASELINE_FILE)
     print_table(rows, json.load(open(base)) if os.path.exists(base) else None)
     print(f"wrote {a.out}/results.tsv, results.json" + (", sweep.png" if os.path.exists(
