@@ -1,5 +1,6 @@
 """The README's scaling-study table and figure from a `bmr sweep` folder, finished or not: every point that has a
-point.json (finished) is a row, the others are listed as pending. Rewrites the README between
+point.json (finished) is a row of DIR/results.json, which `bmr sweep` rewrites after every point; started,
+unfinished points are listed as pending. Rewrites the README between
 <!-- study:begin --> and <!-- study:end --> and DIR/sweep.png.
 
     python benchmarks/study_report.py [--dir benchmarks/results/scaling-study] [--no-readme]
@@ -7,7 +8,6 @@ point.json (finished) is a row, the others are listed as pending. Rewrites the R
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 
@@ -18,45 +18,38 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import replace_section  # noqa: E402  (benchmarks/common.py)
 from bmretriever_jax import tables  # noqa: E402
 from bmretriever_jax.plot import plot_sweep  # noqa: E402
-from bmretriever_jax.sweep_run import BASELINE_FILE, POINT_FILE  # noqa: E402
-
-
-def spec_value(overrides, key):
-    vals = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
-    return json.loads(vals[-1]) if vals else None
+from bmretriever_jax.sweep_run import POINT_FILE  # noqa: E402
 
 
 def read_points(d):
-    rows, pending = [], []
-    for spec_path in sorted(glob.glob(os.path.join(d, "*", "point-spec.json"))):
-        pdir = os.path.dirname(spec_path)
-        ov = json.load(open(spec_path))["overrides"]
-        b, n = spec_value(ov, "train.global_batch_size"), spec_value(ov, "data.num_negatives")
-        row = {"point": os.path.basename(pdir), "global_batch_size": b, "num_negatives": n,
-               "candidates_per_query": b * (1 + n), "lr": spec_value(ov, "train.lr"),
-               "chance_loss": math.log(b * (1 + n))}
-        if os.path.exists(os.path.join(pdir, POINT_FILE)):
-            row.update(json.load(open(os.path.join(pdir, POINT_FILE))))
-            row["examples"] = row["steps"] * b
-            rows.append(row)
-        else:
-            pending.append(row["point"])
-    rows.sort(key=lambda r: (r["num_negatives"], r["global_batch_size"]))
-    return rows, pending
+    """Finished points from DIR/results.json (which `bmr sweep` rewrites after every point), sorted by setting and
+    batch; `pending` = point folders started but not finished."""
+    with open(os.path.join(d, "results.json")) as f:
+        res = json.load(f)
+    rows = sorted((r for r in res["points"] if "error" not in r),
+                  key=lambda r: (r["num_negatives"], r["global_batch_size"]))
+    pending = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(d, "*", "point-spec.json"))
+                     if not os.path.exists(os.path.join(os.path.dirname(p), POINT_FILE)))
+    return rows, pending, res.get("baseline")
+
+
+SHOWN = {"scifact": "SciFact", "medquad": "MedQuAD"}  # dev-set folder name -> column title
 
 
 def markdown(rows, baseline, pending):
-    cols = ["global batch", "hard negatives", "steps x batch", "lr", "final loss", "SciFact dev NDCG@10",
-            "MedQuAD dev NDCG@10", "mean", "mean recall@100", "examples/s", "step peak MB", "train min", "eval min"]
+    sets = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("dev_ndcg@10:")})
+    cols = (["global batch", "hard negatives", "steps x batch", "lr", "final loss"]
+            + [f"{SHOWN.get(s, s)} dev NDCG@10" for s in sets]
+            + ["mean", "mean recall@100", "examples/s", "step peak MB", "train min", "eval min"])
     body = []
     if baseline:
-        body.append(["untrained", "", "", "", "", baseline["dev_ndcg@10:scifact"], baseline["dev_ndcg@10:medquad"],
-                     baseline["dev_ndcg@10"], baseline["dev_recall@100"], "", "", "", ""])
+        body.append(["untrained", "", "", "", ""] + [baseline[f"dev_ndcg@10:{s}"] for s in sets]
+                    + [baseline["dev_ndcg@10"], baseline["dev_recall@100"], "", "", "", ""])
     for r in rows:
         body.append([str(r["global_batch_size"]), str(r["num_negatives"]), f"{r['steps']} x {r['global_batch_size']}",
-                     f"{r['lr']:.3g}", r["final_loss"], r["dev_ndcg@10:scifact"], r["dev_ndcg@10:medquad"],
-                     r["dev_ndcg@10"], r["dev_recall@100"], f"{r['examples_per_s']:.2f}", f"{r['step_peak_mb']:.0f}",
-                     f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"])
+                     f"{r['lr']:.3g}", r["final_loss"]] + [r[f"dev_ndcg@10:{s}"] for s in sets]
+                    + [r["dev_ndcg@10"], r["dev_recall@100"], f"{r['examples_per_s']:.2f}", f"{r['step_peak_mb']:.0f}",
+                       f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"])
     text = tables.render(cols, body, digits=3, markdown=True)
     if pending:
         text += ("\n\nStarted, not finished (`bash benchmarks/scaling_study.sh` resumes them; the script's points "
@@ -70,9 +63,7 @@ def main():
     ap.add_argument("--no-readme", action="store_true")
     a = ap.parse_args()
     d = os.path.join(ROOT, a.dir) if not os.path.isabs(a.dir) else a.dir
-    rows, pending = read_points(d)
-    base = os.path.join(d, BASELINE_FILE)
-    baseline = json.load(open(base)) if os.path.exists(base) else None
+    rows, pending, baseline = read_points(d)
     text = markdown(rows, baseline, pending)
     print(text)
     if rows:

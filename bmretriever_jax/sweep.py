@@ -13,8 +13,9 @@ sweep down. What a study needs:
     per-device peak as XLA assigns it (`memory_analysis()`), the `bmr plan` estimate and the peak RSS;
   * resume: a finished point (DIR/<point>/point.json) is not run again; an unfinished one whose spec is
     unchanged resumes from its last checkpoint (every quarter of its steps), so a killed study loses little.
-Written as DIR/results.tsv, DIR/results.json and DIR/sweep.png (dev NDCG@10 vs global batch, one line per
-setting of the other axes and dev set; loss vs candidates per query; throughput and peak memory vs batch).
+Written as DIR/results.tsv and DIR/results.json (after every point) and DIR/sweep.png (dev NDCG@10 vs global
+batch, one line per setting of the other axes and dev set; loss vs candidates per query; throughput and peak
+memory vs batch).
 """
 from __future__ import annotations
 
@@ -208,7 +209,18 @@ def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Se
                              os.path.join(out, "baseline.log"), timeout)
             if err and not quiet:
                 print(f"  baseline FAILED: {err}", flush=True)
-    rows = []
+    base_res = None
+    if os.path.exists(os.path.join(out, BASELINE_FILE)):
+        base_res = json.load(open(os.path.join(out, BASELINE_FILE)))
+    grid_keys = [k for k, _ in axes] + sorted({k for p in points for k in parse_point(p)})
+    settings = {"examples": examples, "steps": steps, "lr_rule": lr_rule, "lr_base_batch": lr_base_batch,
+                "warmup_fraction": warmup_fraction, "overrides": list(overrides), "config": config}
+    rows: List[dict] = []
+
+    def record(row: dict) -> None:  # results.tsv / .json after every point: a study is readable while it runs
+        rows.append(row)
+        write_results(rows, out, grid_keys, dev_sets=dev_sets, baseline=base_res, settings=settings)
+
     for i, (name, assign) in enumerate(todo, 1):
         pdir = os.path.join(out, name)
         run = load_config(config, point_overrides(overrides, assign, steps, pdir))  # the point's batch and lr
@@ -241,7 +253,7 @@ def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Se
                 row["error"] = err
                 if not quiet:
                     print(f"  FAILED: {err}", flush=True)
-                rows.append(row)
+                record(row)
                 continue
         with open(done) as f:
             row.update(json.load(f))
@@ -252,14 +264,7 @@ def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Se
             print("  " + ", ".join(f"{k}={_fmt(round(row[k], 4) if isinstance(row[k], float) else row[k])}"
                                    for k in ("final_loss", "dev_ndcg@10", "examples_per_s", "step_peak_mb",
                                              "seconds") if k in row), flush=True)
-        rows.append(row)
-    base_res = None
-    if os.path.exists(os.path.join(out, BASELINE_FILE)):
-        base_res = json.load(open(os.path.join(out, BASELINE_FILE)))
-    write_results(rows, out, [k for k, _ in axes] + sorted({k for p in points for k in parse_point(p)}),
-                  dev_sets=dev_sets, baseline=base_res, settings={
-                      "examples": examples, "steps": steps, "lr_rule": lr_rule, "lr_base_batch": lr_base_batch,
-                      "warmup_fraction": warmup_fraction, "overrides": list(overrides), "config": config})
+        record(row)
     if any("error" not in r for r in rows):
         plot_sweep(rows, os.path.join(out, "sweep.png"), baseline=base_res)
     return rows

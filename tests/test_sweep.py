@@ -12,6 +12,8 @@ from bmretriever_jax.config import ConfigError
 from bmretriever_jax.data.pairs import write_pairs
 from hf_tiny import tiny_model_dir, tiny_pairs
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_parse_grid_and_points():
     axes = sweep.parse_grid(["train.global_batch_size=8,16,32", "train.temperature=0.02, 0.05",
@@ -232,6 +234,8 @@ def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(second, sweep.POINT_FILE))  # killed mid-point, after step 1's checkpoint
+    early = json.load(open(os.path.join(killed, "results.json")))  # written after the first point, before the kill
+    assert [r["point"] for r in early["points"]] == ["global_batch_size=4,num_negatives=0"]
     subprocess.run(cmd + _study_args(model, pairs, dev, killed) + ["--no-baseline"], check=True, capture_output=True,
                    text=True)
 
@@ -250,6 +254,10 @@ def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path)
         assert r["step_peak_mb"] > 0 and r["seconds"] > r["train_seconds"] > 0 and r["eval_seconds"] > 0
     with open(os.path.join(killed, "sweep.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the README's study table (benchmarks/study_report.py) renders from the same results.json
+    report = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "study_report.py"), "--dir", ref,
+                             "--no-readme"], check=True, capture_output=True, text=True).stdout
+    assert "| untrained |" in report and "| dev dev NDCG@10 |" in report and report.count("| 4 | 0 | 4 x 4 |") == 1
 
 
 def test_explicit_points_lr_rule_and_examples_validation(tmp_path):

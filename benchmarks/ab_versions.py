@@ -1,0 +1,116 @@
+"""Is this checkout slower than another one? Our encode pass and our train step, two versions, one run.
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/ab_versions.py --before /tmp/before [--rounds 12] [--out benchmarks/results/ab.json]
+
+One worker process per checkout imports that checkout's own package and its own benchmarks/encode.py and
+benchmarks/train.py (so each side runs the workload exactly as its benchmark defines it), loads Gemma 3 270M,
+compiles, and then waits. The parent alternates the two workers pass by pass (A B B A A B ...: each round
+swaps the order, so a slow spell of a shared machine hits both sides alike) and reports per side the median
+seconds and the median of the per-round ratios after / before, with its spread. Workloads (float32):
+  encode  one batch of 32 SciFact passages x 256 tokens (encode.ours: last-token pooled, L2-normalised)
+  train   one LoRA train step, global batch 8, queries 32 / passages 128 tokens, 1 hard negative, no remat
+          (train.Ours: the step train() builds)
+Only one worker computes at any time; the other is blocked reading its pipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+WORKER = r"""
+import os, sys, time, json
+root = sys.argv[1]
+sys.path[:0] = [root, os.path.join(root, "benchmarks")]
+import encode, train  # first: they set the allocator up before jax starts
+import jax, jax.numpy as jnp
+from bmretriever_jax import hub
+cfg, base_np, tok, folder = hub.load("gemma3-270m", quiet=True)
+batches, _ = encode.load_batches(tok, 32, 256, 32)
+enc = encode.ours(cfg, jax.tree.map(jnp.asarray, base_np), batches, "float32")
+run = train.make_run(8, 32, 128, 1, dtype="float32", remat=False)
+step = train.Ours(cfg, base_np, train.ours_frozen(base_np, run), run, train.real_batch(tok, run)).step
+work = {"encode": enc, "train": step}
+for fn in work.values():
+    fn(); fn()  # compile + one warm pass
+print("ready", flush=True)
+for line in sys.stdin:
+    t = time.perf_counter()
+    work[line.strip()]()
+    print("seconds", time.perf_counter() - t, flush=True)
+"""
+
+
+def start(root: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(root)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:  # whatever the checkout prints while it loads, then "ready"
+        if line.strip() == "ready":
+            return p
+    raise SystemExit(f"the worker of {root} did not start (see its stderr above)")
+
+
+def timed(p: subprocess.Popen, what: str) -> float:
+    p.stdin.write(what + "\n")
+    p.stdin.flush()
+    for line in p.stdout:  # skips anything else the checkout prints
+        if line.startswith("seconds "):
+            return float(line.split()[1])
+    raise SystemExit("a worker died (see its stderr above)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", required=True, help="checkout of the version to compare against")
+    ap.add_argument("--after", default=os.path.join(HERE, ".."), help="checkout under test (default: this one)")
+    ap.add_argument("--rounds", type=int, default=12, help="passes per side and workload")
+    ap.add_argument("--workloads", default="encode,train")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "ab.json"))
+    a = ap.parse_args()
+    load_start = common.load_average()
+    sides = {}
+    for name, root in (("before", a.before), ("after", a.after)):
+        t = time.time()
+        sides[name] = start(root)
+        print(f"[ab] {name} ({root}) ready in {time.time() - t:.0f} s", flush=True)
+    res = {}
+    for what in a.workloads.split(","):
+        times = {"before": [], "after": []}
+        for r in range(a.rounds):
+            order = ("before", "after") if r % 2 == 0 else ("after", "before")
+            for name in order:
+                times[name].append(timed(sides[name], what))
+            print(f"[ab] {what} round {r + 1}/{a.rounds}: before {times['before'][-1]:.2f} s, "
+                  f"after {times['after'][-1]:.2f} s", flush=True)
+        ratios = sorted(x / y for x, y in zip(times["after"], times["before"]))
+        q = statistics.quantiles(ratios, n=4)
+        res[what] = {"seconds": times, "median_before_s": statistics.median(times["before"]),
+                     "median_after_s": statistics.median(times["after"]),
+                     "median_ratio_after_over_before": statistics.median(ratios),
+                     "ratio_quartiles": [q[0], q[2]]}
+    for p in sides.values():  # the workers hold a model and compiled steps each: no graceful teardown needed
+        p.kill()
+    out = {"before": os.path.abspath(a.before), "after": os.path.abspath(a.after), "rounds": a.rounds,
+           "results": res, "machine": {**common.cpu_info(), **common.versions("jax", "jaxlib", "flax"), "load_average_start": load_start,
+                                       "load_average_end": common.load_average()}}
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print("| workload | before s (median) | after s (median) | after / before (median of rounds) | quartiles |")
+    print("|---|---|---|---|---|")
+    for what, r in res.items():
+        print(f"| {what} | {r['median_before_s']:.3f} | {r['median_after_s']:.3f} | "
+              f"{r['median_ratio_after_over_before']:.3f} | {r['ratio_quartiles'][0]:.3f} - {r['ratio_quartiles'][1]:.3f} |")
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
