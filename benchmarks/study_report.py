@@ -37,7 +37,8 @@ SHOWN = {"scifact": "SciFact", "medquad": "MedQuAD"}  # dev-set folder name -> c
 
 
 def markdown(rows, baseline, pending):
-    sets = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("dev_ndcg@10:")})
+    sets = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("dev_ndcg@10:")},
+                  key=lambda s: (list(SHOWN).index(s) if s in SHOWN else len(SHOWN), s))
     cols = (["global batch", "hard negatives", "steps x batch", "lr", "final loss"]
             + [f"{SHOWN.get(s, s)} dev NDCG@10" for s in sets]
             + ["mean", "mean recall@100", "examples/s", "step peak MB", "train min", "eval min"])
@@ -51,6 +52,11 @@ def markdown(rows, baseline, pending):
                     + [r["dev_ndcg@10"], r["dev_recall@100"], f"{r['examples_per_s']:.2f}", f"{r['step_peak_mb']:.0f}",
                        f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"])
     text = tables.render(cols, body, digits=3, markdown=True)
+    resumed = [f"batch {r['global_batch_size']}, {r['num_negatives']} hard negative(s): from step "
+               f"{r['resumed_from_step']}" for r in rows if r.get("resumed_from_step")]
+    if resumed:
+        text += ("\n\nResumed after a stop (train minutes and examples/s count the steps after the resume only): "
+                 + "; ".join(resumed) + ".")
     if pending:
         text += ("\n\nStarted, not finished (`bash benchmarks/scaling_study.sh` resumes them; the script's points "
                  "not named anywhere here have not started): " + ", ".join(f"`{p}`" for p in pending))
