@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 
 WORKER = r"""
-import os, sys, time, json
+import os, sys, time
 root = sys.argv[1]
 sys.path[:0] = [root, os.path.join(root, "benchmarks")]
 import encode, train  # first: they set the allocator up before jax starts
@@ -100,8 +100,8 @@ def main() -> None:
     for p in sides.values():  # the workers hold a model and compiled steps each: no graceful teardown needed
         p.kill()
     out = {"before": os.path.abspath(a.before), "after": os.path.abspath(a.after), "rounds": a.rounds,
-           "results": res, "machine": {**common.cpu_info(), **common.versions("jax", "jaxlib", "flax"), "load_average_start": load_start,
-                                       "load_average_end": common.load_average()}}
+           "results": res, "machine": {**common.cpu_info(), **common.versions("jax", "jaxlib", "flax"),
+                                       "load_average_start": load_start, "load_average_end": common.load_average()}}
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print("| workload | before s (median) | after s (median) | after / before (median of rounds) | quartiles |")
