@@ -11,7 +11,11 @@ seconds and the median of the per-round ratios after / before, with its spread. 
   encode  one batch of 32 SciFact passages x 256 tokens (encode.ours: last-token pooled, L2-normalised)
   train   one LoRA train step, global batch 8, queries 32 / passages 128 tokens, 1 hard negative, no remat
           (train.Ours: the step train() builds)
-Only one worker computes at any time; the other is blocked reading its pipe.
+Only one worker computes at any time; the other is blocked reading its pipe. Each worker also hashes its
+compiled programs (encode, train step; the optimised HLO, names and source locations stripped) and reports
+their XLA cost analysis: equal hashes mean both checkouts run the same XLA program, so a time difference is
+the process, not the code. Controls: swap the sides (`--before . --after /tmp/before`; the "before" worker
+always starts first) or give the same checkout twice.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 
 WORKER = r"""
-import os, sys, time
+import functools, hashlib, os, re, sys, time
 root = sys.argv[1]
 sys.path[:0] = [root, os.path.join(root, "benchmarks")]
 import encode, train  # first: they set the allocator up before jax starts
@@ -36,12 +40,25 @@ import jax, jax.numpy as jnp
 from bmretriever_jax import hub
 cfg, base_np, tok, folder = hub.load("gemma3-270m", quiet=True)
 batches, _ = encode.load_batches(tok, 32, 256, 32)
-enc = encode.ours(cfg, jax.tree.map(jnp.asarray, base_np), batches, "float32")
+params = jax.tree.map(jnp.asarray, base_np)
+enc = encode.ours(cfg, params, batches, "float32")
 run = train.make_run(8, 32, 128, 1, dtype="float32", remat=False)
-step = train.Ours(cfg, base_np, train.ours_frozen(base_np, run), run, train.real_batch(tok, run)).step
-work = {"encode": enc, "train": step}
+ours = train.Ours(cfg, base_np, train.ours_frozen(base_np, run), run, train.real_batch(tok, run))
+work = {"encode": enc, "train": ours.step}
 for fn in work.values():
     fn(); fn()  # compile + one warm pass
+# each workload's compiled program, names and source locations stripped: equal hashes = the same XLA program
+def program(name, compiled):
+    lines = [re.sub(r"%[\w.\-]+", "%", re.sub(r"metadata=\{[^}]*\}", "", ln.split(" = ", 1)[1]))
+             for ln in compiled.as_text().splitlines() if " = " in ln and not ln.lstrip().startswith("HloModule")]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    print("program", name, hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16], len(lines),
+          cost.get("flops"), cost.get("bytes accessed"), flush=True)
+ids, mask = (jnp.asarray(a) for a in batches[0])
+embed = jax.jit(functools.partial(encode.embed_batch, cfg, pooling="last", normalize=True, dtype=jnp.float32))
+program("encode", embed.lower(params, ids, mask).compile())  # encode.ours's function, on its first batch
+program("train", ours.fn.lower(ours.state, ours.frozen, ours.batch).compile())
 print("ready", flush=True)
 for line in sys.stdin:
     t = time.perf_counter()
@@ -50,12 +67,17 @@ for line in sys.stdin:
 """
 
 
-def start(root: str) -> subprocess.Popen:
+def start(root: str):
+    """-> (worker process, {workload: its compiled program's {"hash", "instructions", "flops", "bytes"}})."""
     p = subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(root)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
-    for line in p.stdout:  # whatever the checkout prints while it loads, then "ready"
+    program = {}
+    for line in p.stdout:  # whatever the checkout prints while it loads, then "program ...", "ready"
+        if line.startswith("program "):
+            what, h, n, flops, nbytes = line.split()[1:]
+            program[what] = {"hash": h, "instructions": int(n), "flops": float(flops), "bytes": float(nbytes)}
         if line.strip() == "ready":
-            return p
+            return p, program
     raise SystemExit(f"the worker of {root} did not start (see its stderr above)")
 
 
@@ -77,11 +99,15 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "ab.json"))
     a = ap.parse_args()
     load_start = common.load_average()
-    sides = {}
+    sides, programs = {}, {}
     for name, root in (("before", a.before), ("after", a.after)):
         t = time.time()
-        sides[name] = start(root)
-        print(f"[ab] {name} ({root}) ready in {time.time() - t:.0f} s", flush=True)
+        sides[name], programs[name] = start(root)
+        print(f"[ab] {name} ({root}) ready in {time.time() - t:.0f} s; compiled programs {programs[name]}",
+              flush=True)
+    same_program = {w: programs["before"][w]["hash"] == programs["after"][w]["hash"] for w in programs["before"]}
+    for w, same in same_program.items():
+        print(f"[ab] {w}: the two checkouts compile {'the SAME' if same else 'a different'} XLA program", flush=True)
     res = {}
     for what in a.workloads.split(","):
         times = {"before": [], "after": []}
@@ -100,15 +126,17 @@ def main() -> None:
     for p in sides.values():  # the workers hold a model and compiled steps each: no graceful teardown needed
         p.kill()
     out = {"before": os.path.abspath(a.before), "after": os.path.abspath(a.after), "rounds": a.rounds,
-           "results": res, "machine": {**common.cpu_info(), **common.versions("jax", "jaxlib", "flax"),
-                                       "load_average_start": load_start, "load_average_end": common.load_average()}}
+           "results": res, "programs": programs, "same_program": same_program,
+           "machine": {**common.cpu_info(), **common.versions("jax", "jaxlib", "flax"),
+                       "load_average_start": load_start, "load_average_end": common.load_average()}}
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print("| workload | before s (median) | after s (median) | after / before (median of rounds) | quartiles |")
     print("|---|---|---|---|---|")
     for what, r in res.items():
+        lo, hi = r["ratio_quartiles"]
         print(f"| {what} | {r['median_before_s']:.3f} | {r['median_after_s']:.3f} | "
-              f"{r['median_ratio_after_over_before']:.3f} | {r['ratio_quartiles'][0]:.3f} - {r['ratio_quartiles'][1]:.3f} |")
+              f"{r['median_ratio_after_over_before']:.3f} | {lo:.3f} - {hi:.3f} |")
     print("wrote", a.out)
 
 

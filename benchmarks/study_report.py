@@ -24,7 +24,11 @@ from bmretriever_jax.sweep_run import POINT_FILE  # noqa: E402
 def read_points(d):
     """Finished points from DIR/results.json (which `bmr sweep` rewrites after every point), sorted by setting and
     batch; `pending` = point folders started but not finished."""
-    with open(os.path.join(d, "results.json")) as f:
+    path = os.path.join(d, "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no results yet (`bmr sweep` writes it when its first point finishes); "
+                         "run bash benchmarks/scaling_study.sh")
+    with open(path) as f:
         res = json.load(f)
     rows = sorted((r for r in res["points"] if "error" not in r),
                   key=lambda r: (r["num_negatives"], r["global_batch_size"]))

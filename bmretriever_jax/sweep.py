@@ -176,6 +176,15 @@ def _run_child(spec: dict, spec_path: str, log_path: str, timeout: Optional[floa
     return f"{tail}\n(full log: {log_path})"
 
 
+def load_baseline(out: str) -> Optional[dict]:
+    """The untrained model's dev figures of the sweep in `out` (baseline.json), or None before they exist."""
+    path = os.path.join(out, BASELINE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Sequence[str] = (),
           points: Sequence[str] = (), steps: Optional[int] = None, examples: Optional[int] = None,
           lr_rule: str = "none", lr_base_batch: Optional[int] = None, warmup_fraction: float = 0.1,
@@ -209,9 +218,7 @@ def sweep(config: Optional[str], grid: Sequence[str], out: str, *, overrides: Se
                              os.path.join(out, "baseline.log"), timeout)
             if err and not quiet:
                 print(f"  baseline FAILED: {err}", flush=True)
-    base_res = None
-    if os.path.exists(os.path.join(out, BASELINE_FILE)):
-        base_res = json.load(open(os.path.join(out, BASELINE_FILE)))
+    base_res = load_baseline(out)
     grid_keys = [k for k, _ in axes] + sorted({k for p in points for k in parse_point(p)})
     settings = {"examples": examples, "steps": steps, "lr_rule": lr_rule, "lr_base_batch": lr_base_batch,
                 "warmup_fraction": warmup_fraction, "overrides": list(overrides), "config": config}
@@ -316,8 +323,7 @@ def cmd_sweep(a):
                  warmup_fraction=a.warmup_fraction, dev=a.dev or [], dev_docs=a.dev_docs, dev_split=a.dev_split,
                  baseline=a.baseline, keep_runs=a.keep_runs, keep_models=a.keep_models,
                  quiet=getattr(a, "quiet", False))
-    base = os.path.join(a.out, BASELINE_FILE)
-    print_table(rows, json.load(open(base)) if os.path.exists(base) else None)
+    print_table(rows, load_baseline(a.out))
     print(f"wrote {a.out}/results.tsv, results.json" + (", sweep.png" if os.path.exists(
         os.path.join(a.out, "sweep.png")) else ""))
     if any("error" in r for r in rows):
