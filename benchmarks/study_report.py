@@ -40,6 +40,11 @@ def read_points(d):
 SHOWN = {"scifact": "SciFact", "medquad": "MedQuAD"}  # dev-set folder name -> column title
 
 
+def train_minutes(r) -> str:
+    """Minutes of training in the point's last process; '-' when it only evaluated (training finished earlier)."""
+    return "-" if r.get("resumed_from_step", 0) >= r["steps"] else f"{r['train_seconds'] / 60:.1f}"
+
+
 def markdown(rows, baseline, pending):
     sets = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("dev_ndcg@10:")},
                   key=lambda s: (list(SHOWN).index(s) if s in SHOWN else len(SHOWN), s))
@@ -54,12 +59,14 @@ def markdown(rows, baseline, pending):
         body.append([str(r["global_batch_size"]), str(r["num_negatives"]), f"{r['steps']} x {r['global_batch_size']}",
                      f"{r['lr']:.3g}", r["final_loss"]] + [r[f"dev_ndcg@10:{s}"] for s in sets]
                     + [r["dev_ndcg@10"], r["dev_recall@100"], f"{r['examples_per_s']:.2f}", f"{r['step_peak_mb']:.0f}",
-                       f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"])
+                       train_minutes(r), f"{r['eval_seconds'] / 60:.1f}"])
     text = tables.render(cols, body, digits=3, markdown=True)
     resumed = [f"batch {r['global_batch_size']}, {r['num_negatives']} hard negative(s): from step "
                f"{r['resumed_from_step']}" for r in rows if r.get("resumed_from_step")]
     if resumed:
-        text += ("\n\nResumed after a stop (train minutes and examples/s count the steps after the resume only): "
+        text += ("\n\nResumed after a stop (train minutes count the steps after the resume only; '-': training had "
+                 "finished before the stop and only the evaluation ran after it; examples/s is the last logged "
+                 "step's): "
                  + "; ".join(resumed) + ".")
     if pending:
         text += ("\n\nStarted, not finished (`bash benchmarks/scaling_study.sh` resumes them; the script's points "

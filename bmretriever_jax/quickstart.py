@@ -34,8 +34,8 @@ CLAIMS = 3
 # AVX512-BF16 cores); "lite" where it has not (auto -> float32: ~610 tokens/s on 2 AVX2 cores, and a LoRA
 # step costs ~2.4x more). Measured sizes and times: README "Measured here".
 PROFILES = {
-    "full": {"scifact_docs": 1500, "max_length": 128, "steps": 60, "batch": 16},
-    "lite": {"scifact_docs": 800, "max_length": 96, "steps": 30, "batch": 8},
+    "full": {"scifact_docs": 1500, "max_length": 128, "steps": 60, "batch": 16, "hard_negatives": 0},
+    "lite": {"scifact_docs": 800, "max_length": 96, "steps": 30, "batch": 8, "hard_negatives": 0},
 }
 
 
@@ -45,6 +45,21 @@ def pick_profile(name: str) -> str:
     from bmretriever_jax.precision import resolve_dtype  # jax: after keep_freed_memory (see main)
 
     return "full" if resolve_dtype("auto").name == "bfloat16" else "lite"
+
+
+def mine_pairs(builders_: list, out: str, n: int) -> str:
+    """The builders' training pairs with n BM25 hard negatives each, mined over their own pool of positives
+    (what `bmr pairs` + `bmr mine --num-negatives n` make), written to `out`; returns `out`."""
+    from bmretriever_jax.data import builders
+    from bmretriever_jax.data.mining import mine_hard_negatives
+    from bmretriever_jax.data.pairs import write_pairs
+
+    pairs = [p for name in builders_ for p in builders.build(name)]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    t = time.time()
+    write_pairs(out, mine_hard_negatives(pairs, num_negatives=n, top_k=100, progress=True))
+    print(f"{len(pairs)} pairs, {n} BM25 hard negative(s) each, in {time.time() - t:.0f} s -> {out}", flush=True)
+    return out
 
 
 def banner(msg: str):
@@ -67,12 +82,17 @@ def main(argv=None) -> int:
     p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",
                    help="run size: auto = full where bf16 is fast (accelerator, CPU with bf16 units), else lite")
     p.add_argument("--steps", type=int, default=None, help="train.steps of each expert (default: the profile's)")
+    p.add_argument("--hard-negatives", type=int, default=None,
+                   help="BM25-mined hard negatives per training pair (bmr mine over each expert's pool of positives); "
+                        "0 = in-batch negatives only (default: the profile's)")
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--model", default="gemma3-270m", help="backbone (a smoke run can pass a tiny model folder)")
     p.add_argument("--scifact-docs", type=int, default=None,
                    help="SciFact corpus size for the demo and table (all judged docs + random others; 0 = all 5,183; "
                         "default: the profile's)")
     a = p.parse_args(argv)
+    if a.hard_negatives is not None and a.hard_negatives < 0:
+        p.error(f"--hard-negatives {a.hard_negatives}: allowed: 0 or more")
     keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
@@ -82,6 +102,8 @@ def main(argv=None) -> int:
         size["steps"] = a.steps
     if a.scifact_docs is not None:
         size["scifact_docs"] = a.scifact_docs
+    if a.hard_negatives is not None:
+        size["hard_negatives"] = a.hard_negatives
 
     # jax and everything built on it: imported after keep_freed_memory(), and not for `--help`
     from bmretriever_jax.convert.export import export
@@ -107,7 +129,8 @@ def main(argv=None) -> int:
     print(f"{enc.cfg.family}: {enc.cfg.num_layers} layers, hidden {enc.cfg.hidden_size}, "
           f"{enc.cfg.num_params() / 1e6:.0f}M parameters; compute {enc.dtype} with f32 accumulation")
     print(f"profile '{profile}': SciFact corpus {size['scifact_docs'] or 'all'} docs, passages {size['max_length']} "
-          f"tokens, 2 experts x {size['steps']} steps x {size['batch']} pairs (--profile full|lite to choose)")
+          f"tokens, 2 experts x {size['steps']} steps x {size['batch']} pairs, {size['hard_negatives']} hard "
+          "negative(s) each (--profile full|lite to choose)")
 
     banner("2. SciFact corpus -> vectors, top 3 abstracts for a few claims (untrained)")
     corpus, queries, _ = load_beir(scifact, "test")
@@ -120,8 +143,13 @@ def main(argv=None) -> int:
     experts = {}
     for name, train_data in (("literature", ["scifact", "pubmedqa"]), ("consumer", ["medquad"])):
         print(f"\n--- expert '{name}': {', '.join(train_data)}", flush=True)
+        data_ov = [f"data.train={json.dumps(train_data)}"]
+        if size["hard_negatives"]:
+            mined = os.path.join(a.out, "data", f"{name}-hn{size['hard_negatives']}.jsonl")
+            data_ov = [f"data.train={json.dumps([mine_pairs(train_data, mined, size['hard_negatives'])])}",
+                       f"data.num_negatives={size['hard_negatives']}"]
         exp_run = load_config(paths.shipped_config("quickstart.yaml"),
-                              overrides + [f"out={os.path.join(a.out, name)}", f"data.train={json.dumps(train_data)}"])
+                              overrides + [f"out={os.path.join(a.out, name)}"] + data_ov)
         exp_run.data.dev = None  # the table below evaluates the merge; `bmr train` alone reports dev NDCG
         res = train(exp_run)
         print(json.dumps({k: round(v, 4) for k, v in res.items() if isinstance(v, float)}))

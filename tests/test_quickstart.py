@@ -23,7 +23,9 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
     from bmretriever_jax import quickstart
 
     out = str(tmp_path / "qs")
-    assert quickstart.main(["--out", out, "--model", tiny, "--steps", "2", "--skip-minilm", "--scifact-docs", "400"]) == 0
+    assert quickstart.main(["--out", out, "--model", tiny, "--steps", "2", "--skip-minilm", "--scifact-docs", "400",
+                            "--hard-negatives", "1"]) == 0
+    assert os.path.exists(os.path.join(out, "data", "consumer-hn1.jsonl"))
     res = json.load(open(os.path.join(out, "eval.json")))
     rows = {k.split(" | ")[0] for k in res}
     assert {"bm25", "merged"} <= rows and len(rows) == 3
@@ -55,3 +57,17 @@ def test_quickstart_synth_runs_end_to_end(tiny, tmp_path):
             judged |= {line.split("\t")[1] for line in list(f)[1:]}
     corpus = [json.loads(line)["_id"] for line in open(os.path.join(out, "synth", "corpus.jsonl"))]
     assert len(corpus) == 6 and not judged & set(corpus)
+
+
+def test_quickstart_mines_one_bm25_hard_negative_per_pair(tmp_path):
+    """--hard-negatives N: each expert's pairs get N BM25 negatives from their own pool of positives."""
+    from bmretriever_jax import quickstart
+    from bmretriever_jax.data import builders
+    from bmretriever_jax.data.pairs import read_pairs
+
+    out = quickstart.mine_pairs(["scifact"], str(tmp_path / "data" / "literature-hn1.jsonl"), 1)
+    pairs, built = read_pairs(out), builders.build("scifact")
+    assert [(p.query, p.positive) for p in pairs] == [(p.query, p.positive) for p in built]
+    assert all(len(p.negatives) == 1 and p.negatives[0] != p.positive for p in pairs)
+    with pytest.raises(SystemExit):
+        quickstart.main(["--hard-negatives", "-1"])

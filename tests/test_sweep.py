@@ -258,6 +258,15 @@ def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path)
     report = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "study_report.py"), "--dir", ref,
                              "--no-readme"], check=True, capture_output=True, text=True).stdout
     assert "| untrained |" in report and "| dev dev NDCG@10 |" in report and report.count("| 4 | 0 | 4 x 4 |") == 1
+    # before a study's first point finishes there is no results.json: one line, no traceback
+    empty = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "study_report.py"), "--dir",
+                            str(tmp_path / "nothing"), "--no-readme"], capture_output=True, text=True)
+    assert empty.returncode == 1 and "no results yet" in empty.stderr and "Traceback" not in empty.stderr
+    # a point whose training had finished before a stop only evaluated after it: no train minutes
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import study_report
+    assert study_report.train_minutes({"steps": 4, "resumed_from_step": 4, "train_seconds": 34.0}) == "-"
+    assert study_report.train_minutes({"steps": 4, "resumed_from_step": 2, "train_seconds": 90.0}) == "1.5"
 
 
 def test_explicit_points_lr_rule_and_examples_validation(tmp_path):
