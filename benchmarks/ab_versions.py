@@ -3,9 +3,10 @@
     git worktree add /tmp/before <commit>
     python benchmarks/ab_versions.py --before /tmp/before [--rounds 12] [--out benchmarks/results/ab.json]
 
-One worker process per checkout imports that checkout's own package and its own benchmarks/encode.py and
-benchmarks/train.py (so each side runs the workload exactly as its benchmark defines it), loads Gemma 3 270M,
-compiles, and then waits. The parent alternates the two workers pass by pass (A B B A A B ...: each round
+Per workload, one worker process per checkout imports that checkout's own package and its own
+benchmarks/encode.py / benchmarks/train.py (so each side runs the workload exactly as its benchmark defines it),
+loads Gemma 3 270M, compiles that workload, and then waits; the pair is killed before the next workload's pair
+starts (two workers holding both workloads each outgrow a 24 GB machine). The parent alternates the two workers pass by pass (A B B A A B ...: each round
 swaps the order, so a slow spell of a shared machine hits both sides alike) and reports per side the median
 seconds and the median of the per-round ratios after / before, with its spread. Workloads (float32):
   encode  one batch of 32 SciFact passages x 256 tokens (encode.ours: last-token pooled, L2-normalised)
@@ -33,18 +34,21 @@ import common  # noqa: E402
 
 WORKER = r"""
 import functools, hashlib, os, re, sys, time
-root = sys.argv[1]
+root, wanted = sys.argv[1], sys.argv[2].split(",")
 sys.path[:0] = [root, os.path.join(root, "benchmarks")]
 import encode, train  # first: they set the allocator up before jax starts
 import jax, jax.numpy as jnp
 from bmretriever_jax import hub
 cfg, base_np, tok, folder = hub.load("gemma3-270m", quiet=True)
-batches, _ = encode.load_batches(tok, 32, 256, 32)
-params = jax.tree.map(jnp.asarray, base_np)
-enc = encode.ours(cfg, params, batches, "float32")
-run = train.make_run(8, 32, 128, 1, dtype="float32", remat=False)
-ours = train.Ours(cfg, base_np, train.ours_frozen(base_np, run), run, train.real_batch(tok, run))
-work = {"encode": enc, "train": ours.step}
+work = {}
+if "encode" in wanted:
+    batches, _ = encode.load_batches(tok, 32, 256, 32)
+    params = jax.tree.map(jnp.asarray, base_np)
+    work["encode"] = encode.ours(cfg, params, batches, "float32")
+if "train" in wanted:
+    run = train.make_run(8, 32, 128, 1, dtype="float32", remat=False)
+    ours = train.Ours(cfg, base_np, train.ours_frozen(base_np, run), run, train.real_batch(tok, run))
+    work["train"] = ours.step
 for fn in work.values():
     fn(); fn()  # compile + one warm pass
 # each workload's compiled program, names and source locations stripped: equal hashes = the same XLA program
@@ -55,10 +59,12 @@ def program(name, compiled):
     cost = cost[0] if isinstance(cost, list) else cost
     print("program", name, hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16], len(lines),
           cost.get("flops"), cost.get("bytes accessed"), flush=True)
-ids, mask = (jnp.asarray(a) for a in batches[0])
-embed = jax.jit(functools.partial(encode.embed_batch, cfg, pooling="last", normalize=True, dtype=jnp.float32))
-program("encode", embed.lower(params, ids, mask).compile())  # encode.ours's function, on its first batch
-program("train", ours.fn.lower(ours.state, ours.frozen, ours.batch).compile())
+if "encode" in work:  # encode.ours's function, on its first batch
+    ids, mask = (jnp.asarray(a) for a in batches[0])
+    embed = jax.jit(functools.partial(encode.embed_batch, cfg, pooling="last", normalize=True, dtype=jnp.float32))
+    program("encode", embed.lower(params, ids, mask).compile())
+if "train" in work:
+    program("train", ours.fn.lower(ours.state, ours.frozen, ours.batch).compile())
 print("ready", flush=True)
 for line in sys.stdin:
     t = time.perf_counter()
@@ -67,9 +73,10 @@ for line in sys.stdin:
 """
 
 
-def start(root: str):
-    """-> (worker process, {workload: its compiled program's {"hash", "instructions", "flops", "bytes"}})."""
-    p = subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(root)], stdin=subprocess.PIPE,
+def start(root: str, workload: str):
+    """-> (worker process for one workload, {workload: its compiled program's {"hash", "instructions", "flops",
+    "bytes"}})."""
+    p = subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(root), workload], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     program = {}
     for line in p.stdout:  # whatever the checkout prints while it loads, then "program ...", "ready"
@@ -93,23 +100,27 @@ def timed(p: subprocess.Popen, what: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=True, help="checkout of the version to compare against")
-    ap.add_argument("--after", default=os.path.join(HERE, ".."), help="checkout under test (default: this one)")
+    ap.add_argument("--after", default=os.path.relpath(os.path.join(HERE, "..")),
+                    help="checkout under test (default: this one)")
     ap.add_argument("--rounds", type=int, default=12, help="passes per side and workload")
     ap.add_argument("--workloads", default="encode,train")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "ab.json"))
     a = ap.parse_args()
     load_start = common.load_average()
-    sides, programs = {}, {}
-    for name, root in (("before", a.before), ("after", a.after)):
-        t = time.time()
-        sides[name], programs[name] = start(root)
-        print(f"[ab] {name} ({root}) ready in {time.time() - t:.0f} s; compiled programs {programs[name]}",
-              flush=True)
-    same_program = {w: programs["before"][w]["hash"] == programs["after"][w]["hash"] for w in programs["before"]}
-    for w, same in same_program.items():
-        print(f"[ab] {w}: the two checkouts compile {'the SAME' if same else 'a different'} XLA program", flush=True)
-    res = {}
+    res, programs = {}, {"before": {}, "after": {}}
     for what in a.workloads.split(","):
+        # one pair of workers per workload, killed before the next pair starts: two workers holding a model and
+        # both compiled workloads each outgrow 24 GB (a train step alone has 5.4 GB of temp buffers)
+        sides = {}
+        for name, root in (("before", a.before), ("after", a.after)):
+            t = time.time()
+            sides[name], prog = start(root, what)
+            programs[name].update(prog)
+            print(f"[ab] {what}: {name} ({root}) ready in {time.time() - t:.0f} s; compiled program {prog[what]}",
+                  flush=True)
+        same = programs["before"][what]["hash"] == programs["after"][what]["hash"]
+        print(f"[ab] {what}: the two checkouts compile {'the SAME' if same else 'a different'} XLA program",
+              flush=True)
         times = {"before": [], "after": []}
         for r in range(a.rounds):
             order = ("before", "after") if r % 2 == 0 else ("after", "before")
@@ -117,15 +128,17 @@ def main() -> None:
                 times[name].append(timed(sides[name], what))
             print(f"[ab] {what} round {r + 1}/{a.rounds}: before {times['before'][-1]:.2f} s, "
                   f"after {times['after'][-1]:.2f} s", flush=True)
+        for p in sides.values():  # each holds a model and a compiled workload: no graceful teardown needed
+            p.kill()
+            p.wait()
         ratios = sorted(x / y for x, y in zip(times["after"], times["before"]))
         q = statistics.quantiles(ratios, n=4)
         res[what] = {"seconds": times, "median_before_s": statistics.median(times["before"]),
                      "median_after_s": statistics.median(times["after"]),
                      "median_ratio_after_over_before": statistics.median(ratios),
                      "ratio_quartiles": [q[0], q[2]]}
-    for p in sides.values():  # the workers hold a model and compiled steps each: no graceful teardown needed
-        p.kill()
-    out = {"before": os.path.abspath(a.before), "after": os.path.abspath(a.after), "rounds": a.rounds,
+    same_program = {w: programs["before"][w]["hash"] == programs["after"][w]["hash"] for w in res}
+    out = {"before": os.path.normpath(a.before), "after": os.path.normpath(a.after), "rounds": a.rounds,
            "results": res, "programs": programs, "same_program": same_program,
            "machine": {**common.cpu_info(), **common.versions("jax", "jaxlib", "flax"),
                        "load_average_start": load_start, "load_average_end": common.load_average()}}
