@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -16,40 +15,14 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from bmretriever_jax.machine import cpu_info, versions  # noqa: F401  (the benchmarks' machine facts)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Machine
 # ----------------------------------------------------------------------------------------------------
-def cpu_info() -> Dict:
-    """CPU model, logical cores and the matmul-relevant ISA extensions (AVX-512 BF16 / AMX)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("unknown", "", "x86_64"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
-                                           "amx_tile", "amx_int8", "avx512_fp16"))
-    return {"model": model, "logical_cpus": os.cpu_count(), "isa": isa, "platform": platform.platform()}
-
-
 def load_average() -> List[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def versions(*modules: str) -> Dict[str, str]:
-    out = {}
-    for name in modules:
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = "not installed"
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------

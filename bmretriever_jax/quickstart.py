@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",
                    help="run size: auto = full where bf16 is fast (accelerator, CPU with bf16 units), else lite")
     p.add_argument("--steps", type=int, default=None, help="train.steps of each expert (default: the profile's)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="train.global_batch_size of each expert (default: the profile's)")
     p.add_argument("--hard-negatives", type=int, default=None,
                    help="BM25-mined hard negatives per training pair (bmr mine over each expert's pool of positives); "
                         "0 = in-batch negatives only (default: the profile's)")
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.hard_negatives is not None and a.hard_negatives < 0:
         p.error(f"--hard-negatives {a.hard_negatives}: allowed: 0 or more")
+    for flag, v in (("--batch", a.batch), ("--steps", a.steps)):
+        if v is not None and v < 1:
+            p.error(f"{flag} {v}: allowed: 1 or more")
     keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()
@@ -100,6 +105,8 @@ def main(argv=None) -> int:
     size = dict(PROFILES[profile])
     if a.steps:
         size["steps"] = a.steps
+    if a.batch:
+        size["batch"] = a.batch
     if a.scifact_docs is not None:
         size["scifact_docs"] = a.scifact_docs
     if a.hard_negatives is not None:

@@ -10,7 +10,8 @@ sweep down. What a study needs:
     over a corpus of every dev-judged document plus seeded random others up to N (data.subset_beir), and the
     untrained model's figures on the same sets (`baseline.json`);
   * per point: wall time, examples/s (median over steps after the first, which compiles), the train step's
-    per-device peak as XLA assigns it (`memory_analysis()`), the `bmr plan` estimate and the peak RSS;
+    per-device peak as XLA assigns it (`memory_analysis()`), the `bmr plan` estimate and the peak RSS, and
+    the machine it ran on (`cpu`: model, cores, bf16/AMX flags) with the JAX stack's `versions`;
   * resume: a finished point (DIR/<point>/point.json) is not run again; an unfinished one whose spec is
     unchanged resumes from its last checkpoint (every quarter of its steps), so a killed study loses little.
 Written as DIR/results.tsv and DIR/results.json (after every point) and DIR/sweep.png (dev NDCG@10 vs global
@@ -298,9 +299,18 @@ def write_results(rows: List[dict], out: str, grid_keys: Sequence[str], *, dev_s
                 v = r.get(c, "")
                 cells.append(f"{v:.6g}" if isinstance(v, float) else str(v).replace("\t", " ").replace("\n", " | "))
             f.write("\t".join(cells) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"grid": list(dict.fromkeys(grid_keys)), "settings": settings or {}, "dev_sets": list(dev_sets),
-                   "baseline": baseline, "points": rows}, f, indent=1)
+    path = os.path.join(out, "results.json")
+    doc = {"grid": list(dict.fromkeys(grid_keys)), "settings": settings or {}, "dev_sets": list(dev_sets),
+           "baseline": baseline, "points": rows}
+    if os.path.exists(path):  # keys a person added (notes on the machines, a reproduction) survive a resume
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            doc.update({k: v for k, v in old.items() if k not in doc} if isinstance(old, dict) else {})
+        except ValueError:
+            pass
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def print_table(rows: List[dict], baseline: Optional[dict] = None) -> str:

@@ -12,6 +12,7 @@ import time
 from typing import Dict, Optional, Sequence
 
 from bmretriever_jax.config import ConfigError, load_config
+from bmretriever_jax.machine import run_facts
 
 POINT_FILE = "point.json"
 BASELINE_FILE = "baseline.json"
@@ -106,6 +107,7 @@ def run_point(config: Optional[str], overrides: Sequence[str], dev_sets: Sequenc
         res.update(evaluate_dev_sets(enc, dev_sets, os.path.join(run.out, "vector_cache")))
         res["eval_seconds"] = time.time() - t1
     res["seconds"] = time.time() - t0
+    res.update(run_facts())  # points of one study may run on different machines (a resume, another session)
     try:
         est = estimate_memory(model_cfg, run, resolve_mesh_shape(run.mesh, len(jax.devices())))
         res["plan_estimate_mb"] = sum(est.values()) / 2**20
@@ -127,6 +129,7 @@ def run_baseline(config: Optional[str], overrides: Sequence[str], dev_sets: Sequ
                        pooling=run.model.pooling, quiet=True)
     res = evaluate_dev_sets(enc, dev_sets, os.path.join(out, "baseline_vector_cache"))
     res["eval_seconds"] = time.time() - t0
+    res.update(run_facts())
     shutil.rmtree(os.path.join(out, "baseline_vector_cache"), ignore_errors=True)
     with open(os.path.join(out, BASELINE_FILE), "w") as f:
         json.dump(res, f, indent=1)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from hf_tiny import tiny_model_dir
 
@@ -24,8 +25,11 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
 
     out = str(tmp_path / "qs")
     assert quickstart.main(["--out", out, "--model", tiny, "--steps", "2", "--skip-minilm", "--scifact-docs", "400",
-                            "--hard-negatives", "1"]) == 0
+                            "--hard-negatives", "1", "--batch", "4"]) == 0
     assert os.path.exists(os.path.join(out, "data", "consumer-hn1.jsonl"))
+    for expert in ("literature", "consumer"):  # --batch and --hard-negatives reach both experts' runs
+        cfg = yaml.safe_load(open(os.path.join(out, expert, "config.yaml")))
+        assert cfg["train"]["global_batch_size"] == 4 and cfg["data"]["num_negatives"] == 1
     res = json.load(open(os.path.join(out, "eval.json")))
     rows = {k.split(" | ")[0] for k in res}
     assert {"bm25", "merged"} <= rows and len(rows) == 3
@@ -69,5 +73,6 @@ def test_quickstart_mines_one_bm25_hard_negative_per_pair(tmp_path):
     pairs, built = read_pairs(out), builders.build("scifact")
     assert [(p.query, p.positive) for p in pairs] == [(p.query, p.positive) for p in built]
     assert all(len(p.negatives) == 1 and p.negatives[0] != p.positive for p in pairs)
-    with pytest.raises(SystemExit):
-        quickstart.main(["--hard-negatives", "-1"])
+    for bad in (["--hard-negatives", "-1"], ["--batch", "0"], ["--steps", "-2"]):
+        with pytest.raises(SystemExit):
+            quickstart.main(bad)

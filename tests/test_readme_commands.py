@@ -1,7 +1,7 @@
 """Every command the README shows is parsed by the real parser it is meant for, and the cheap ones run as printed.
 
 Commands are taken from the README itself (fenced blocks and inline `code` spans that start with `bmr`, `python`,
-`make`, `launch/` or `sbatch`), so a README edit that stops parsing fails here.
+`make`, `launch/`, `sbatch` or `bash`), so a README edit that stops parsing fails here.
 """
 import argparse
 import json
@@ -18,7 +18,7 @@ from bmretriever_jax.cli import build_parser
 from bmretriever_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREFIXES = ("bmr ", "python ", "make ", "launch/", "sbatch ")
+PREFIXES = ("bmr ", "python ", "make ", "launch/", "sbatch ", "bash ")
 
 
 def readme_commands(path=os.path.join(ROOT, "README.md")):
@@ -125,6 +125,16 @@ def test_launch_command_names_a_script_and_a_loadable_config(cmd):
     config = next(w for w in args if w.endswith(".yaml"))
     overrides = args[args.index(config) + 1:]
     load_config(os.path.join(ROOT, config), overrides)
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.startswith("bash ")])
+def test_bash_script_exists_and_parses(cmd):
+    """`bash benchmarks/X.sh`: the script is there and bash accepts its syntax (what its `bmr` lines pass to the
+    real parser is run with a stand-in `bmr` in test_sweep.py for the study scripts)."""
+    script = os.path.join(ROOT, _argv(cmd)[1])
+    assert os.path.isfile(script), cmd
+    r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 # ------------------------------------------------------------------------------------------- run as printed

@@ -130,11 +130,17 @@ def test_sweep_loop_results_failures_and_resume(tmp_path, monkeypatch):
     assert got[0]["chance_loss"] == f"{math.log(32):.6g}"
     assert os.path.exists(os.path.join(out, "sweep.png"))
     assert not os.path.exists(os.path.join(out, "global_batch_size=8,temperature=0.02", "model"))
-    # rerun: finished points are read back, the failed one runs again
+    # rerun: finished points are read back, the failed one runs again; a note added to results.json by hand
+    # (which machines ran a study before points recorded it) survives the rewrite
+    path = os.path.join(out, "results.json")
+    doc = json.load(open(path))
+    json.dump(dict(doc, machines="points 1-2: an AVX2 machine"), open(path, "w"))
     run2, calls2 = _stub_run()
     monkeypatch.setattr(sweep.subprocess, "run", run2)
     rows2 = sweep.sweep(None, grid, out, overrides=["model.name=tiny", "data.num_negatives=3"], steps=3, quiet=True)
     assert calls2 == ["global_batch_size=16,temperature=0.05"] and not any("error" in r for r in rows2)
+    again = json.load(open(path))
+    assert again["machines"] == "points 1-2: an AVX2 machine" and len(again["points"]) == 4
 
 
 def test_cli_sweep_exits_nonzero_when_a_point_fails(tmp_path, monkeypatch):
@@ -249,6 +255,10 @@ def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path)
     assert [(r["steps"], r["examples"]) for r in rows] == [(4, 16), (2, 16)]
     assert [r["lr"] for r in rows] == pytest.approx([3e-3, 3e-3 * math.sqrt(2)])
     assert [r["candidates_per_query"] for r in rows] == [4, 16]
+    import jax
+    from bmretriever_jax.machine import cpu_info
+    for r in rows + [a["baseline"]]:  # every number says where it was measured
+        assert r["cpu"] == cpu_info() and r["versions"]["jax"] == jax.__version__
     for r in rows:
         assert 0.0 <= r["dev_ndcg@10"] <= 1.0 and r["dev_ndcg@10"] == r["dev_ndcg@10:dev"]
         assert r["step_peak_mb"] > 0 and r["seconds"] > r["train_seconds"] > 0 and r["eval_seconds"] > 0
@@ -258,6 +268,7 @@ def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path)
     report = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "study_report.py"), "--dir", ref,
                              "--no-readme"], check=True, capture_output=True, text=True).stdout
     assert "| untrained |" in report and "| dev dev NDCG@10 |" in report and report.count("| 4 | 0 | 4 x 4 |") == 1
+    assert f"Machines: {cpu_info()['model']}, {os.cpu_count()} cores, " in report and "(batch/hard negatives 4/0, 8/1)" in report
     # before a study's first point finishes there is no results.json: one line, no traceback
     empty = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "study_report.py"), "--dir",
                             str(tmp_path / "nothing"), "--no-readme"], capture_output=True, text=True)
@@ -291,26 +302,91 @@ def test_explicit_points_lr_rule_and_examples_validation(tmp_path):
                     dev=[str(tmp_path)], quiet=True)
 
 
-def test_the_study_script_runs_real_commands():
-    """benchmarks/scaling_study.sh (the README's study): every `bmr` line in it goes through the real parser,
-    and its sweep names the shipped dev folders and 1,024 training queries per point."""
-    import shlex
+def test_the_study_scripts_run_real_commands(tmp_path):
+    """benchmarks/scaling_study.sh (the README's study) and benchmarks/study_test.sh (its test numbers), run by
+    bash with a stand-in `bmr` that records its arguments: every command goes through the real parser, the
+    study sweeps the eight points over the shipped dev folders with 1,024 training queries each, and the test
+    script retrains the two points it evaluates, with the study's settings."""
+    import subprocess
+    import sys
 
     from bmretriever_jax.cli import build_parser
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "benchmarks", "scaling_study.sh")
-    assert os.access(path, os.X_OK)
-    text = open(path).read().replace("\\\n", " ")
-    lines = [ln.strip().lstrip("{").strip() for ln in text.splitlines()]
-    cmds = [shlex.split(ln.replace("$BMR", "bmr").replace("$P", "runs/study").replace('"$@"', ""), comments=True)
-            for ln in lines if ln.startswith("$BMR ")]
-    assert [c[1] for c in cmds] == ["pairs", "pairs", "pairs", "mine", "sweep"]
+    log, stub = tmp_path / "argv.jsonl", tmp_path / "bmr"
+    stub.write_text(f"#!{sys.executable}\n" + """import json, os, sys
+with open(os.environ["BMR_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if len(sys.argv) > 1 and sys.argv[1] in ("pairs", "mine"):  # the files the next shell line reads
+    open(sys.argv[sys.argv.index("--out") + 1], "w").write("{}\\n")
+""")
+    stub.chmod(0o755)
     parser = build_parser()
-    for argv in cmds:
-        parser.parse_args(argv[1:])
-    a = parser.parse_args(cmds[-1][1:])
+
+    def run(script, **env):
+        if log.exists():
+            log.unlink()
+        subprocess.run(["bash", os.path.join(root, "benchmarks", script)], check=True, capture_output=True,
+                       env=dict(os.environ, BMR=str(stub), PYTHON=str(stub), BMR_LOG=str(log),
+                                STUDY_DATA=str(tmp_path / "pairs"),
+                                **env))
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    study = run("scaling_study.sh", STUDY_OUT=str(tmp_path / "study"))
+    assert [c[0] for c in study] == ["pairs", "pairs", "pairs", "mine", "sweep"]
+    for argv in study:
+        parser.parse_args(argv)
+    a = parser.parse_args(study[-1])
     assert a.examples == 1024 and a.dev == ["data/scifact", "data/medquad"] and a.dev_docs == 1000
     for d in a.dev:
         assert os.path.isfile(os.path.join(root, d, "qrels", "dev.tsv"))
-    assert len(a.point) == 8 and {sweep.parse_point(p)["train.global_batch_size"] for p in a.point} == {4, 16, 64, 256}
+    assert "model.dtype=float32" in a.overrides and a.out == str(tmp_path / "study")
+    points = [sweep.parse_point(p) for p in a.point]
+    assert len(points) == 8 and {p["train.global_batch_size"] for p in points} == {4, 16, 64, 256}
+    assert {p["data.num_negatives"] for p in points} == {0, 1}
+
+    test = run("study_test.sh")  # the pairs exist now: straight to the sweep
+    assert [c[0] for c in test] == ["sweep", "eval", "eval", "benchmarks/study_report.py"]
+    assert test[-1][1:] == ["--test-from", "runs/study-test"]  # the digest: the committed test.json
+    for argv in test[:-1]:
+        parser.parse_args(argv)
+    t = parser.parse_args(test[0])
+    assert t.overrides == a.overrides and t.examples == a.examples and t.out == "runs/study-test" and not t.baseline
+    assert [sweep.parse_point(p) for p in t.point] == [
+        {"train.global_batch_size": 16, "data.num_negatives": 1}, {"train.global_batch_size": 4, "data.num_negatives": 0}]
+    ev = parser.parse_args(test[1])
+    assert ev.split == "test" and ev.data == ["data/scifact", "data/medquad"]
+    assert ev.model == [f"runs/study-test/{sweep._name(p)}/model" for p in (
+        {"train.global_batch_size": 16, "data.num_negatives": 1}, {"train.global_batch_size": 4, "data.num_negatives": 0})]
+
+
+def test_study_report_digests_the_test_evaluation(tmp_path):
+    """study_test.sh's last step: bmr eval's outputs + the retrained points -> DIR/test.json -> the README table."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import study_report
+
+    src, study = tmp_path / "study-test", tmp_path / "study"
+    src.mkdir(), study.mkdir()
+    m = {"ndcg@10": 0.5, "mrr@10": 0.4, "recall@100": 0.9, "ndcg@100": 0.55, "recall@1000": 1.0, "p@5": 0.1,
+         "seconds": 3.0}
+    name = "global_batch_size=16,num_negatives=1"
+    json.dump({f"{name}/model | scifact": m, f"{name}/model | medquad": dict(m, **{"ndcg@10": 0.8})},
+              open(src / "test.json", "w"))
+    json.dump({"bm25 | scifact": dict(m, **{"ndcg@10": 0.6863}), "minilm | medquad": dict(m, **{"ndcg@10": 0.761})},
+              open(src / "test-baselines.json", "w"))
+    point = {"point": name, "dev_ndcg@10": 0.7658, "final_loss": 0.117, "train_seconds": 961.55}
+    json.dump({"points": [dict(point, cpu={"model": "x"})]}, open(src / "results.json", "w"))
+    json.dump({"points": [point]}, open(study / "results.json", "w"))
+    doc = study_report.digest_test(str(src), str(study))
+    assert json.load(open(study / "test.json")) == doc
+    assert doc["points"] == {name: {"scifact": {k: m[k] for k in study_report.TEST_KEYS},
+                                    "medquad": {**{k: m[k] for k in study_report.TEST_KEYS}, "ndcg@10": 0.8}}}
+    assert doc["reproduction"][name]["dev_ndcg@10 study"] == doc["reproduction"][name]["dev_ndcg@10 retrained"]
+    assert doc["cpu"]["logical_cpus"] == os.cpu_count() and doc["versions"]["jax"]
+    table = study_report.test_markdown(doc).splitlines()
+    assert table[2] == "| BM25 (bm25s, full passages) | 0.6863 | 0.9000 |  |  |"
+    assert table[3] == "| all-MiniLM-L6-v2 |  |  | 0.7610 | 0.9000 |"
+    assert table[4].startswith("| Gemma 3 270M + LoRA, batch 16 + 1 hard negative (best dev) | 0.5000 | 0.9000 | 0.8000 |")
+    with pytest.raises(SystemExit, match="missing; run bash benchmarks/study_test.sh"):
+        study_report.digest_test(str(tmp_path / "nothing"), str(study))
