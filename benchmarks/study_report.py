@@ -133,7 +133,8 @@ def digest_test(src, study_dir):
         study = {r["point"]: r for r in json.load(f)["points"]}
     doc = {"what": "the scaling study's best point and its batch-4 point, retrained with the study's settings, and "
                    "the baselines on the FULL SciFact test set (300 claims, 5,183 abstracts) and the MedQuAD test "
-                   "split (300 questions, 4,000 answers); trained models read 64-token passages, as trained",
+                   "split (300 questions, 4,000 answers); trained models in float32, queries 32 and passages 64 "
+                   "tokens, as trained",
            "command": "bash benchmarks/study_test.sh",
            **run_facts(),
            "points": _by_model(load("test.json")), "baselines": _by_model(load("test-baselines.json")),
