@@ -32,11 +32,32 @@ CLAIMS = 3
 # The same flow at two sizes, so that it stays under 30 minutes on a 2-core CPU either way. "full" where
 # the hardware has bf16 units (compute dtype auto -> bfloat16: ~1,460 tokens/s encoding Gemma 3 270M on 2
 # AVX512-BF16 cores); "lite" where it has not (auto -> float32: ~610 tokens/s on 2 AVX2 cores, and a LoRA
-# step costs ~2.4x more). Measured sizes and times: README "Measured here".
+# step costs ~2.4x more). Measured sizes and times: README "Measured here". The consumer-health expert of `full`
+# trains 20 steps: its loss is 0.003 at step 10 and mostly stays near there (in-batch MedQuAD answers are easy to
+# tell apart), and 20 steps scored within +-0.006 of 60 on every column in 25.0 instead of 32.3 minutes (README
+# "What the quickstart takes from the study"). One hard negative per pair (`--hard-negatives 1`) did not raise
+# the table and cost 1.45x the time.
 PROFILES = {
-    "full": {"scifact_docs": 1500, "max_length": 128, "steps": 60, "batch": 16, "hard_negatives": 0},
+    "full": {"scifact_docs": 1500, "max_length": 128, "steps": {"literature": 60, "consumer": 20}, "batch": 16,
+             "hard_negatives": 0},
     "lite": {"scifact_docs": 800, "max_length": 96, "steps": 30, "batch": 8, "hard_negatives": 0},
 }
+
+
+EXPERTS = {"literature": ["scifact", "pubmedqa"], "consumer": ["medquad"]}  # expert -> training data (builders)
+
+
+def parse_steps(text: str) -> dict:
+    """--steps: `N` (every expert) or `literature=N,consumer=M` (those named; the rest keep the profile's)."""
+    if "=" not in text:
+        return dict.fromkeys(EXPERTS, int(text))
+    out = {}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        if name.strip() not in EXPERTS:
+            raise ValueError(f"unknown expert {name.strip()!r}; allowed: {', '.join(EXPERTS)}")
+        out[name.strip()] = int(n)
+    return out
 
 
 def pick_profile(name: str) -> str:
@@ -81,7 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "quickstart"))
     p.add_argument("--profile", choices=["auto", *PROFILES], default="auto",
                    help="run size: auto = full where bf16 is fast (accelerator, CPU with bf16 units), else lite")
-    p.add_argument("--steps", type=int, default=None, help="train.steps of each expert (default: the profile's)")
+    p.add_argument("--steps", default=None,
+                   help="train.steps: N for every expert, or literature=N,consumer=M (default: the profile's)")
     p.add_argument("--batch", type=int, default=None,
                    help="train.global_batch_size of each expert (default: the profile's)")
     p.add_argument("--hard-negatives", type=int, default=None,
@@ -95,7 +117,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.hard_negatives is not None and a.hard_negatives < 0:
         p.error(f"--hard-negatives {a.hard_negatives}: allowed: 0 or more")
-    for flag, v in (("--batch", a.batch), ("--steps", a.steps)):
+    try:
+        steps = parse_steps(a.steps) if a.steps is not None else {}
+    except ValueError as e:
+        p.error(f"--steps {a.steps}: {e}" if "expert" in str(e) else f"--steps {a.steps}: allowed: N or "
+                "literature=N,consumer=M with whole numbers")
+    for flag, v in (("--batch", a.batch), *((f"--steps {k}", n) for k, n in steps.items())):
         if v is not None and v < 1:
             p.error(f"{flag} {v}: allowed: 1 or more")
     keep_freed_memory()  # before jax starts its threads
@@ -103,8 +130,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     profile = pick_profile(a.profile)
     size = dict(PROFILES[profile])
-    if a.steps:
-        size["steps"] = a.steps
+    per_expert = size["steps"] if isinstance(size["steps"], dict) else dict.fromkeys(EXPERTS, size["steps"])
+    size["steps"] = {**per_expert, **steps}
     if a.batch:
         size["batch"] = a.batch
     if a.scifact_docs is not None:
@@ -125,8 +152,8 @@ def main(argv=None) -> int:
         n_docs = size["scifact_docs"]
         scifact = subset_beir(scifact, os.path.join(a.out, "data", f"scifact-{n_docs}"), n_docs)
     cache = os.path.join(a.out, "vector_cache")
-    overrides = [f"out={a.out}", f"model.name={a.model}", f"train.steps={size['steps']}",
-                 f"train.global_batch_size={size['batch']}", f"model.max_length={size['max_length']}"]
+    overrides = [f"out={a.out}", f"model.name={a.model}", f"train.global_batch_size={size['batch']}",
+                 f"model.max_length={size['max_length']}"]
     run = load_config(paths.shipped_config("quickstart.yaml"), overrides)
     if run.data.dev and run.data.dev.startswith("data/"):  # the config names the shipped data as in a clone
         run.data.dev = paths.shipped_data(run.data.dev[len("data/"):])
@@ -136,8 +163,8 @@ def main(argv=None) -> int:
     print(f"{enc.cfg.family}: {enc.cfg.num_layers} layers, hidden {enc.cfg.hidden_size}, "
           f"{enc.cfg.num_params() / 1e6:.0f}M parameters; compute {enc.dtype} with f32 accumulation")
     print(f"profile '{profile}': SciFact corpus {size['scifact_docs'] or 'all'} docs, passages {size['max_length']} "
-          f"tokens, 2 experts x {size['steps']} steps x {size['batch']} pairs, {size['hard_negatives']} hard "
-          "negative(s) each (--profile full|lite to choose)")
+          f"tokens, experts {', '.join(f'{k} {n}' for k, n in size['steps'].items())} steps x {size['batch']} pairs, "
+          f"{size['hard_negatives']} hard negative(s) each (--profile full|lite to choose)")
 
     banner("2. SciFact corpus -> vectors, top 3 abstracts for a few claims (untrained)")
     corpus, queries, _ = load_beir(scifact, "test")
@@ -148,13 +175,13 @@ def main(argv=None) -> int:
 
     banner("3. two LoRA experts: biomedical literature (SciFact + PubMedQA) and consumer health (MedQuAD)")
     experts = {}
-    for name, train_data in (("literature", ["scifact", "pubmedqa"]), ("consumer", ["medquad"])):
-        print(f"\n--- expert '{name}': {', '.join(train_data)}", flush=True)
-        data_ov = [f"data.train={json.dumps(train_data)}"]
+    for name, train_data in EXPERTS.items():
+        print(f"\n--- expert '{name}': {', '.join(train_data)}, {size['steps'][name]} steps", flush=True)
+        data_ov = [f"data.train={json.dumps(train_data)}", f"train.steps={size['steps'][name]}"]
         if size["hard_negatives"]:
             mined = os.path.join(a.out, "data", f"{name}-hn{size['hard_negatives']}.jsonl")
             data_ov = [f"data.train={json.dumps([mine_pairs(train_data, mined, size['hard_negatives'])])}",
-                       f"data.num_negatives={size['hard_negatives']}"]
+                       f"data.num_negatives={size['hard_negatives']}", f"train.steps={size['steps'][name]}"]
         exp_run = load_config(paths.shipped_config("quickstart.yaml"),
                               overrides + [f"out={os.path.join(a.out, name)}"] + data_ov)
         exp_run.data.dev = None  # the table below evaluates the merge; `bmr train` alone reports dev NDCG

@@ -24,12 +24,14 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
     from bmretriever_jax import quickstart
 
     out = str(tmp_path / "qs")
-    assert quickstart.main(["--out", out, "--model", tiny, "--steps", "2", "--skip-minilm", "--scifact-docs", "400",
+    assert quickstart.main(["--out", out, "--model", tiny, "--steps", "literature=2,consumer=1", "--skip-minilm",
+                            "--scifact-docs", "400",
                             "--hard-negatives", "1", "--batch", "4"]) == 0
     assert os.path.exists(os.path.join(out, "data", "consumer-hn1.jsonl"))
-    for expert in ("literature", "consumer"):  # --batch and --hard-negatives reach both experts' runs
+    for expert, steps in (("literature", 2), ("consumer", 1)):  # --steps, --batch, --hard-negatives reach the runs
         cfg = yaml.safe_load(open(os.path.join(out, expert, "config.yaml")))
         assert cfg["train"]["global_batch_size"] == 4 and cfg["data"]["num_negatives"] == 1
+        assert cfg["train"]["steps"] == steps
     res = json.load(open(os.path.join(out, "eval.json")))
     rows = {k.split(" | ")[0] for k in res}
     assert {"bm25", "merged"} <= rows and len(rows) == 3
@@ -63,6 +65,18 @@ def test_quickstart_synth_runs_end_to_end(tiny, tmp_path):
     assert len(corpus) == 6 and not judged & set(corpus)
 
 
+def test_quickstart_steps_per_expert():
+    from bmretriever_jax import quickstart
+
+    assert quickstart.parse_steps("40") == {"literature": 40, "consumer": 40}
+    assert quickstart.parse_steps("consumer=20") == {"consumer": 20}
+    with pytest.raises(ValueError, match="unknown expert 'x'; allowed: literature, consumer"):
+        quickstart.parse_steps("x=3")
+    for size in quickstart.PROFILES.values():  # every profile names a step count for every expert
+        steps = size["steps"]
+        assert set(steps) == set(quickstart.EXPERTS) if isinstance(steps, dict) else steps > 0
+
+
 def test_quickstart_mines_one_bm25_hard_negative_per_pair(tmp_path):
     """--hard-negatives N: each expert's pairs get N BM25 negatives from their own pool of positives."""
     from bmretriever_jax import quickstart
@@ -73,6 +87,7 @@ def test_quickstart_mines_one_bm25_hard_negative_per_pair(tmp_path):
     pairs, built = read_pairs(out), builders.build("scifact")
     assert [(p.query, p.positive) for p in pairs] == [(p.query, p.positive) for p in built]
     assert all(len(p.negatives) == 1 and p.negatives[0] != p.positive for p in pairs)
-    for bad in (["--hard-negatives", "-1"], ["--batch", "0"], ["--steps", "-2"]):
+    for bad in (["--hard-negatives", "-1"], ["--batch", "0"], ["--steps", "-2"], ["--steps", "x"],
+                ["--steps", "medical=3"], ["--steps", "consumer=0"]):
         with pytest.raises(SystemExit):
             quickstart.main(bad)
