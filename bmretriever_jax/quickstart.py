@@ -49,14 +49,19 @@ EXPERTS = {"literature": ["scifact", "pubmedqa"], "consumer": ["medquad"]}  # ex
 
 def parse_steps(text: str) -> dict:
     """--steps: `N` (every expert) or `literature=N,consumer=M` (those named; the rest keep the profile's)."""
+    def count(n: str) -> int:
+        if not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"{n.strip()!r} is not a step count; allowed: N or literature=N,consumer=M with N >= 1")
+        return int(n)
+
     if "=" not in text:
-        return dict.fromkeys(EXPERTS, int(text))
+        return dict.fromkeys(EXPERTS, count(text))
     out = {}
     for part in text.split(","):
         name, _, n = part.partition("=")
         if name.strip() not in EXPERTS:
             raise ValueError(f"unknown expert {name.strip()!r}; allowed: {', '.join(EXPERTS)}")
-        out[name.strip()] = int(n)
+        out[name.strip()] = count(n)
     return out
 
 
@@ -120,11 +125,9 @@ def main(argv=None) -> int:
     try:
         steps = parse_steps(a.steps) if a.steps is not None else {}
     except ValueError as e:
-        p.error(f"--steps {a.steps}: {e}" if "expert" in str(e) else f"--steps {a.steps}: allowed: N or "
-                "literature=N,consumer=M with whole numbers")
-    for flag, v in (("--batch", a.batch), *((f"--steps {k}", n) for k, n in steps.items())):
-        if v is not None and v < 1:
-            p.error(f"{flag} {v}: allowed: 1 or more")
+        p.error(f"--steps {a.steps}: {e}")
+    if a.batch is not None and a.batch < 1:
+        p.error(f"--batch {a.batch}: allowed: 1 or more")
     keep_freed_memory()  # before jax starts its threads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.time()

@@ -72,6 +72,9 @@ def test_quickstart_steps_per_expert():
     assert quickstart.parse_steps("consumer=20") == {"consumer": 20}
     with pytest.raises(ValueError, match="unknown expert 'x'; allowed: literature, consumer"):
         quickstart.parse_steps("x=3")
+    for bad in ("0", "-2", "ten", "consumer=0", "consumer="):
+        with pytest.raises(ValueError, match="is not a step count; allowed: N or literature=N,consumer=M"):
+            quickstart.parse_steps(bad)
     for size in quickstart.PROFILES.values():  # every profile names a step count for every expert
         steps = size["steps"]
         assert set(steps) == set(quickstart.EXPERTS) if isinstance(steps, dict) else steps > 0
