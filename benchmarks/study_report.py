@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import replace_section  # noqa: E402  (benchmarks/common.py)
 from bmretriever_jax import tables  # noqa: E402
+from bmretriever_jax.machine import run_facts  # noqa: E402
 from bmretriever_jax.plot import plot_sweep  # noqa: E402
 from bmretriever_jax.sweep_run import POINT_FILE  # noqa: E402
 
@@ -119,8 +120,6 @@ def _by_model(evaluated):
 def digest_test(src, study_dir):
     """runs/study-test (test.json, test-baselines.json, results.json of the retrained points) -> the committed
     DIR/test.json."""
-    from bmretriever_jax.machine import run_facts
-
     def load(name):
         path = os.path.join(src, name)
         if not os.path.exists(path):
