@@ -26,11 +26,11 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
     out = str(tmp_path / "qs")
     assert quickstart.main(["--out", out, "--model", tiny, "--steps", "literature=2,consumer=1", "--skip-minilm",
                             "--scifact-docs", "400",
-                            "--hard-negatives", "1", "--batch", "4"]) == 0
+                            "--hard-negatives", "1", "--batch", "8"]) == 0
     assert os.path.exists(os.path.join(out, "data", "consumer-hn1.jsonl"))
     for expert, steps in (("literature", 2), ("consumer", 1)):  # --steps, --batch, --hard-negatives reach the runs
         cfg = yaml.safe_load(open(os.path.join(out, expert, "config.yaml")))
-        assert cfg["train"]["global_batch_size"] == 4 and cfg["data"]["num_negatives"] == 1
+        assert cfg["train"]["global_batch_size"] == 8 and cfg["data"]["num_negatives"] == 1
         assert cfg["train"]["steps"] == steps
     res = json.load(open(os.path.join(out, "eval.json")))
     rows = {k.split(" | ")[0] for k in res}

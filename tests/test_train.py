@@ -126,6 +126,16 @@ def test_lora_regex_matching_nothing(tmp_path):
         train(cfg, quiet=True)
 
 
+def test_batch_not_divisible_by_the_mesh_is_one_line_before_the_model_loads(tmp_path):
+    """8 fake devices, mesh.data=-1 -> 8 batch shards: a global batch of 4 cannot be split (jax would raise an
+    IndivisibleError deep in the first step, after the model loaded)."""
+    _, pairs = _setup(tmp_path, 16)
+    cfg = _run_cfg(tmp_path, "no-such-model", pairs, "train.steps=1", "mesh.data=-1", "train.global_batch_size=4")
+    with pytest.raises(ConfigError, match=r"train.global_batch_size 4: the mesh \(data 8 x fsdp 1 on 8 devices\) "
+                                          r"splits a batch 8 ways; allowed: a multiple of 8"):
+        train(cfg, quiet=True)
+
+
 def test_malformed_pairs_file(tmp_path):
     model, _ = _setup(tmp_path, 4)
     bad = tmp_path / "bad.jsonl"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from bmretriever_jax import checkpoint as ckpt
 from bmretriever_jax import hub, sharding, treeutil
-from bmretriever_jax.config import RunConfig, dump, to_dict
+from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
 from bmretriever_jax.convert.hf import copy_tokenizer, load_hf, save_hf
 from bmretriever_jax.data import builders
 from bmretriever_jax.data.loader import PairLoader
@@ -85,6 +85,11 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     pairs = load_training_pairs(run)
     if run.data.dev and not os.path.isdir(run.data.dev):
         raise InputPathError(f"data.dev: {run.data.dev}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    data, fsdp, _ = resolve_mesh_shape(run.mesh, jax.device_count())  # before any model loads
+    if run.train.global_batch_size % (data * fsdp):  # a global batch is split over both batch axes
+        raise ConfigError(f"train.global_batch_size {run.train.global_batch_size}: the mesh (data {data} x fsdp {fsdp} "
+                          f"on {jax.device_count()} devices) splits a batch {data * fsdp} ways; allowed: a multiple "
+                          f"of {data * fsdp}, or a smaller mesh.data / mesh.fsdp")
     os.makedirs(run.out, exist_ok=True)
     folder = hub.resolve(run.model.name, quiet=quiet)
     model_cfg, base = load_hf(folder, dtype=np.dtype(run.model.param_dtype) if run.model.param_dtype != "bfloat16"
