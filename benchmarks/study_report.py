@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import replace_section  # noqa: E402  (benchmarks/common.py)
 from bmretriever_jax import tables  # noqa: E402
-from bmretriever_jax.machine import run_facts  # noqa: E402
+from bmretriever_jax.machine import has_bf16_units, run_facts  # noqa: E402
 from bmretriever_jax.plot import plot_sweep  # noqa: E402
 from bmretriever_jax.sweep_run import POINT_FILE  # noqa: E402
 
@@ -52,7 +52,7 @@ def train_minutes(r) -> str:
 
 
 def cpu_kind(cpu) -> str:
-    bf16 = "AVX512-BF16" if {"avx512_bf16", "amx_bf16"} & set(cpu.get("isa", ())) else "no bf16 units"
+    bf16 = "bf16 units" if has_bf16_units(cpu.get("isa", ())) else "no bf16 units"
     return f"{cpu['model']}, {cpu['logical_cpus']} cores, {bf16}"
 
 
@@ -138,9 +138,9 @@ def digest_test(src, study_dir):
            **run_facts(),
            "points": _by_model(load("test.json")), "baselines": _by_model(load("test-baselines.json")),
            "reproduction": {name: {"dev_ndcg@10 retrained": r["dev_ndcg@10"],
-                                   "dev_ndcg@10 study": study[name]["dev_ndcg@10"] if name in study else None,
+                                   "dev_ndcg@10 study": study.get(name, {}).get("dev_ndcg@10"),
                                    "final_loss retrained": r["final_loss"],
-                                   "final_loss study": study[name]["final_loss"] if name in study else None,
+                                   "final_loss study": study.get(name, {}).get("final_loss"),
                                    "train_seconds retrained": round(r["train_seconds"], 1),
                                    "cpu retrained": r.get("cpu")}
                             for name, r in retrained.items()}}
@@ -156,11 +156,9 @@ def test_markdown(doc):
         for label, per_data in group.items():
             body.append([names.get(label, label)] + [per_data.get(d, {}).get(m) for d in ("scifact", "medquad")
                                                       for m in ("ndcg@10", "recall@100")])
-    cpu = doc["cpu"]
-    bf16 = "with AVX512-BF16" if {"avx512_bf16", "amx_bf16"} & set(cpu["isa"]) else "without bf16 units"
     return (tables.render(cols, body, digits=4, markdown=True)
-            + f"\n\nMeasured on a {cpu['logical_cpus']}-core {cpu['model']} {bf16}, trained models in float32 "
-              f"(jax {doc['versions']['jax']}); `{doc['command']}`.")
+            + f"\n\nMeasured on {cpu_kind(doc['cpu'])} (isa: {', '.join(doc['cpu']['isa'])}), trained models in "
+              f"float32 (jax {doc['versions']['jax']}); `{doc['command']}`.")
 
 
 def main():

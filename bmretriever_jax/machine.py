@@ -9,25 +9,40 @@ import platform
 import sys
 from typing import Dict
 
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
 MATMUL_ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8",
-              "avx512_fp16")
+              "avx512_fp16", "bf16")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
+    """The CPU feature flags of the first processor in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_bf16_units(flags) -> bool:
+    """A CPU with bf16 dot-product units (x86 AVX512-BF16 / AMX-BF16, Arm BF16), from its flags or `isa`."""
+    return bool(BF16_CPU_FLAGS & set(flags))
 
 
 def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> Dict:
     """CPU model, logical cores and the matmul-relevant ISA extensions of the first processor."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("model name") and model in ("unknown", "", "x86_64"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {"model": model, "logical_cpus": os.cpu_count(), "isa": sorted(f for f in flags if f in MATMUL_ISA),
-            "platform": platform.platform()}
+    model = platform.processor() or "unknown"
+    if model in ("unknown", "", "x86_64"):
+        try:
+            with open(cpuinfo) as f:
+                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        except OSError:
+            pass
+    return {"model": model, "logical_cpus": os.cpu_count(),
+            "isa": sorted(f for f in cpu_flags(cpuinfo) if f in MATMUL_ISA), "platform": platform.platform()}
 
 
 def versions(*modules: str) -> Dict[str, str]:

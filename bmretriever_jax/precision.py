@@ -17,21 +17,9 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 
+from bmretriever_jax.machine import cpu_flags, has_bf16_units
+
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
-_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
-    """The CPU feature flags of the first processor in /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()
 
 
 def bf16_is_fast(backend: str | None = None, flags: Iterable[str] | None = None) -> bool:
@@ -41,7 +29,7 @@ def bf16_is_fast(backend: str | None = None, flags: Iterable[str] | None = None)
         return True
     if platform.system() == "Darwin":  # Apple silicon has no /proc/cpuinfo; M2 and later have BF16
         return False
-    return bool(_BF16_CPU_FLAGS & set(cpu_flags() if flags is None else flags))
+    return has_bf16_units(cpu_flags() if flags is None else flags)
 
 
 @functools.lru_cache(maxsize=None)

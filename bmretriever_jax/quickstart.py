@@ -40,10 +40,9 @@ CLAIMS = 3
 PROFILES = {
     "full": {"scifact_docs": 1500, "max_length": 128, "steps": {"literature": 60, "consumer": 20}, "batch": 16,
              "hard_negatives": 0},
-    "lite": {"scifact_docs": 800, "max_length": 96, "steps": 30, "batch": 8, "hard_negatives": 0},
+    "lite": {"scifact_docs": 800, "max_length": 96, "steps": {"literature": 30, "consumer": 30}, "batch": 8,
+             "hard_negatives": 0},
 }
-
-
 EXPERTS = {"literature": ["scifact", "pubmedqa"], "consumer": ["medquad"]}  # expert -> training data (builders)
 
 
@@ -133,8 +132,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     profile = pick_profile(a.profile)
     size = dict(PROFILES[profile])
-    per_expert = size["steps"] if isinstance(size["steps"], dict) else dict.fromkeys(EXPERTS, size["steps"])
-    size["steps"] = {**per_expert, **steps}
+    size["steps"] = {**size["steps"], **steps}
     if a.batch:
         size["batch"] = a.batch
     if a.scifact_docs is not None:
@@ -180,13 +178,13 @@ def main(argv=None) -> int:
     experts = {}
     for name, train_data in EXPERTS.items():
         print(f"\n--- expert '{name}': {', '.join(train_data)}, {size['steps'][name]} steps", flush=True)
-        data_ov = [f"data.train={json.dumps(train_data)}", f"train.steps={size['steps'][name]}"]
+        data_ov = [f"data.train={json.dumps(train_data)}"]
         if size["hard_negatives"]:
             mined = os.path.join(a.out, "data", f"{name}-hn{size['hard_negatives']}.jsonl")
             data_ov = [f"data.train={json.dumps([mine_pairs(train_data, mined, size['hard_negatives'])])}",
-                       f"data.num_negatives={size['hard_negatives']}", f"train.steps={size['steps'][name]}"]
-        exp_run = load_config(paths.shipped_config("quickstart.yaml"),
-                              overrides + [f"out={os.path.join(a.out, name)}"] + data_ov)
+                       f"data.num_negatives={size['hard_negatives']}"]
+        exp_run = load_config(paths.shipped_config("quickstart.yaml"), overrides + [
+            f"out={os.path.join(a.out, name)}", f"train.steps={size['steps'][name]}"] + data_ov)
         exp_run.data.dev = None  # the table below evaluates the merge; `bmr train` alone reports dev NDCG
         res = train(exp_run)
         print(json.dumps({k: round(v, 4) for k, v in res.items() if isinstance(v, float)}))

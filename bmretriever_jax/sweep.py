@@ -306,9 +306,10 @@ def write_results(rows: List[dict], out: str, grid_keys: Sequence[str], *, dev_s
         try:
             with open(path) as f:
                 old = json.load(f)
-            doc.update({k: v for k, v in old.items() if k not in doc} if isinstance(old, dict) else {})
         except ValueError:
-            pass
+            old = None
+        if isinstance(old, dict):
+            doc = {**old, **doc}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
 
