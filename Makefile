@@ -26,11 +26,11 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/python -m bmretriever_jax.quickstart
+	$(BIN)/python -m bmretriever_jax.recipes.quickstart
 
 # synthetic claims (SmolLM2) -> LoRA with vs without them -> instruction search -> SciFact test table
 quickstart-synth: $(STAMP)
-	$(BIN)/python -m bmretriever_jax.quickstart_synth
+	$(BIN)/python -m bmretriever_jax.recipes.quickstart_synth
 
 # libtpu / the CUDA plugin (pinned, as setup.py's .[tpu] / .[gpu]) in folders of their own, seen only by
 # `bmr plan --target`'s compile subprocess (BMR_PLUGIN_PATH): in the venv itself libtpu prints start-up

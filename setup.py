@@ -10,7 +10,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class build_py_with_shipped(build_py):
     """A wheel (`pip install .`) carries the repository's configs/ and small data sets as bmretriever_jax/_shipped/,
-    where `bmretriever_jax.paths` finds them; a source checkout or editable install uses them in place."""
+    where `bmretriever_jax.util.paths` finds them; a source checkout or editable install uses them in place."""
 
     def run(self):
         super().run()

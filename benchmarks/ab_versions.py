@@ -38,7 +38,7 @@ root, wanted = sys.argv[1], sys.argv[2].split(",")
 sys.path[:0] = [root, os.path.join(root, "benchmarks")]
 import encode, train  # first: they set the allocator up before jax starts
 import jax, jax.numpy as jnp
-from bmretriever_jax import hub
+from bmretriever_jax.convert import hub
 cfg, base_np, tok, folder = hub.load("gemma3-270m", quiet=True)
 work = {}
 if "encode" in wanted:

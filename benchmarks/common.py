@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from bmretriever_jax.machine import cpu_info, versions  # noqa: F401  (the benchmarks' machine facts)
+from bmretriever_jax.util.machine import cpu_info, versions  # noqa: F401  (the benchmarks' machine facts)
 
 
 # ----------------------------------------------------------------------------------------------------

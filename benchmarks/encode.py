@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))  # run from a checkout
 sys.path.insert(0, HERE)
-from bmretriever_jax.allocator import keep_freed_memory  # noqa: E402
+from bmretriever_jax.util.allocator import keep_freed_memory  # noqa: E402
 
 ALLOCATOR = "keep" if keep_freed_memory() else "system"  # before jax starts its threads: see allocator.py
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from bmretriever_jax import hub  # noqa: E402
+from bmretriever_jax.convert import hub  # noqa: E402
 from bmretriever_jax.embed import embed_batch, format_passage, pad_left, tokenize  # noqa: E402
 from bmretriever_jax.models import decoder  # noqa: E402
 
@@ -123,7 +123,7 @@ def main() -> None:
                     help="file whose encode section gets the table ('' to skip)")
     args = ap.parse_args()
     if args.precisions == "auto":
-        from bmretriever_jax.precision import bf16_is_fast
+        from bmretriever_jax.util.precision import bf16_is_fast
 
         args.precisions = "all" if bf16_is_fast() else "fp32"
     if args.quick:

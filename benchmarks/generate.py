@@ -28,7 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))  # run from a checkout
 sys.path.insert(0, HERE)
-from bmretriever_jax.allocator import keep_freed_memory  # noqa: E402
+from bmretriever_jax.util.allocator import keep_freed_memory  # noqa: E402
 
 ALLOCATOR = "keep" if keep_freed_memory() else "system"  # before jax starts its threads: see allocator.py
 
@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from bmretriever_jax import hub  # noqa: E402
+from bmretriever_jax.convert import hub  # noqa: E402
 from bmretriever_jax.convert.hf import load_hf  # noqa: E402
 from bmretriever_jax.data.beir import load_corpus  # noqa: E402
 from bmretriever_jax.synth.generate import Generator  # noqa: E402

@@ -35,7 +35,7 @@ def make_checkpoints(work: str) -> dict:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
     from bmretriever_jax.convert.hf import config_to_hf
     from bmretriever_jax.convert.names import params_to_hf
     from bmretriever_jax.convert.export import copy_tokenizer
@@ -131,7 +131,7 @@ def compare(ours: str, theirs: str) -> float:
     import numpy as np
 
     from bmretriever_jax.convert.names import strip_prefix
-    from bmretriever_jax.weights import SafetensorsReader
+    from bmretriever_jax.convert.weights import SafetensorsReader
 
     a, b = SafetensorsReader(ours), SafetensorsReader(theirs)
     names_b = strip_prefix(b.keys())

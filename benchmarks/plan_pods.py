@@ -16,10 +16,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import replace_section  # noqa: E402  (benchmarks/common.py)
-from bmretriever_jax import podplan  # noqa: E402
+from bmretriever_jax.pods import podplan  # noqa: E402
 from bmretriever_jax.config import load_config  # noqa: E402
-from bmretriever_jax.plan import resolve_model_config  # noqa: E402
-from bmretriever_jax.targets import parse_target  # noqa: E402
+from bmretriever_jax.pods.plan import resolve_model_config  # noqa: E402
+from bmretriever_jax.pods.targets import parse_target  # noqa: E402
 
 GiB = 2**30
 

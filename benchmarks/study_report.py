@@ -21,10 +21,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import replace_section  # noqa: E402  (benchmarks/common.py)
-from bmretriever_jax import tables  # noqa: E402
-from bmretriever_jax.machine import has_bf16_units, run_facts  # noqa: E402
-from bmretriever_jax.plot import plot_sweep  # noqa: E402
-from bmretriever_jax.sweep_run import POINT_FILE  # noqa: E402
+from bmretriever_jax.util import tables  # noqa: E402
+from bmretriever_jax.util.machine import has_bf16_units, run_facts  # noqa: E402
+from bmretriever_jax.studies.plot import plot_sweep  # noqa: E402
+from bmretriever_jax.studies.sweep_run import POINT_FILE  # noqa: E402
 
 
 def read_points(d):

@@ -43,7 +43,7 @@ sys.path.insert(0, HERE)
 # partner is descheduled stalls every parallel region (measured here at load ~8: a 2-thread torch step took
 # 40-90 s with the default policy, 3-4 s with PASSIVE, 3-4 s with 1 thread). XLA does not use OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from bmretriever_jax.allocator import keep_freed_memory  # noqa: E402
+from bmretriever_jax.util.allocator import keep_freed_memory  # noqa: E402
 
 ALLOCATOR = "keep" if keep_freed_memory() else "system"  # before jax starts its threads: see allocator.py
 
@@ -51,7 +51,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from bmretriever_jax import sharding  # noqa: E402
+from bmretriever_jax.parallel import sharding  # noqa: E402
 from bmretriever_jax.config import load_config  # noqa: E402
 from bmretriever_jax.train import (init_state, make_mesh, make_optimizer, make_tokenize_fn,  # noqa: E402
                                    make_train_step, split_params, to_global)
@@ -210,7 +210,7 @@ def speed(args, model_cfg, base_np, tok, folder) -> dict:
         t = Torch(folder, mode, batch_np, G)
         contenders[name] = t.step
         info["torch_trainable_params"], info["torch_attention"] = t.trainable, t.attn
-    from bmretriever_jax import lora as lora_lib
+    from bmretriever_jax.models import lora as lora_lib
     info["ours_trainable_params"] = lora_lib.num_params(split_params(base_np, first,
                                                                      jax.random.PRNGKey(0))[0])
 
@@ -272,7 +272,7 @@ def main() -> None:
     ap.add_argument("--plot", default=os.path.join(HERE, "results", "train_memory.png"))
     args = ap.parse_args()
     if args.precisions == "auto":
-        from bmretriever_jax.precision import bf16_is_fast
+        from bmretriever_jax.util.precision import bf16_is_fast
 
         args.precisions = "all" if bf16_is_fast() else "fp32"
     args.out = args.out or common.results_path("train", fp32_only=args.precisions == "fp32", quick=args.quick)
@@ -287,7 +287,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     load_start = common.load_average()
     log(f"load average {load_start}; loading {args.model}")
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
 
     model_cfg, base_np, tok, folder = hub.load(args.model, quiet=True)
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},

@@ -40,7 +40,7 @@ def step_memory(model_cfg, base_np: dict, run) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from bmretriever_jax import sharding
+    from bmretriever_jax.parallel import sharding
     from bmretriever_jax.train import (BATCH_AXES, init_state, make_mesh, make_optimizer, make_train_step,
                                        split_params)
 
@@ -170,7 +170,7 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
     from train import Ours, Torch, make_run, ours_frozen, real_batch
 
     run = make_run(spec["batch"], spec["query_len"], spec["passage_len"], spec["negatives"], dtype="bfloat16",

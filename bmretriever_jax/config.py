@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from bmretriever_jax.errors import ConfigError, InputPathError  # ConfigError is re-exported: config.ConfigError
+from bmretriever_jax.util.errors import ConfigError, InputPathError  # ConfigError is re-exported: config.ConfigError
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from bmretriever_jax import hub
+from bmretriever_jax.convert import hub
 from bmretriever_jax.models import ModelConfig, encode
-from bmretriever_jax.precision import resolve_dtype
+from bmretriever_jax.util.precision import resolve_dtype
 
 # BMRetriever's task instructions (its evaluation code and mteb's BMRetriever settings); keys are the task
 # names used by the data builders and `bmr eval`.
@@ -207,12 +207,31 @@ class Encoder:
         return out
 
     def encode_queries(self, queries: Sequence[str], instruction: Optional[str] = None, batch_size: int = 32,
-                       progress: bool = False) -> np.ndarray:
+                       progress: bool = False, *, task: Optional[str] = None) -> np.ndarray:
+        """Queries -> [n, d] float32 vectors, each wrapped in BMRetriever's query template with an instruction:
+        `task` names one of the model's tasks (scifact, pubmedqa, medquad, ...: `self.instructions`),
+        `instruction` is a task name or the instruction text itself; neither = no instruction."""
+        if task is not None:
+            if instruction is not None:
+                raise ValueError("give task= or instruction=, not both")
+            if task.lower() not in self.instructions:
+                raise ValueError(f"task={task!r}; allowed: {', '.join(sorted(self.instructions))} "
+                                 "(or pass the text as instruction=)")
+            instruction = task
         instr = self.instruction(instruction)
         return self.encode_texts([format_query(q, instr) for q in queries], batch_size, progress, "queries")
 
     def encode_passages(self, docs: Sequence, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Passages (strings, or {"title", "text"} records) -> [n, d] float32 vectors, in input order."""
         return self.encode_texts([format_passage(d) for d in docs], batch_size, progress, "passages")
+
+    def similarity(self, a, b) -> np.ndarray:
+        """Cosine similarity [len(a), len(b)] of two sets of vectors (as sentence-transformers' `similarity`);
+        vectors from this encoder are L2-normalised, so this is their dot product."""
+        a, b = np.atleast_2d(np.asarray(a, np.float32)), np.atleast_2d(np.asarray(b, np.float32))
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        return a @ b.T
 
 
 def _source_id(folder: str) -> str:

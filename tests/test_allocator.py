@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bmretriever_jax import allocator
+from bmretriever_jax.util import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # would not do: it asks for transparent huge pages); print the minor page faults of the second round.
 PROBE = r"""
 import ctypes, resource
-from bmretriever_jax.allocator import keep_freed_memory
+from bmretriever_jax.util.allocator import keep_freed_memory
 print(keep_freed_memory())
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bmretriever_jax.atomic import CacheWarning
+from bmretriever_jax.util.atomic import CacheWarning
 from bmretriever_jax.data import medquad
 from bmretriever_jax.eval import evaluate, metrics
 from bmretriever_jax.data.beir import DataFormatError, DataWarning, load_beir
@@ -291,7 +291,7 @@ def test_subset_beir_keeps_every_judged_document_of_the_chosen_splits(tmp_path):
     import os
 
     from bmretriever_jax.data.beir import load_beir
-    from bmretriever_jax import paths
+    from bmretriever_jax.util import paths
     from bmretriever_jax.data.beir import subset_beir
 
     src = paths.shipped_data("scifact")

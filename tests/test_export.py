@@ -14,9 +14,10 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from bmretriever_jax import checkpoint as ckpt
+from bmretriever_jax.train import checkpoint as ckpt
 from bmretriever_jax.convert import export as ex
-from bmretriever_jax import lora, treeutil
+from bmretriever_jax.models import lora
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import LoraSection, RunConfig, to_dict
 from bmretriever_jax.convert.hf import load_hf, save_hf
 from bmretriever_jax.embed import Encoder, format_passage, format_query, instruction_for, pad_left, tokenize

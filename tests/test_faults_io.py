@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from test_beir import CountingEncoder, toy_beir  # noqa: F401  (toy_beir is a fixture)
 
-from bmretriever_jax import atomic, hub, vector_files
-from bmretriever_jax.atomic import CacheWarning
-from bmretriever_jax.errors import OutputPathError
+from bmretriever_jax.util import atomic, vector_files
+
+from bmretriever_jax.convert import hub
+from bmretriever_jax.util.atomic import CacheWarning
+from bmretriever_jax.util.errors import OutputPathError
 from bmretriever_jax.convert import gguf as gguf_mod
 from bmretriever_jax.eval import evaluate
 from bmretriever_jax.data.beir import DataFormatError
@@ -42,7 +44,7 @@ def temps(folder):
 WRITER = """
 import os, sys, time
 import numpy as np
-from bmretriever_jax.atomic import cached_dir, cached_file, sha256_file
+from bmretriever_jax.util.atomic import cached_dir, cached_file, sha256_file
 
 target, mode = sys.argv[1], sys.argv[2]
 data = np.random.default_rng(0).integers(0, 256, {mb} << 20, dtype=np.uint8).tobytes()
@@ -186,8 +188,8 @@ def test_real_gemma_gguf_assembly_survives_sigkill_and_concurrency(tmp_path):
     folder = os.path.join(cache, "gguf")
     target = os.path.join(folder, "gemma-3-270m-q4_k_m.gguf")
     code = """
-    from bmretriever_jax import hub
-    from bmretriever_jax.atomic import sha256_file
+    from bmretriever_jax.convert import hub
+    from bmretriever_jax.util.atomic import sha256_file
     print(sha256_file(hub.gguf_path("gemma3-270m")), flush=True)
     """
     p = python(code, env={"BMR_CACHE": cache})
@@ -284,7 +286,7 @@ def test_encode_outputs_survive_sigkill_mid_write(tmp_path):
     code = """
     import sys, time
     import numpy as np
-    from bmretriever_jax import vector_files
+    from bmretriever_jax.util import vector_files
 
     def stuck_save(f, arr):
         f.write(arr.tobytes()[: arr.nbytes // 2]); f.flush()
@@ -312,7 +314,7 @@ def test_concurrent_encode_outputs_never_mix(tmp_path):
     code = """
     import sys
     import numpy as np
-    from bmretriever_jax import vector_files
+    from bmretriever_jax.util import vector_files
 
     w = int(sys.argv[2])
     for i in range(25):

@@ -198,7 +198,7 @@ PROMPTS = ["What is the capital of France?",
 
 @pytest.mark.slow
 def test_smollm2_greedy_equals_transformers_generate():
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
 
     jax.config.update("jax_default_matmul_precision", "highest")
     g = Generator.load("smollm2-135m", dtype="float32", batch_size=4, quiet=True)

@@ -30,7 +30,7 @@ def _reference(gguf_file):
 def test_real_gguf_matches_transformers(name):
     import torch
 
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
     from bmretriever_jax.embed import pad_left
     from bmretriever_jax.models import forward
 

@@ -148,7 +148,7 @@ def test_no_import_cycles():
 
 
 def test_the_user_error_family_is_one_module():
-    import bmretriever_jax.errors as errors
+    import bmretriever_jax.util.errors as errors
     from bmretriever_jax.config import ConfigError
     from bmretriever_jax.data.beir import DataFormatError
     from bmretriever_jax.data.pairs import PairsFormatError

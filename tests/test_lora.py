@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax import lora, treeutil
+from bmretriever_jax.models import lora
+
+from bmretriever_jax.util import treeutil
 
 L, D, HD, F, V, R = 2, 8, 12, 16, 10, 4
 

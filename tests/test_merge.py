@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax import merge, treeutil, weights
+from bmretriever_jax import merge
+
+from bmretriever_jax.util import treeutil
+
+from bmretriever_jax.convert import weights
 from bmretriever_jax.merge import methods
 
 # Three-element task vectors, hand-checked below: d1 = m1 - base = [1, -2, 0.5], d2 = [-1, 1.5, 0.5].

@@ -12,7 +12,9 @@ from bmretriever_jax.cli import main as bmr
 import yaml
 
 from bmretriever_jax.convert import export as ex
-from bmretriever_jax import lora, merge, treeutil
+from bmretriever_jax.models import lora
+from bmretriever_jax import merge
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.merge import folder, methods, search
 from bmretriever_jax.cli import merging
 from bmretriever_jax.convert.hf import load_hf

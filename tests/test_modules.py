@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax import lora, treeutil
+from bmretriever_jax.models import lora
+
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.convert import presets
 from bmretriever_jax.convert.hf import config_from_hf
 from bmretriever_jax.models import Decoder, Encoder, forward, init_params, param_shapes

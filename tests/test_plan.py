@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax import plan, sharding, stepcompile
+from bmretriever_jax.pods import plan, stepcompile
+
+from bmretriever_jax.parallel import sharding
 from bmretriever_jax.config import ConfigError, load_config, resolve_mesh_shape
 from bmretriever_jax.convert import presets
 from bmretriever_jax.models import init_params
@@ -56,7 +58,7 @@ def test_preset_families_and_shapes():
 
 def test_gemma3_preset_equals_the_packaged_model():
     """The preset and the config converted from the shipped GGUF describe the same network."""
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
     from bmretriever_jax.convert.hf import config_from_hf
 
     with open(os.path.join(hub.resolve("gemma3-270m", quiet=True), "config.json")) as f:
@@ -283,7 +285,7 @@ def test_the_estimate_range_printed_is_the_one_measured_against_the_compiles():
     the paper configs: that range must be the one in benchmarks/results/plan_pods.json, not a guess."""
     import json
 
-    from bmretriever_jax import plan as plan_mod
+    from bmretriever_jax.pods import plan as plan_mod
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
                         "plan_pods.json")

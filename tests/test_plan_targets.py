@@ -11,10 +11,12 @@ import sys
 import jax
 import pytest
 
-from bmretriever_jax import podplan, sharding
+from bmretriever_jax.pods import podplan
+
+from bmretriever_jax.parallel import sharding
 from bmretriever_jax.config import ConfigError, load_config
 from bmretriever_jax.convert import presets
-from bmretriever_jax.targets import parse_target
+from bmretriever_jax.pods.targets import parse_target
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")

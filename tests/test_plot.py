@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bmretriever_jax.cli import main as bmr
-from bmretriever_jax.plot import plot_run
+from bmretriever_jax.studies.plot import plot_run
 
 
 def test_plot(tmp_path):

@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import pytest
 
-from bmretriever_jax import precision
+from bmretriever_jax.util import precision
 
 
 def test_bf16_is_fast_by_backend_and_cpu_flags():

@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tiny, tmp_path):
-    from bmretriever_jax import quickstart
+    from bmretriever_jax.recipes import quickstart
 
     out = str(tmp_path / "qs")
     assert quickstart.main(["--out", out, "--model", tiny, "--steps", "literature=2,consumer=1", "--skip-minilm",
@@ -45,7 +45,8 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_synth_runs_end_to_end(tiny, tmp_path):
-    from bmretriever_jax import paths, quickstart_synth
+    from bmretriever_jax.util import paths
+    from bmretriever_jax.recipes import quickstart_synth
 
     out = str(tmp_path / "qs")
     assert quickstart_synth.main(["--out", out, "--passages", "6", "--steps", "2", "--budget", "2", "--model", tiny,
@@ -66,7 +67,7 @@ def test_quickstart_synth_runs_end_to_end(tiny, tmp_path):
 
 
 def test_quickstart_steps_per_expert():
-    from bmretriever_jax import quickstart
+    from bmretriever_jax.recipes import quickstart
 
     assert quickstart.parse_steps("40") == {"literature": 40, "consumer": 40}
     assert quickstart.parse_steps("consumer=20") == {"consumer": 20}
@@ -81,7 +82,7 @@ def test_quickstart_steps_per_expert():
 
 def test_quickstart_mines_one_bm25_hard_negative_per_pair(tmp_path):
     """--hard-negatives N: each expert's pairs get N BM25 negatives from their own pool of positives."""
-    from bmretriever_jax import quickstart
+    from bmretriever_jax.recipes import quickstart
     from bmretriever_jax.data import builders
     from bmretriever_jax.data.pairs import read_pairs
 

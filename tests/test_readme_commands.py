@@ -209,7 +209,7 @@ def test_help_imports_no_jax():
 @pytest.fixture(scope="module")
 def gemma():
     """The packaged Gemma 3 270M, converted once into the user's cache (as `bmr info gemma3-270m` does)."""
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
 
     return hub.resolve("gemma3-270m", quiet=True)
 
@@ -260,6 +260,6 @@ def test_a_wheel_carries_the_shipped_configs_and_data(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the editable install of this checkout
     r = _bmr(["pairs", "scifact", "--out", "train.jsonl", "-q"], cwd=work, env=env)
     assert r.returncode == 0, r.stderr
-    assert "_shipped" in subprocess.run([sys.executable, "-c", "import bmretriever_jax.paths as p; print(p.data_dir())"],
+    assert "_shipped" in subprocess.run([sys.executable, "-c", "import bmretriever_jax.util.paths as p; print(p.data_dir())"],
                                         cwd=work, env=env, capture_output=True, text=True).stdout
     assert sum(1 for _ in open(work / "train.jsonl")) == 807

@@ -5,7 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from bmretriever_jax import sharding, treeutil
+from bmretriever_jax.parallel import sharding
+
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import load_config
 from bmretriever_jax.convert.hf import load_hf
 from bmretriever_jax.train import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global
@@ -88,7 +90,7 @@ def test_remat_policies_give_the_same_step(model_dir, policy):
 
 
 def _compiled_peak(cfg, overrides, mesh_shape):
-    from bmretriever_jax import stepcompile
+    from bmretriever_jax.pods import stepcompile
 
     run = load_config(None, ["model.name=tiny", "model.dtype=float32", "model.param_dtype=float32",
                              "model.max_length=64", "model.query_max_length=64", "lora.enabled=true",

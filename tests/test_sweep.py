@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bmretriever_jax import sweep
+from bmretriever_jax.studies import sweep
 from bmretriever_jax.config import ConfigError
 from bmretriever_jax.data.pairs import write_pairs
 from hf_tiny import tiny_model_dir, tiny_pairs
@@ -256,7 +256,7 @@ def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path)
     assert [r["lr"] for r in rows] == pytest.approx([3e-3, 3e-3 * math.sqrt(2)])
     assert [r["candidates_per_query"] for r in rows] == [4, 16]
     import jax
-    from bmretriever_jax.machine import cpu_info
+    from bmretriever_jax.util.machine import cpu_info
     for r in rows + [a["baseline"]]:  # every number says where it was measured
         assert r["cpu"] == cpu_info() and r["versions"]["jax"] == jax.__version__
     for r in rows:

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from bmretriever_jax import checkpoint as ckpt
-from bmretriever_jax import treeutil
+from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import ConfigError, load_config
 from bmretriever_jax.data.pairs import write_pairs
 from bmretriever_jax.train import NonFiniteLoss, train

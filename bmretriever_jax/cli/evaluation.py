@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from bmretriever_jax.atomic import atomic_write, check_writable_file
+from bmretriever_jax.util.atomic import atomic_write, check_writable_file
 from bmretriever_jax.cli.models import DTYPE_HELP, DTYPES
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 
 
 def cmd_eval(a):

@@ -7,14 +7,14 @@ import os
 import sys
 from typing import List, Optional
 
-from bmretriever_jax.allocator import keep_freed_memory
+from bmretriever_jax.util.allocator import keep_freed_memory
 from bmretriever_jax.cli import data, evaluation, merging, models, planning, synth, training
-from bmretriever_jax.distributed import maybe_initialize
-from bmretriever_jax.errors import UserError
+from bmretriever_jax.parallel.distributed import maybe_initialize
+from bmretriever_jax.util.errors import UserError
 
 # command groups, in the order `bmr --help` lists them; sweep keeps its parser beside its code
 GROUPS = (models, data, training, evaluation, merging, synth, planning)
-EXTERNAL = ("bmretriever_jax.sweep",)
+EXTERNAL = ("bmretriever_jax.studies.sweep",)
 
 
 def _add_quiet(parser: argparse.ArgumentParser, default) -> None:

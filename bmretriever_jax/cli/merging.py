@@ -5,7 +5,7 @@ import json
 from typing import Any, Dict
 
 from bmretriever_jax.cli.models import DTYPE_HELP, DTYPES
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 
 # the choices, written here so that building the parser imports no jax; tests/test_readme_commands.py checks
 # that they equal export.FORMATS, merge.search.WEIGHTED_METHODS and merge.search.DEFAULT_DENSITIES

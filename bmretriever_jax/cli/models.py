@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 
-from bmretriever_jax.atomic import check_writable_dir
+from bmretriever_jax.util.atomic import check_writable_dir
 from bmretriever_jax.data.beir import jsonl_records
-from bmretriever_jax.errors import DataFormatError, InputPathError
-from bmretriever_jax.vector_files import write_vectors
+from bmretriever_jax.util.errors import DataFormatError, InputPathError
+from bmretriever_jax.util.vector_files import write_vectors
 
 DTYPES = ["auto", "bfloat16", "float32"]
 DTYPE_HELP = "matmul inputs (f32 accumulation); auto: bfloat16 where the hardware has bf16 units"
@@ -17,7 +17,7 @@ MODEL_HELP = "gemma3-270m | smollm2-135m | a .gguf file | a model folder"
 
 
 def cmd_info(a):
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
     from bmretriever_jax.convert.hf import config_from_hf
 
     folder = hub.resolve(a.model, quiet=a.quiet)
@@ -27,7 +27,7 @@ def cmd_info(a):
     emb = cfg.vocab_size * cfg.hidden_size
     import jax
 
-    from bmretriever_jax.precision import resolve_dtype
+    from bmretriever_jax.util.precision import resolve_dtype
 
     w = 25
     print(f"{'model':<{w}}{a.model}\n{'folder':<{w}}{folder}\n{'family':<{w}}{cfg.family}")

@@ -7,14 +7,14 @@ from bmretriever_jax.config import ConfigError
 
 def cmd_plan(a):
     if a.target:
-        from bmretriever_jax import podplan  # the TPU / GPU compile (libtpu / CUDA plugin in a subprocess)
+        from bmretriever_jax.pods import podplan  # the TPU / GPU compile (libtpu / CUDA plugin in a subprocess)
 
         return podplan.cmd_plan_target(a)
     if a.max_batch:
         raise ConfigError("--max-batch needs --target (it bisects compiles for that target's chips)")
     if a.devices is None:
         raise ConfigError("bmr plan: give --devices N (fake CPU devices) or --target T (e.g. v5p-64, h100x8)")
-    from bmretriever_jax import plan  # jax: not for `bmr --help`
+    from bmretriever_jax.pods import plan  # jax: not for `bmr --help`
 
     res = plan.plan(a.config, a.overrides, devices=a.devices, device_memory=a.device_memory, compile=not a.no_compile)
     if res["compile"] is not None and not res["compile"]["ok"]:

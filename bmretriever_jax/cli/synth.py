@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 
 
 def _add_llm_args(s, default_batch: int, default_new: int) -> None:
@@ -80,7 +80,7 @@ def cmd_synth_filter(a):
 
 
 def cmd_optimize_prompt(a):
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
     from bmretriever_jax.embed import default_task
     from bmretriever_jax.eval.suite import make_encoder
     from bmretriever_jax.synth.prompt_opt import optimize_instruction, write_instruction, write_report

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from bmretriever_jax.config import load_config
-from bmretriever_jax.plot import plot_run
+from bmretriever_jax.studies.plot import plot_run
 
 
 def cmd_train(a):

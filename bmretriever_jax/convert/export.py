@@ -6,7 +6,7 @@ Sources (`open_source`):
                                                 fine-tune's leaves are restored one at a time
   a model folder                                config.json + safetensors (+ tokenizer, bmretriever.json,
                                                 adapter.safetensors), e.g. RUN/model or a `bmr merge` output
-  a known name or .gguf                         gemma3-270m, smollm2-135m, ... (bmretriever_jax.hub)
+  a known name or .gguf                         gemma3-270m, smollm2-135m, ... (bmretriever_jax.convert.hub)
 Every source is a `LeafReader` (weights.py) over transformers base-model tensor names ("layers.3.self_attn.q_proj.weight")
 in one canonical order (the name table's), so export and `bmr merge` stream one tensor at a time, and merging acts on
 exactly the per-layer tensors mergekit sees.
@@ -43,16 +43,16 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from bmretriever_jax import lora as lora_lib
-from bmretriever_jax import treeutil
+from bmretriever_jax.models import lora as lora_lib
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.convert.hf import config_to_hf, copy_tokenizer, tokenizer_files  # noqa: F401  (part of this API)
 from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, hf_to_params, rules_for
 from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS, instruction_for, tokenize
-from bmretriever_jax.errors import ModelSourceError, OutputExistsError
+from bmretriever_jax.util.errors import ModelSourceError, OutputExistsError
 from bmretriever_jax.convert.sources import (ADAPTER_FILE, SETTINGS_FILE, ModelSource, _adapter_modules, _module_of,
                                             hf_layout, open_source)  # noqa: F401  (hf_layout: part of this API)
 from bmretriever_jax.models.config import ModelConfig
-from bmretriever_jax.weights import SafetensorsWriter
+from bmretriever_jax.convert.weights import SafetensorsWriter
 
 FORMATS = ("hf", "sentence-transformers", "peft")
 # BMRetriever's general question-answering instruction (its NFCorpus one); `instruction=` overrides it.

@@ -22,7 +22,7 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from bmretriever_jax.atomic import atomic_dir, cached_dir
+from bmretriever_jax.util.atomic import atomic_dir, cached_dir
 
 ARCH_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen3": "qwen3", "gemma": "gemma", "gemma3": "gemma3"}
 

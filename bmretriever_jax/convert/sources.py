@@ -13,17 +13,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 from safetensors.numpy import load_file
 
-from bmretriever_jax import checkpoint as ckpt
-from bmretriever_jax import hub
-from bmretriever_jax import lora as lora_lib
-from bmretriever_jax import treeutil
+from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.convert import hub
+from bmretriever_jax.models import lora as lora_lib
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.convert.hf import PICKLE_FILES, config_from_hf
 from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, rules_for, strip_prefix
 from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS
-from bmretriever_jax.errors import MissingEntryError, ModelFileNotFound, ModelSourceError
+from bmretriever_jax.util.errors import MissingEntryError, ModelFileNotFound, ModelSourceError
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.decoder import param_shapes
-from bmretriever_jax.weights import OrbaxReader, SafetensorsReader
+from bmretriever_jax.convert.weights import OrbaxReader, SafetensorsReader
 
 FORMATS = ("hf", "sentence-transformers", "peft")
 SETTINGS_FILE = "bmretriever.json"

@@ -21,7 +21,7 @@ import shutil
 import warnings
 from typing import Iterator
 
-from bmretriever_jax.errors import DataFormatError  # noqa: F401  (re-exported: beir.DataFormatError)
+from bmretriever_jax.util.errors import DataFormatError  # noqa: F401  (re-exported: beir.DataFormatError)
 
 Corpus = dict[str, dict[str, str]]  # doc id -> {"title", "text"}
 Queries = dict[str, str]            # query id -> text

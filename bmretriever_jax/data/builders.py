@@ -22,9 +22,9 @@ import sys
 import warnings
 from typing import Callable
 
-from bmretriever_jax import paths
+from bmretriever_jax.util import paths
 from bmretriever_jax.data.pairs import Pair, write_pairs
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 from bmretriever_jax.data.beir import DataWarning, jsonl_records, load_beir, load_corpus
 
 log = logging.getLogger(__name__)

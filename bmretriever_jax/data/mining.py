@@ -38,7 +38,7 @@ from bmretriever_jax.data.beir import load_corpus
 from bmretriever_jax.data.bm25 import BM25Index
 from bmretriever_jax.data.pairs import Doc, Pair, as_passage, doc_id, doc_keys, read_pairs, resolve_instruction, \
     write_pairs
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from bmretriever_jax import tables
-from bmretriever_jax.atomic import CacheWarning, atomic_write, check_file, remove_stale_temps, write_checksum
+from bmretriever_jax.util import tables
+from bmretriever_jax.util.atomic import CacheWarning, atomic_write, check_file, remove_stale_temps, write_checksum
 from bmretriever_jax.data.beir import Corpus, corpus_digest, load_beir
 from bmretriever_jax.eval import metrics
 from bmretriever_jax.eval.baselines import MiniLMEncoder, bm25_search

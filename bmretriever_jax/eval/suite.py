@@ -5,11 +5,11 @@ import os
 import time
 from typing import Dict
 
-from bmretriever_jax import tables
+from bmretriever_jax.util import tables
 from bmretriever_jax.convert.gguf import cache_root
 from bmretriever_jax.data.beir import load_beir
 from bmretriever_jax.embed import Encoder, default_task, instruction_for
-from bmretriever_jax.errors import InputPathError
+from bmretriever_jax.util.errors import InputPathError
 from bmretriever_jax.eval.baselines import MiniLMEncoder
 from bmretriever_jax.eval.evaluate import evaluate_bm25, evaluate_retrieval, evaluate_sts
 from bmretriever_jax.eval.sts import load_sts_tsv

@@ -11,10 +11,10 @@ from typing import Any
 import jax
 import yaml
 
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 from bmretriever_jax.merge.methods import REQUIRED, METHODS
 from bmretriever_jax.merge.stream import STACKED, merge_streamed
-from bmretriever_jax.weights import LeafReader, LeafWriter, open_reader
+from bmretriever_jax.convert.weights import LeafReader, LeafWriter, open_reader
 
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 
 
 F32 = np.float32

@@ -24,7 +24,7 @@ import transformers
 import yaml
 
 from bmretriever_jax.embed import Encoder, default_task, instruction_for
-from bmretriever_jax.errors import ConfigError, InputPathError
+from bmretriever_jax.util.errors import ConfigError, InputPathError
 from bmretriever_jax.eval.evaluate import evaluate_retrieval
 from bmretriever_jax.merge.folder import (as_config, flat_to_tree, input_refs, load_flat, merge_flat, merge_to_folder,
                                           merged_settings, open_inputs, tokenizer_folder)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from bmretriever_jax import treeutil
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util import treeutil
+from bmretriever_jax.util.errors import ConfigError
 from bmretriever_jax.merge.methods import F32, METHODS, resolve_options
-from bmretriever_jax.weights import DictReader, DictWriter, LeafReader, LeafWriter
+from bmretriever_jax.convert.weights import DictReader, DictWriter, LeafReader, LeafWriter
 
 
 # Leaves whose path fully matches the regex have that many leading stacked (per-layer) axes.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.modules import Decoder, Encoder
 from bmretriever_jax.models.ops import mp_einsum
-from bmretriever_jax.precision import resolve_dtype
+from bmretriever_jax.util.precision import resolve_dtype
 
 Params = dict
 

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Optional, Protocol, Sequence
 
-from bmretriever_jax.errors import UserError
+from bmretriever_jax.util.errors import UserError
 from bmretriever_jax.synth.generate import Generator, row_seeds, truncate_at_stop
 
 Messages = Sequence[dict]

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmretriever_jax import hub
+from bmretriever_jax.convert import hub
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.decoder import decode_step, forward, head_weights, prefill, unstack_layers
 from bmretriever_jax.models.decoder import logits as lm_logits
-from bmretriever_jax.precision import resolve_dtype
+from bmretriever_jax.util.precision import resolve_dtype
 
 # SmolLM2's own template (ChatML) without its default system prompt: the fallback for tokenizers that
 # carry no chat template.

@@ -1,14 +1,14 @@
 """Resuming a run: what may change between a run and its resume, the config-change guard, and the metrics log
-cut back to the restored step. (Checkpoints themselves: `bmretriever_jax.checkpoint`.)"""
+cut back to the restored step. (Checkpoints themselves: `bmretriever_jax.train.checkpoint`.)"""
 from __future__ import annotations
 
 import json
 import os
 from typing import List
 
-from bmretriever_jax.atomic import atomic_write
+from bmretriever_jax.util.atomic import atomic_write
 from bmretriever_jax.config import RunConfig, to_dict
-from bmretriever_jax.errors import ConfigError
+from bmretriever_jax.util.errors import ConfigError
 
 # what may change between a run and its resume without --allow-config-change: how long it runs, how it reports
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep")

@@ -18,12 +18,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bmretriever_jax import lora as lora_lib
-from bmretriever_jax import losses, sharding, treeutil
+from bmretriever_jax.models import lora as lora_lib
+from bmretriever_jax.train import losses
+from bmretriever_jax.parallel import sharding
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import RunConfig, resolve_mesh_shape
 from bmretriever_jax.embed import embed_batch, format_passage, format_query, instruction_for, pad_left, tokenize
 from bmretriever_jax.models import ModelConfig
-from bmretriever_jax.precision import resolve_dtype
+from bmretriever_jax.util.precision import resolve_dtype
 
 BATCH_AXES = ("data", "fsdp")
 

@@ -25,8 +25,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from bmretriever_jax.config import ConfigError, RunConfig, load_config, resolve_mesh_shape, to_dict
 from bmretriever_jax.models.config import ModelConfig
-from bmretriever_jax import tables, treeutil
-from bmretriever_jax.stepcompile import abstract_train_state, compile_train_step, compiled_peak_bytes, param_dtype
+from bmretriever_jax.util import tables, treeutil
+from bmretriever_jax.pods.stepcompile import abstract_train_state, compile_train_step, compiled_peak_bytes, param_dtype
 
 GiB = 2**30
 MiB = 2**20
@@ -75,7 +75,7 @@ def resolve_model_config(name: str, quiet: bool = True) -> Tuple[ModelConfig, st
     key = presets.preset_for(name)
     if key is not None:
         return presets.preset(key), f"preset {key}"
-    from bmretriever_jax import hub
+    from bmretriever_jax.convert import hub
 
     folder = hub.resolve(name, quiet=quiet)  # a .gguf file or another packaged name: converted once, cached
     with open(os.path.join(folder, "config.json")) as f:
@@ -96,7 +96,7 @@ def _local_bytes(tree, mesh, *, prefix: str = "", gathered: Sequence[str] = (), 
     `gathered` count as all-gathered, and each leaf is divided by `per_layer` (one slice of a stack)."""
     import jax
 
-    from bmretriever_jax import sharding
+    from bmretriever_jax.parallel import sharding
 
     total = 0
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -294,7 +294,7 @@ def compile_check(model_cfg: ModelConfig, run: RunConfig, n_devices: int, *, in_
         env = dict(os.environ, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={n_devices}"]),
                    JAX_PLATFORMS="cpu")
         try:
-            proc = subprocess.run([sys.executable, "-m", "bmretriever_jax.plan", "--compile-check", spec],
+            proc = subprocess.run([sys.executable, "-m", "bmretriever_jax.pods.plan", "--compile-check", spec],
                                   env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"ok": False, "error": f"compile check timed out after {timeout:.0f} s"}
@@ -366,4 +366,4 @@ def plan(config: Optional[str], overrides: Sequence[str] = (), *, devices: int, 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--compile-check":
         sys.exit(_compile_check_main(sys.argv[2]))
-    raise SystemExit("usage: python -m bmretriever_jax.plan --compile-check SPEC.json (internal; use `bmr plan`)")
+    raise SystemExit("usage: python -m bmretriever_jax.pods.plan --compile-check SPEC.json (internal; use `bmr plan`)")

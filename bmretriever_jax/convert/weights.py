@@ -16,8 +16,8 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bmretriever_jax import treeutil
-from bmretriever_jax.errors import ConfigError, MissingEntryError, ModelFileNotFound, OutputExistsError
+from bmretriever_jax.util import treeutil
+from bmretriever_jax.util.errors import ConfigError, MissingEntryError, ModelFileNotFound, OutputExistsError
 
 
 

@@ -11,8 +11,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from bmretriever_jax import treeutil
-from bmretriever_jax.errors import ConfigError, UserError
+from bmretriever_jax.util import treeutil
+from bmretriever_jax.util.errors import ConfigError, UserError
 
 
 class CheckpointMismatch(ConfigError):

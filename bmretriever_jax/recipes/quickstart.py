@@ -22,8 +22,8 @@ import time
 import numpy as np
 import yaml
 
-from bmretriever_jax import paths
-from bmretriever_jax.allocator import keep_freed_memory
+from bmretriever_jax.util import paths
+from bmretriever_jax.util.allocator import keep_freed_memory
 from bmretriever_jax.config import load_config
 from bmretriever_jax.data.beir import load_beir, subset_beir
 
@@ -67,7 +67,7 @@ def parse_steps(text: str) -> dict:
 def pick_profile(name: str) -> str:
     if name != "auto":
         return name
-    from bmretriever_jax.precision import resolve_dtype  # jax: after keep_freed_memory (see main)
+    from bmretriever_jax.util.precision import resolve_dtype  # jax: after keep_freed_memory (see main)
 
     return "full" if resolve_dtype("auto").name == "bfloat16" else "lite"
 

@@ -15,9 +15,9 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from bmretriever_jax.atomic import (atomic_path, atomic_write, check_record, check_writable_dir, file_lock,
+from bmretriever_jax.util.atomic import (atomic_path, atomic_write, check_record, check_writable_dir, file_lock,
                                     file_record, fsync_dir, remove_stale_temps)
-from bmretriever_jax.errors import DataFormatError
+from bmretriever_jax.util.errors import DataFormatError
 
 VECTORS, IDS, SEAL = "vectors.npy", "ids.json", "vectors.json"
 

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from bmretriever_jax.atomic import cached_file
+from bmretriever_jax.util.atomic import cached_file
 from bmretriever_jax.convert.gguf import cache_root, cached_gguf
 from bmretriever_jax.convert.hf import load_hf
 from bmretriever_jax.models import ModelConfig
@@ -58,7 +58,10 @@ def resolve(name_or_path: str, quiet: bool = False) -> str:
     if os.path.isdir(name_or_path):
         if os.path.exists(os.path.join(name_or_path, "config.json")):
             return name_or_path
-        raise FileNotFoundError(f"{name_or_path}: a folder without config.json (not a model folder)")
+        if os.path.exists(os.path.join(name_or_path, "model", "config.json")):  # a training run: RUN/model
+            return os.path.join(name_or_path, "model")
+        raise FileNotFoundError(f"{name_or_path}: a folder without config.json (not a model folder, nor a "
+                                "finished training run with model/)")
     raise FileNotFoundError(f"unknown model {name_or_path!r}: not a known name ({', '.join(KNOWN)}), "
                             "a .gguf file or a model folder")
 

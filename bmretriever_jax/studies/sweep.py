@@ -31,10 +31,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from bmretriever_jax import tables
-from bmretriever_jax.plot import plot_sweep, series as _series  # noqa: F401 (the sweep's figure)
+from bmretriever_jax.util import tables
+from bmretriever_jax.studies.plot import plot_sweep, series as _series  # noqa: F401 (the sweep's figure)
 from bmretriever_jax.config import ConfigError, load_config
-from bmretriever_jax.sweep_run import BASELINE_FILE, POINT_FILE, point_main, run_point, summarize_run  # noqa: F401
+from bmretriever_jax.studies.sweep_run import BASELINE_FILE, POINT_FILE, point_main, run_point, summarize_run  # noqa: F401
 
 SPEC_FILE = "point-spec.json"
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
@@ -161,11 +161,11 @@ def prepare_dev_sets(dev: Sequence[str], out: str, *, docs: int = 0, split: str 
 
 
 def _run_child(spec: dict, spec_path: str, log_path: str, timeout: Optional[float]) -> str:
-    """Runs `python -m bmretriever_jax.sweep --point SPEC` -> "" or the error text (log kept beside)."""
+    """Runs `python -m bmretriever_jax.studies.sweep --point SPEC` -> "" or the error text (log kept beside)."""
     with open(spec_path, "w") as f:
         json.dump(spec, f, indent=1)
     try:
-        proc = subprocess.run([sys.executable, "-m", "bmretriever_jax.sweep", "--point", spec_path],
+        proc = subprocess.run([sys.executable, "-m", "bmretriever_jax.studies.sweep", "--point", spec_path],
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout} s"
@@ -375,4 +375,4 @@ def add_commands(sub) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--point":
         sys.exit(point_main(sys.argv[2]))
-    raise SystemExit("usage: python -m bmretriever_jax.sweep --point SPEC.json (internal; use `bmr sweep`)")
+    raise SystemExit("usage: python -m bmretriever_jax.studies.sweep --point SPEC.json (internal; use `bmr sweep`)")

@@ -1,4 +1,4 @@
-"""One point of a `bmr sweep` study, run in its own process (`python -m bmretriever_jax.sweep --point SPEC`):
+"""One point of a `bmr sweep` study, run in its own process (`python -m bmretriever_jax.studies.sweep --point SPEC`):
 train (resuming from the point's checkpoints), read the compiled step's peak, evaluate the dev sets; and the
 untrained model's dev figures (the study's baseline)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from typing import Dict, Optional, Sequence
 
 from bmretriever_jax.config import ConfigError, load_config
-from bmretriever_jax.machine import run_facts
+from bmretriever_jax.util.machine import run_facts
 
 POINT_FILE = "point.json"
 BASELINE_FILE = "baseline.json"
@@ -28,7 +28,7 @@ def _peak_rss_mb() -> float:
 
 def summarize_run(run_dir: str) -> Dict[str, float]:
     """metrics.jsonl of a run -> final loss / accuracy, dev metrics and the steady-state examples/s."""
-    from bmretriever_jax.plot import read_metrics
+    from bmretriever_jax.studies.plot import read_metrics
 
     rows = read_metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
@@ -76,8 +76,8 @@ def run_point(config: Optional[str], overrides: Sequence[str], dev_sets: Sequenc
 
     from bmretriever_jax.config import resolve_mesh_shape
     from bmretriever_jax.embed import Encoder
-    from bmretriever_jax.plan import estimate_memory, resolve_model_config
-    from bmretriever_jax.stepcompile import compile_train_step, compiled_peak_bytes
+    from bmretriever_jax.pods.plan import estimate_memory, resolve_model_config
+    from bmretriever_jax.pods.stepcompile import compile_train_step, compiled_peak_bytes
     from bmretriever_jax.train import make_mesh, train
 
     run = load_config(config, overrides)

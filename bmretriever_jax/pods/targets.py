@@ -202,12 +202,3 @@ def topology_devices(target: Target) -> list:
         raise RuntimeError(f"{target.name}: the compiler made {len(devices)} x {devices[0].device_kind!r} devices, "
                            f"expected {target.n_chips} x {target.chip.device_kind!r}")
     return devices
-
-
-def factorizations(n: int, k: int = 3) -> List[Tuple[int, ...]]:
-    """Every k-tuple of positive integers whose product is n."""
-    out = []
-    for head in range(1, n + 1):
-        if n % head == 0:
-            out += [(head,) + t for t in (factorizations(n // head, k - 1) if k > 1 else [()])]
-    return [t for t in out if len(t) == k and math.prod(t) == n]

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bmretriever_jax import treeutil
+from bmretriever_jax.util import treeutil
 
 # Every attention and MLP projection: q, k, v, o, gate, up, down (PEFT "all-linear" minus the LM head).
 DEFAULT_TARGETS = (r"layers/(attn|mlp)/[^/]+/kernel",)

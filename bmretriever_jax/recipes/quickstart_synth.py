@@ -20,11 +20,11 @@ import os
 import sys
 import time
 
-from bmretriever_jax import paths
-from bmretriever_jax.allocator import keep_freed_memory
+from bmretriever_jax.util import paths
+from bmretriever_jax.util.allocator import keep_freed_memory
 from bmretriever_jax.config import load_config
 from bmretriever_jax.data.beir import subset_beir
-from bmretriever_jax.quickstart import PROFILES, banner, pick_profile
+from bmretriever_jax.recipes.quickstart import PROFILES, banner, pick_profile
 
 
 def _judged(beir_dir: str, split: str) -> set:

@@ -26,7 +26,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from bmretriever_jax.config import ConfigError, RunConfig, load_config, resolve_mesh_shape
-from bmretriever_jax.targets import INSTALL_HINT, Target, parse_target
+from bmretriever_jax.pods.targets import INSTALL_HINT, Target, parse_target
 
 GiB = 2**30
 UTILISATIONS = (0.30, 0.40, 0.50)
@@ -109,7 +109,8 @@ def _target_run(run: RunConfig) -> RunConfig:
 
 def compile_on_target(run: RunConfig, target: Target, devices) -> dict:
     """Compile the full-size step of `run` on the target's devices -> figures per chip (bytes, seconds)."""
-    from bmretriever_jax import plan, sharding, stepcompile
+    from bmretriever_jax.pods import plan, stepcompile
+    from bmretriever_jax.parallel import sharding
     from bmretriever_jax.models import decoder
 
     run = _target_run(run)
@@ -213,7 +214,7 @@ def _subprocess_main(spec_path: str) -> int:
         emit({"missing": hint})
         return MISSING_EXIT
     try:
-        from bmretriever_jax.targets import topology_devices
+        from bmretriever_jax.pods.targets import topology_devices
 
         devices = topology_devices(target)
         if spec["max_batch"]:
@@ -253,7 +254,7 @@ def run_target(config: Optional[str], overrides: Sequence[str], target_name: str
                        "max_batch": max_batch}, f)
         err_path = os.path.join(tmp, "stderr")
         with open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "bmretriever_jax.podplan", spec], env=_subprocess_env(),
+            proc = subprocess.Popen([sys.executable, "-m", "bmretriever_jax.pods.podplan", spec], env=_subprocess_env(),
                                     stdout=subprocess.PIPE, stderr=err, text=True)
             last, t0 = None, time.time()
             for line in proc.stdout:
@@ -280,7 +281,7 @@ def _gib(b: float) -> str:
 
 def format_report(res: dict, run: RunConfig, target: Target, cfg=None) -> List[str]:
     """The per-chip memory / time table of one compile."""
-    from bmretriever_jax import plan
+    from bmretriever_jax.pods import plan
 
     cfg = cfg or plan.resolve_model_config(run.model.name)[0]
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, global_batch_size=res["global_batch_size"],
@@ -326,7 +327,7 @@ def format_report(res: dict, run: RunConfig, target: Target, cfg=None) -> List[s
 
 def cmd_plan_target(a) -> None:
     """`bmr plan CONFIG --target T [--max-batch]`; exit 1 when the step does not fit, 2 without the compiler."""
-    from bmretriever_jax import plan
+    from bmretriever_jax.pods import plan
 
     target = parse_target(a.target)
     run = load_config(a.config, a.overrides)
@@ -383,4 +384,4 @@ def cmd_plan_target(a) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 2:
         sys.exit(_subprocess_main(sys.argv[1]))
-    raise SystemExit("usage: python -m bmretriever_jax.podplan SPEC.json (internal; use `bmr plan --target`)")
+    raise SystemExit("usage: python -m bmretriever_jax.pods.podplan SPEC.json (internal; use `bmr plan --target`)")

@@ -17,7 +17,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 
-from bmretriever_jax.machine import cpu_flags, has_bf16_units
+from bmretriever_jax.util.machine import cpu_flags, has_bf16_units
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 

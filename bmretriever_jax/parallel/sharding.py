@@ -9,15 +9,14 @@ to mesh axes. Stacked layer params carry a leading "layers" axis that is never s
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from bmretriever_jax import treeutil
-from bmretriever_jax.errors import ConfigError
-from bmretriever_jax.targets import factorizations
+from bmretriever_jax.util import treeutil
+from bmretriever_jax.util.errors import ConfigError
 
 # (regex over the parameter path, logical axes of the array's dimensions)
 DEFAULT_RULES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
@@ -112,3 +111,12 @@ def device_mesh(shape: Sequence[int], devices, axis_names=("data", "fsdp", "tens
     named = lambda f: "(" + ", ".join(f"{a}={s}" for a, s in zip(axis_names, f)) + ")"  # noqa: E731
     raise ConfigError(f"mesh {named(shape)} does not map onto {_topology_name(devices)}: {errors[-1]}; "
                       f"sizes that map: {', '.join(named(f) for f in fits[:6])}")
+
+
+def factorizations(n: int, k: int = 3) -> List[Tuple[int, ...]]:
+    """Every k-tuple of positive integers whose product is n."""
+    out = []
+    for head in range(1, n + 1):
+        if n % head == 0:
+            out += [(head,) + t for t in (factorizations(n // head, k - 1) if k > 1 else [()])]
+    return [t for t in out if len(t) == k and math.prod(t) == n]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from bmretriever_jax import treeutil
+from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import RunConfig
 from bmretriever_jax.models.config import ModelConfig
 
@@ -39,7 +39,7 @@ def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from bmretriever_jax import sharding
+    from bmretriever_jax.parallel import sharding
     from bmretriever_jax.train import BATCH_AXES
 
     optimizer, state, frozen = abstract_train_state(model_cfg, run)

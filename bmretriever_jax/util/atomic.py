@@ -29,7 +29,7 @@ import tempfile
 import warnings
 from typing import Callable, Iterator, Optional
 
-from bmretriever_jax.errors import OutputPathError
+from bmretriever_jax.util.errors import OutputPathError
 
 MANIFEST = "checksums.json"  # inside a folder written by atomic_dir(manifest=True)
 RECORD_SUFFIX = ".sha256.json"  # beside a file: NAME.sha256.json = {"size", "sha256", "mtime_ns"}

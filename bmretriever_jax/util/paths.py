@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from bmretriever_jax.errors import InputPathError
+from bmretriever_jax.util.errors import InputPathError
 
 _PKG = os.path.dirname(os.path.abspath(__file__))
 _CANDIDATES = (os.path.join(_PKG, "_shipped"), os.path.dirname(_PKG))  # wheel copy, then the source tree

@@ -1,0 +1,1 @@
+"""The device mesh and parameter shardings; multi-process start-up."""

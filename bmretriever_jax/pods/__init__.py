@@ -1,0 +1,1 @@
+"""Pod plans: the sharded train step compiled from abstract inputs, CPU estimates, deviceless TPU / GPU compiles, the chip table."""
