@@ -10,7 +10,7 @@ import os
 
 from bmretriever_jax.util.errors import InputPathError
 
-_PKG = os.path.dirname(os.path.abspath(__file__))
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bmretriever_jax/ (this file is in util/)
 _CANDIDATES = (os.path.join(_PKG, "_shipped"), os.path.dirname(_PKG))  # wheel copy, then the source tree
 
 
