@@ -1,6 +1,6 @@
 """Compile every paper config's full-size train step for its documented TPU slice (the `# target:` line of the
 config) and for 8 x H100, one after the other, and write benchmarks/results/plan_pods.json + a markdown table
-(the README's "paper configs on their pods"). Needs libtpu and the CUDA plugin (pip install -e '.[tpu,gpu]',
+(the README's pod table). Needs libtpu and the CUDA plugin (pip install -e '.[tpu,gpu]',
 or folders named by BMR_PLUGIN_PATH); ~1-5 min per compile on 2 cores.
 
     python benchmarks/plan_pods.py [--only 2b] [--no-gpu]
@@ -36,7 +36,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="substring of the config names to run")
     ap.add_argument("--no-gpu", action="store_true")
-    ap.add_argument("--table-only", action="store_true", help="rewrite the README table from the JSON, no compile")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the README's pod table from the JSON, no compile")
     a = ap.parse_args()
     out_path = os.path.join(ROOT, "benchmarks", "results", "plan_pods.json")
     rows = json.load(open(out_path)) if os.path.exists(out_path) else {}

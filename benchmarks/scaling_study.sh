@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The batch-size scaling study of the README ("A large-batch scaling study"): Gemma 3 270M + LoRA r16,
+# The batch-size scaling study (docs/studies/scaling.md): Gemma 3 270M + LoRA r16,
 # queries 32 / passages 64 tokens, float32, 1,024 training queries at every point, gradient cache (chunks of 8),
 # sqrt lr scaling from 2e-4 at batch 16, with and without one BM25-mined hard negative; dev NDCG@10 on
 # SciFact dev claims and MedQuAD dev questions over 1,000-document corpora. Resumable: rerun after a kill.
@@ -26,7 +26,7 @@ for p in $POINTS; do
   point_args+=(--point "train.global_batch_size=${p%/*},data.num_negatives=${p#*/}")
 done
 # float32 everywhere: the study ran on CPUs without bf16 units (dtype auto -> float32), and a rerun on any
-# machine should train the same numbers (a rerun on an AVX512-BF16 CPU did, to every digit: README)
+# machine should train the same numbers (a rerun on an AVX512-BF16 CPU did, to every digit: docs/studies/scaling.md)
 $BMR sweep configs/quickstart.yaml model.max_length=64 model.query_max_length=32 model.dtype=float32 \
   "data.train=[$P/train_hn.jsonl]" train.grad_cache_chunk=8 train.lr=2e-4 train.log_every=1 \
   --examples 1024 --lr-rule sqrt --lr-base-batch 16 "${point_args[@]}" \

@@ -1,14 +1,14 @@
-"""The README's scaling-study table and figure from a `bmr sweep` folder, finished or not: every point that has a
-point.json (finished) is a row of DIR/results.json, which `bmr sweep` rewrites after every point; started,
-unfinished points are listed as pending. Rewrites the README between
+"""The scaling study's table and figure (docs/studies/scaling.md) from a `bmr sweep` folder, finished or not: every
+point that has a point.json (finished) is a row of DIR/results.json, which `bmr sweep` rewrites after every point;
+started, unfinished points are listed as pending. Rewrites docs/studies/scaling.md between
 <!-- study:begin --> and <!-- study:end --> and DIR/sweep.png.
 
 With `--test-from runs/study-test` (what benchmarks/study_test.sh ends with) it also digests the test-set evaluation
 of the retrained points and the baselines into DIR/test.json (metrics, commands, CPU, versions, the retrained
-points' dev figures beside the study's); the README's test table (<!-- studytest:begin/end -->) is rendered from
+points' dev figures beside the study's); the page's test table (<!-- studytest:begin/end -->) is rendered from
 DIR/test.json whenever it exists.
 
-    python benchmarks/study_report.py [--dir benchmarks/results/scaling-study] [--test-from DIR] [--no-readme]
+    python benchmarks/study_report.py [--dir benchmarks/results/scaling-study] [--test-from DIR] [--no-page]
 """
 import argparse
 import glob
@@ -25,6 +25,8 @@ from bmretriever_jax.util import tables  # noqa: E402
 from bmretriever_jax.util.machine import has_bf16_units, run_facts  # noqa: E402
 from bmretriever_jax.studies.plot import plot_sweep  # noqa: E402
 from bmretriever_jax.studies.sweep_run import POINT_FILE  # noqa: E402
+
+PAGE = os.path.join(ROOT, "docs", "studies", "scaling.md")  # the page whose marked sections this script rewrites
 
 
 def read_points(d):
@@ -57,8 +59,8 @@ def cpu_kind(cpu) -> str:
 
 
 def machines(rows, res) -> str:
-    """Which machine ran which point, from the points' own `cpu` records; points from before the sweep recorded
-    it fall back to the `machines` note of results.json (written by hand from the session notes)."""
+    """Which machine ran which point, from the points' own `cpu` records; points without one fall back to the
+    `machines` note of results.json (written by hand)."""
     groups = {}
     for r in rows:
         if r.get("cpu"):
@@ -164,7 +166,8 @@ def test_markdown(doc):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=os.path.join("benchmarks", "results", "scaling-study"))
-    ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--no-page", "--no-readme", dest="no_page", action="store_true",
+                    help="print only; leave docs/studies/scaling.md as it is")
     ap.add_argument("--test-from", default=None, help="runs/study-test: digest its test evaluation into DIR/test.json")
     a = ap.parse_args()
     d = os.path.join(ROOT, a.dir) if not os.path.isabs(a.dir) else a.dir
@@ -175,15 +178,15 @@ def main():
     print(text)
     if rows:
         print("wrote", plot_sweep(rows, os.path.join(d, "sweep.png"), baseline=baseline))
-    if not a.no_readme:
-        replace_section(os.path.join(ROOT, "README.md"), "study", text)
-        print("rewrote the README table")
+    if not a.no_page:
+        replace_section(PAGE, "study", text)
+        print("rewrote the table in", os.path.relpath(PAGE, ROOT))
     if os.path.exists(os.path.join(d, "test.json")):
         with open(os.path.join(d, "test.json")) as f:
             test = test_markdown(json.load(f))
         print(test)
-        if not a.no_readme:
-            replace_section(os.path.join(ROOT, "README.md"), "studytest", test)
+        if not a.no_page:
+            replace_section(PAGE, "studytest", test)
 
 if __name__ == "__main__":
     main()

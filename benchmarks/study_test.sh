@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The scaling study's test numbers (README "Test numbers of the study's points"): retrain the best point
+# The scaling study's test numbers (docs/studies/scaling.md, "Test results"): retrain the best point
 # (batch 16 + 1 hard negative) and the batch-4 point without hard negatives with the study's settings (the
 # committed study keeps metrics, not models), then evaluate them and the BM25 / MiniLM baselines on the FULL
 # SciFact test corpus (300 claims, 5,183 abstracts) and the MedQuAD test split. ~35 min of training and
@@ -12,4 +12,4 @@ STUDY_OUT=$T STUDY_POINTS="16/1 4/0" BMR="$BMR" bash benchmarks/scaling_study.sh
 $BMR eval --model "$T/global_batch_size=16,num_negatives=1/model" "$T/global_batch_size=4,num_negatives=0/model" \
   --data data/scifact data/medquad --split test --dtype float32 --out $T/test.json
 $BMR eval --baseline bm25 minilm --data data/scifact data/medquad --split test --out $T/test-baselines.json
-${PYTHON:-python} benchmarks/study_report.py --test-from $T   # -> benchmarks/results/scaling-study/test.json, README table
+${PYTHON:-python} benchmarks/study_report.py --test-from $T   # -> benchmarks/results/scaling-study/test.json, docs/studies/scaling.md

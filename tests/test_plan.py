@@ -176,7 +176,7 @@ def test_cli_plan_quickstart_compiles_on_8_fake_devices_in_a_subprocess(capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
 def test_compile_check_for_every_config(path):
-    """Every shipped config's sharded step compiles on 8 devices (in this session's 8 fake CPU devices;
+    """Every shipped config's sharded step compiles on 8 devices (in this test process's 8 fake CPU devices;
     ~10-25 s each on a 2-core machine, hence slow)."""
     run = load_config(path, _overrides(path))
     cfg, _ = plan.resolve_model_config(run.model.name)
@@ -218,7 +218,7 @@ SMALL = ["model.name=gemma3-270m", "model.max_length=64", "model.query_max_lengt
 
 
 def _measure(cfg, run):
-    """Compile the real sharded step for run's mesh on this session's fake devices, run it once on real
+    """Compile the real sharded step for run's mesh on this test process's fake devices, run it once on real
     arrays, and return XLA's per-device buffer assignment (arguments + unaliased outputs + temporaries).
 
     Why this and not the process's peak RSS: the 8 fake devices share one process, so RSS sums all of them

@@ -32,11 +32,11 @@ CLAIMS = 3
 # The same flow at two sizes, so that it stays under 30 minutes on a 2-core CPU either way. "full" where
 # the hardware has bf16 units (compute dtype auto -> bfloat16: ~1,460 tokens/s encoding Gemma 3 270M on 2
 # AVX512-BF16 cores); "lite" where it has not (auto -> float32: ~610 tokens/s on 2 AVX2 cores, and a LoRA
-# step costs ~2.4x more). Measured sizes and times: README "Measured here". The consumer-health expert of `full`
+# step costs ~2.4x more). Measured sizes and times: docs/quickstart.md. The consumer-health expert of `full`
 # trains 20 steps: its loss is 0.003 at step 10 and mostly stays near there (in-batch MedQuAD answers are easy to
-# tell apart), and 20 steps scored within +-0.006 of 60 on every column in 25.0 instead of 32.3 minutes (README
-# "What the quickstart takes from the study"). One hard negative per pair (`--hard-negatives 1`) did not raise
-# the table and cost 1.45x the time.
+# tell apart), and 20 steps scored within +-0.006 of 60 on every column in 25.0 instead of 32.3 minutes
+# (docs/quickstart.md, "Trials"). One hard negative per pair (`--hard-negatives 1`) did not raise the table
+# and cost 1.45x the time.
 PROFILES = {
     "full": {"scifact_docs": 1500, "max_length": 128, "steps": {"literature": 60, "consumer": 20}, "batch": 16,
              "hard_negatives": 0},

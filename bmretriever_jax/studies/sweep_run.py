@@ -107,7 +107,7 @@ def run_point(config: Optional[str], overrides: Sequence[str], dev_sets: Sequenc
         res.update(evaluate_dev_sets(enc, dev_sets, os.path.join(run.out, "vector_cache")))
         res["eval_seconds"] = time.time() - t1
     res["seconds"] = time.time() - t0
-    res.update(run_facts())  # points of one study may run on different machines (a resume, another session)
+    res.update(run_facts())  # points of one study may run on different machines (a resume on another machine)
     try:
         est = estimate_memory(model_cfg, run, resolve_mesh_shape(run.mesh, len(jax.devices())))
         res["plan_estimate_mb"] = sum(est.values()) / 2**20

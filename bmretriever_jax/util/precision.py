@@ -2,7 +2,7 @@
 
 bf16 inputs with float32 accumulation are what TPU/GPU tensor cores and CPUs with bf16 dot-product units
 (x86 AVX512-BF16 / AMX-BF16, Arm BF16) are built for: measured on a 2-core AVX512-BF16 CPU, Gemma 3 270M
-encodes 1.75x faster than in float32 with the same retrieval quality (BENCHMARKS.md, README). On a CPU
+encodes 1.75x faster than in float32 with the same retrieval quality (BENCHMARKS.md, docs/quickstart.md). On a CPU
 without such units XLA emulates bf16 dots and they are SLOWER than float32 (measured on a 2-core AVX2
 EPYC: 414 vs 614 tokens/s encoding, 98 vs 152 GFLOP/s on a 2048^2 matmul), so `auto` keeps float32 there.
 `BMR_DTYPE=bfloat16|float32` overrides the choice for every `auto` in the process.

@@ -1,5 +1,5 @@
-"""One table renderer for everything `bmr` prints or writes as a table (eval, sweep, merge search, the README's
-markdown tables): the first column left-aligned, numbers right-aligned, floats to `digits` places."""
+"""One table renderer for everything `bmr` prints or writes as a table (eval, sweep, merge search, the
+markdown tables of README.md and docs/): the first column left-aligned, numbers right-aligned, floats to `digits` places."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
