@@ -28,7 +28,8 @@ def add_commands(sub) -> None:
                         "OUT/config_changes.jsonl")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("plot", help="loss curve (and dev NDCG@10) of a run -> PNG")
-    s.add_argument("run_dir")
-    s.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
+    s = sub.add_parser("plot", help="loss curves (and dev NDCG@10) of a run, or of every run in a folder -> PNG")
+    s.add_argument("run_dir", metavar="DIR", help="a run (holds metrics.jsonl) or a folder of runs "
+                   "(runs/quickstart: a line per run, named by its path under DIR)")
+    s.add_argument("--out", default=None, help="PNG path (default DIR/loss.png)")
     s.set_defaults(fn=cmd_plot)

@@ -226,8 +226,10 @@ def main(argv=None) -> int:
         json.dump(results, f, indent=1)
     with open(os.path.join(a.out, "eval.md"), "w") as f:
         f.write(table + "\n")
+    import shlex  # the command below is pasted into a shell: --out may hold spaces
+
     print(f"\nquickstart finished in {(time.time() - t_start) / 60:.1f} min; results in {a.out}/eval.json, "
-          f"loss curve: bmr plot {a.out}")
+          f"loss curves of both experts: bmr plot {shlex.quote(a.out)}")
     return 0
 
 

@@ -1,44 +1,124 @@
-"""`bmr plot RUN_DIR`: the loss curve (and dev NDCG@10 when logged) of a run as PNG; `plot_sweep`: the figure of
+"""`bmr plot DIR`: the loss curve (and dev NDCG@10 when logged) of a training run as PNG, or of every run in a
+folder of runs (`runs/quickstart` holds `literature/` and `consumer/`) in one figure; `plot_sweep`: the figure of
 a `bmr sweep` study."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
+
+from bmretriever_jax.util.errors import DataFormatError, InputPathError
+
+METRICS = "metrics.jsonl"
+_NOT_RUNS = ("checkpoints", "checkpoints-damaged", "model", "vector_cache")  # inside a run or a quickstart: no runs
 
 
 def read_metrics(run_dir: str):
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, METRICS)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
+        raise InputPathError(f"{run_dir}: no {METRICS} (not a training run folder?)")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the last line of a run being written (or killed mid-write): not an error
+                break
+            raise DataFormatError(f"{path}:{n}: not JSON ({e.msg})") from None
+    return rows
 
 
-def plot_run(run_dir: str, out: Optional[str] = None) -> str:
+def find_runs(folder: str) -> List[str]:
+    """The training runs at or under `folder`: every folder (itself included, subfolders at any depth, in sorted
+    order) holding a metrics.jsonl; a run's checkpoints/ and model/ are not searched. `runs/quickstart` after
+    `make quickstart` -> its literature/ and consumer/ experts (and itself too once `bmr train
+    configs/quickstart.yaml` has written there)."""
+    if not os.path.isdir(folder):
+        raise InputPathError(f"{folder}: no such folder")
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if METRICS in filenames:
+            runs.append(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _NOT_RUNS)
+    if not runs:
+        raise InputPathError(f"{folder}: no training run here (no {METRICS} in it or in its subfolders)")
+    return runs
+
+
+def run_curves(run_dir: str):
+    """-> (single, {name: (loss rows, dev rows)}, runs without a logged step): the runs `find_runs` finds, named
+    by their path under `run_dir` (`run_dir` itself, and a single run, by its folder's name)."""
+    runs = find_runs(run_dir)
+    single = runs == [run_dir]
+    curves, empty = {}, []
+    for r in runs:
+        rows = read_metrics(r)
+        train = [x for x in rows if "loss" in x and "step" in x]
+        dev = [x for x in rows if "dev_ndcg@10" in x and "step" in x]
+        if train:
+            rel = os.path.relpath(r, run_dir)
+            curves[os.path.basename(os.path.abspath(r)) if single or rel == "." else rel] = (train, dev)
+        else:
+            empty.append(r)
+    if not curves:
+        what = f"{runs[0]}/{METRICS} has" if single else f"none of the {len(runs)} runs under {run_dir} has"
+        raise DataFormatError(f"{what} no loss records yet")
+    return single, curves, empty
+
+
+def draw(curves, title: str, single: bool):
+    """The figure (matplotlib, Agg): loss per step on the left axis, dev NDCG@10 on a second axis where logged;
+    several runs: a colour per run and one legend naming each line."""
     # here: matplotlib costs ~0.9 s and its backend is chosen at the call; sweep.py imports read_metrics only
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
-    train = [r for r in rows if "loss" in r]
-    dev = [r for r in rows if "dev_ndcg@10" in r]
-    if not train:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no loss records yet")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", color="tab:blue")
+    fig, ax = plt.subplots(figsize=(6, 3.5) if single else (7.5, 4.5))
+    ax2 = ax.twinx() if any(dev for _, dev in curves.values()) else None
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, (train, dev)) in enumerate(curves.items()):
+        c = "tab:blue" if single else colors[i % len(colors)]
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=c,
+                label="train loss" if single else f"{name}: train loss")
+        if dev:
+            ax2.plot([r["step"] for r in dev], [r["dev_ndcg@10"] for r in dev], "o-" if single else "o--",
+                     color="tab:orange" if single else c, label="dev NDCG@10" if single else f"{name}: dev NDCG@10")
     ax.set_xlabel("step")
     ax.set_ylabel("InfoNCE loss")
-    if dev:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in dev], [r["dev_ndcg@10"] for r in dev], "o-", color="tab:orange", label="dev NDCG@10")
+    if ax2 is not None:
         ax2.set_ylabel("dev NDCG@10")
-    ax.set_title(os.path.basename(os.path.abspath(run_dir)))
+    if not single:  # the lines need names; one legend for both axes
+        handles, labels = ax.get_legend_handles_labels()
+        if ax2 is not None:
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, fontsize=7, loc="upper right")
+    ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_run(run_dir: str, out: Optional[str] = None) -> str:
+    """One run, or every run under a folder of runs (a line per run) -> PNG (default DIR/loss.png); returns the
+    PNG's path. Runs with no logged step yet are left out with a note on stderr; a folder with no run, or with
+    no step logged in any, is a one-line error."""
+    single, curves, empty = run_curves(run_dir)
+    for r in empty:
+        print(f"bmr plot: {r}: no loss records yet, left out", file=sys.stderr)
+    title = os.path.basename(os.path.abspath(run_dir)) if single else \
+        f"{os.path.normpath(run_dir)}: {len(curves)} runs"
+    fig = draw(curves, title, single)
     out = out or os.path.join(run_dir, "loss.png")
     fig.savefig(out, dpi=120)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
     return out
 
