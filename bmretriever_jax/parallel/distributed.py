@@ -34,6 +34,18 @@ def maybe_initialize() -> bool:
     return _initialized
 
 
+def preemption_sync_available() -> bool:
+    """True when jax.distributed runs with its preemption service (the default, `jax_enable_preemption_service`):
+    XLA then owns SIGTERM (its handler is installed by jax.distributed.initialize and only records the notice)
+    and `multihost_utils.reached_preemption_sync_point` names one step for every process. A Python SIGTERM
+    handler set afterwards would replace XLA's and silently disable that; the training loop sets none then."""
+    import jax  # (see maybe_initialize)
+    from jax._src import distributed as _dist  # jax 0.10.2 keeps the client and the sync manager here
+
+    state = _dist.global_state
+    return getattr(state, "client", None) is not None and getattr(state, "preemption_sync_manager", None) is not None
+
+
 def is_host0() -> bool:
     import jax  # (see maybe_initialize)
 

@@ -1,5 +1,7 @@
 """Orbax checkpoints with named items (`state`: arrays, `data`: iterator position, `meta`: JSON), restored
-into an abstract tree after a check that names every mismatching parameter path."""
+into an abstract tree after a check that names every mismatching parameter path. The abstract tree carries the
+restoring run's shardings (`abstract_state`), so a checkpoint written on one mesh / process count restores on
+another: Orbax reshards the arrays while reading."""
 from __future__ import annotations
 
 import os
@@ -32,8 +34,17 @@ def manager(directory: str, *, keep: int = 2, async_save: bool = True) -> ocp.Ch
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data: Dict, meta: Dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-                                            meta=ocp.args.JsonSave(meta)))
+    """Save `step` now (the loop decides when: force=True skips Orbax's own save policy, whose preemption check
+    would also advance JAX's preemption step counter with checkpoint steps instead of the loop's ids)."""
+    mngr.save(step, force=True, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data),
+                                                        meta=ocp.args.JsonSave(meta)))
+
+
+def abstract_state(state, shardings):
+    """The restore target: each leaf's shape and dtype with the sharding it has in *this* run. Orbax reads into
+    it whatever mesh or process count wrote the checkpoint (each process reads only its devices' slices)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def _paths(tree) -> Dict[str, Any]:

@@ -1,12 +1,22 @@
 """The training loop: data.train -> pairs -> the jitted step (`train.step`) under Orbax checkpoints with exact
 resume (`train.resume` guards config changes), dev evaluation, and the trained retriever written as a model folder.
+
+The host never waits for the device inside the loop: the next batches are read, tokenized and copied to the
+devices by a background thread (`BatchPrefetcher`) while the step runs, and metrics are read once per
+`log_every` (one step late) and before a checkpoint, the NaN check with them. A preemption notice (SIGTERM, a
+first SIGINT) makes every process stop at the same step and save it (`PreemptionWatch`, exit code
+PREEMPTED_EXIT_CODE); a checkpoint restores on another mesh or process count (docs/preemption.md).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
+import queue
+import signal
+import threading
 import time
 from typing import Optional, Tuple
 
@@ -27,7 +37,7 @@ from bmretriever_jax.convert.hf import copy_tokenizer, load_hf, save_hf
 from bmretriever_jax.data import builders
 from bmretriever_jax.data.loader import PairLoader
 from bmretriever_jax.data.pairs import read_pairs
-from bmretriever_jax.parallel.distributed import is_host0
+from bmretriever_jax.parallel.distributed import is_host0, preemption_sync_available
 from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.util.errors import ConfigError, DataFormatError, InputPathError, UserError
 from bmretriever_jax.eval.evaluate import evaluate_retrieval
@@ -45,6 +55,10 @@ class NonFiniteLoss(UserError, RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 def load_training_pairs(run: RunConfig):
     """data.train entries: pairs JSONL files, or builder names (scifact, pubmedqa, medquad, pretrain:PATH)."""
+    if run.data.prepared:  # a `bmr prepare` folder instead: opened and checked (files, tokenizer), not loaded
+        from bmretriever_jax.data.prepared import open_for_run
+
+        return open_for_run(run)
     names = ", ".join(sorted(builders.BUILDERS))
     if not run.data.train:
         raise ConfigError(f"data.train is empty: list pairs JSONL files or builder names ({names})")
@@ -68,11 +82,135 @@ def load_training_pairs(run: RunConfig):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The seam to the input pipeline, prefetching and preemption
+# ----------------------------------------------------------------------------------------------------
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped on a preemption notice, after saving"; rerun to resume
+
+
+class Preempted(SystemExit):
+    """A preemption notice (SIGTERM, or a first SIGINT) stopped training after every process saved the same
+    step. A SystemExit with code PREEMPTED_EXIT_CODE: `bmr train` exits with it (no traceback), a Python caller
+    can catch it; rerunning the same command resumes from `step`."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step, self.directory = step, directory
+
+
+def make_loader(run: RunConfig, pairs, tokenizer):
+    """The training input: an object with `next(loader)` (this host's tokenized batch as numpy arrays),
+    `state()` (a JSON-able position, the same on every process) and `restore(state)`. The loop uses nothing
+    else of it, so another pipeline slots in here."""
+    # PairLoader over `pairs`, or the grain loader over data.prepared (`pairs` is then the opened folder);
+    # with data.packing the rows are calibrated on the first global batches, the same on every host
+    from bmretriever_jax.data.pipeline import training_loader
+
+    return training_loader(run, tokenizer, pairs)
+
+
+class BatchPrefetcher:
+    """Builds the next batches in a background thread while the device runs the step: `next(loader)`
+    (reading, tokenizing) and `to_global` (the host->device copy). `next()` -> (global batch, the loader's
+    state after that batch): the position to checkpoint once the batch's step is done. Exceptions of the
+    thread re-raise in the caller."""
+
+    _END = object()
+
+    def __init__(self, loader, make_global, depth: int = 2):
+        self._loader, self._make_global = loader, make_global
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bmr-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                host = next(self._loader)
+                self._put((self._make_global(host), copy.deepcopy(self._loader.state())))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put((self._END, e))
+
+    def next(self):
+        batch, state = self._queue.get()
+        if batch is self._END:
+            raise state
+        return batch, state
+
+    def close(self):
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+class PreemptionWatch:
+    """Whether to stop for a preemption notice at a micro-step, the same answer on every process.
+
+    With jax.distributed initialised, XLA's own SIGTERM handler (installed by jax.distributed.initialize)
+    spreads the notice over the coordination service and `reached_preemption_sync_point` names one step for all
+    processes (the slowest reaches the fastest one's step + 1); a Python SIGTERM handler would replace XLA's, so
+    none is set; a first SIGINT is turned into a SIGTERM for XLA. In a single process a Python handler sets a
+    flag (SIGTERM, first SIGINT). A second SIGINT interrupts at once (KeyboardInterrupt).
+    `reached(i)` must be called at every micro-step i = 1, 2, ... of this invocation on every process: ids
+    counted from this invocation's start are equal on all processes and reach a sync step computed from a
+    notice that arrived before the loop (counters still 0)."""
+
+    def __init__(self, mngr):
+        self._mngr = mngr
+        self.synced = preemption_sync_available()
+        self.signal_name: Optional[str] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set in the main thread: no preemption handling
+        if not self.synced:
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+        self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old.clear()
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT:
+            # the second ^C interrupts at once
+            signal.signal(signal.SIGINT, self._old.get(signal.SIGINT) or signal.default_int_handler)
+            if self.synced:
+                signal.raise_signal(signal.SIGTERM)  # to XLA's handler: the notice reaches every process
+        self.signal_name = signal.Signals(signum).name
+
+    def reached(self, i: int) -> bool:
+        if self.synced:
+            return self._mngr.reached_preemption(i)
+        return self.signal_name is not None
+
+
+# ----------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------
 def _log(path: str, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _topology(mesh) -> dict:
+    return {"processes": jax.process_count(), "devices": int(mesh.devices.size),
+            "mesh": [int(mesh.shape[a]) for a in mesh.axis_names]}
 
 
 def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[int] = None,
@@ -82,6 +220,9 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     max_steps_this_run: stop after this many optimizer steps of this invocation (tests of resume).
     allow_config_change: resume although the config differs from the one the run was started with (in more
       than RESUMABLE_CHANGES); the differences are appended to run.out/config_changes.jsonl.
+    A preemption notice (SIGTERM, first SIGINT) saves the step every process agrees on and raises Preempted
+    (a SystemExit with PREEMPTED_EXIT_CODE). The checkpoint restores on any mesh / process count that splits
+    the same global batch (arrays resharded by Orbax; the data position is global).
     """
     # everything a user can get wrong fails here, in a second, before the model loads
     pairs = load_training_pairs(run)
@@ -108,22 +249,24 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     state_shardings = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, state_shardings)
 
-    loader = PairLoader(pairs, run.train.global_batch_size, seed=run.train.seed, num_negatives=run.data.num_negatives,
-                        negatives=run.data.negatives, short=run.data.short, process_index=jax.process_index(),
-                        process_count=jax.process_count(), drop_last=False,
-                        tokenize_fn=make_tokenize_fn(tokenizer, run))
+    loader = make_loader(run, pairs, tokenizer)
 
-    mngr = ckpt.manager(os.path.join(run.out, "checkpoints"), keep=run.train.keep)
-    meta = {"config": to_dict(run), "model_folder": folder, "model_config": model_cfg.to_dict()}
+    ck_dir = os.path.join(run.out, "checkpoints")
+    mngr = ckpt.manager(ck_dir, keep=run.train.keep)
+    topology = _topology(mesh)
+    meta = {"config": to_dict(run), "model_folder": folder, "model_config": model_cfg.to_dict(), "topology": topology}
     say = (lambda msg: print(msg, flush=True)) if is_host0() else (lambda msg: None)
-    restored = ckpt.restore(mngr, jax.eval_shape(lambda s: s, state), warn=say)
+    # the target carries this run's shardings: Orbax reads each device's slices of a checkpoint written on
+    # any other mesh or process count
+    restored = ckpt.restore(mngr, ckpt.abstract_state(state, state_shardings), warn=say)
     log_path = os.path.join(run.out, "metrics.jsonl")
     if restored is not None:
         step0, state, data_state, saved_meta = restored
-        changes = check_resume_config(saved_meta.get("config", {}), run, allow_config_change,
-                                      os.path.join(run.out, "checkpoints"))
-        state = jax.device_put(state, state_shardings)
-        loader.restore(data_state)
+        changes = check_resume_config(saved_meta.get("config", {}), run, allow_config_change, ck_dir)
+        state = jax.device_put(state, state_shardings)  # (already there: a no-op unless a leaf came back elsewhere)
+        saved_batch = saved_meta.get("config", {}).get("train", {}).get("global_batch_size",
+                                                                          run.train.global_batch_size)
+        loader.restore(_map_position(data_state, saved_batch, run.train.global_batch_size, say))
         if is_host0():
             truncate_metrics(log_path, step0 // run.train.grad_accum)
             if changes:
@@ -131,7 +274,9 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                                                                       "time": time.time()})
                 say(f"resuming with config changes (--allow-config-change): {'; '.join(changes)}")
         if not quiet:
-            say(f"resumed from step {step0} ({run.out}/checkpoints)")
+            was = saved_meta.get("topology")
+            moved = f" (written on {_describe(was)}; now {_describe(topology)})" if was and was != topology else ""
+            say(f"resumed from step {step0} ({ck_dir}){moved}")
     if is_host0():
         with open(os.path.join(run.out, "config.yaml"), "w") as f:
             f.write(dump(run))
@@ -140,48 +285,100 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     accum = run.train.grad_accum
     total_micro = run.train.steps * accum
     micro = int(state["step"])
+    micro_start = micro
     stop_at = total_micro if max_steps_this_run is None else min(total_micro, micro + max_steps_this_run * accum)
-    it = iter(loader)
+    schedule = make_schedule(run)
+    cpu = jax.local_devices(backend="cpu")[0]  # the logged lr is computed here, not queued behind a step
     last = {}
+    # metrics stay on the device until they are read: the losses of every micro-step since the last read
+    # (all checked for NaN / inf), and the metrics of the step to log, read one step late so that the next
+    # step is already queued when the host waits
+    unchecked: list = []
+    to_log: Optional[tuple] = None
     t0, seen = time.time(), 0
+
+    def check_finite(upto: Optional[int] = None):
+        """Raise NonFiniteLoss if a loss of the micro-steps up to `upto` (all queued ones by default) is not finite."""
+        now = [(m, loss) for m, loss in unchecked if upto is None or m <= upto]
+        if not now:
+            return
+        values = jax.device_get([loss for _, loss in now])
+        for (m, _), v in zip(now, values):
+            if not math.isfinite(float(v)):
+                raise NonFiniteLoss(f"loss became {float(v)} at step {-(-m // accum)} (micro-step {m}); stopping. "
+                                    f"The last good checkpoint in {ck_dir} is intact; lower train.lr or check the "
+                                    "data.")
+        del unchecked[:len(now)]
+
+    def read_log():
+        nonlocal to_log, last, t0, seen
+        if to_log is None:
+            return
+        step, at, metrics = to_log
+        to_log = None
+        check_finite(at)
+        el = time.time() - t0
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        with jax.default_device(cpu):
+            lr = float(schedule(step))
+        last.update(step=step, examples_per_s=seen / max(el, 1e-9), lr=lr)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_s']:.1f}")
+        if is_host0():
+            _log(log_path, last)
+        t0, seen = time.time(), 0
+
     bar = tqdm(total=total_micro // accum, initial=micro // accum, desc="train", disable=quiet or not is_host0(),
                unit="step")
+    prefetch = None
     try:
-        if run.data.dev and run.train.eval_every and micro == 0 and stop_at > 0:
-            # the untrained model's dev metrics: the baseline every later evaluation is read against
-            params, _ = host_params(run, state, frozen)
-            if is_host0():
-                _log(log_path, {"step": 0, **dev_eval(run, model_cfg, params, tokenizer)})
-        while micro < stop_at:
-            batch = to_global(next(it), mesh)
-            state, metrics = train_step(state, frozen, batch)
-            micro += 1
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss became {loss} at step {micro // accum} (micro-step {micro}); stopping. "
-                                    f"The last good checkpoint in {run.out}/checkpoints is intact; lower train.lr "
-                                    "or check the data.")
-            seen += run.train.global_batch_size
-            if micro % accum:
-                continue
-            step = micro // accum
-            bar.update(1)
-            if step % run.train.log_every == 0 or micro == stop_at:
-                el = time.time() - t0
-                last = {k: float(v) for k, v in metrics.items()}
-                last.update(step=step, examples_per_s=seen / max(el, 1e-9), lr=float(make_schedule(run)(step)))
-                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_s']:.1f}")
+        with PreemptionWatch(mngr) as watch:
+            if run.data.dev and run.train.eval_every and micro == 0 and stop_at > 0:
+                # the untrained model's dev metrics: the baseline every later evaluation is read against
+                params, _ = host_params(run, state, frozen)
                 if is_host0():
-                    _log(log_path, last)
-                t0, seen = time.time(), 0
-            if step % run.train.save_every == 0 or micro == total_micro:
-                ckpt.save(mngr, micro, state, loader.state(), meta)
-            if run.data.dev and run.train.eval_every and step % run.train.eval_every == 0 and micro < total_micro:
-                params, _ = host_params(run, state, frozen)  # every process takes part in the gather
-                if is_host0():
-                    _log(log_path, {"step": step, **dev_eval(run, model_cfg, params, tokenizer)})
-        mngr.wait_until_finished()
+                    _log(log_path, {"step": 0, **dev_eval(run, model_cfg, params, tokenizer)})
+            prefetch = BatchPrefetcher(loader, lambda b: to_global(b, mesh)) if micro < stop_at else None
+            while micro < stop_at:
+                batch, data_state = prefetch.next()
+                state, metrics = train_step(state, frozen, batch)  # dispatched: runs while the host goes on
+                micro += 1
+                seen += run.train.global_batch_size
+                unchecked.append((micro, metrics["loss"]))
+                read_log()  # the previous log step's metrics, now that this step is queued behind them
+                preempted = watch.reached(micro - micro_start) and micro < total_micro
+                boundary = micro % accum == 0
+                step = micro // accum
+                if boundary:
+                    bar.update(1)
+                    if step % run.train.log_every == 0 or micro == stop_at:
+                        to_log = (step, micro, metrics)
+                if (boundary and step % run.train.save_every == 0) or micro == total_micro or preempted:
+                    read_log()
+                    check_finite()  # a checkpoint never holds a state after a NaN
+                    ckpt.save(mngr, micro, state, data_state, meta)
+                if preempted:
+                    read_log()
+                    mngr.wait_until_finished()
+                    if jax.process_count() > 1:  # nobody exits (srun --kill-on-bad-exit) before all have saved
+                        multihost_utils.sync_global_devices("bmr-preempted")
+                    why = watch.signal_name or "a preemption notice"
+                    say(f"bmr train: {why}: saved step {micro // accum}" +
+                        (f" (micro-step {micro})" if accum > 1 else "") +
+                        f" in {ck_dir} on every process; stopping with exit code {PREEMPTED_EXIT_CODE}. "
+                        "Rerun the same command to resume (any mesh that splits the same global batch)")
+                    raise Preempted(micro, ck_dir)
+                if run.data.dev and run.train.eval_every and boundary and step % run.train.eval_every == 0 \
+                        and micro < total_micro:
+                    read_log()
+                    params, _ = host_params(run, state, frozen)  # every process takes part in the gather
+                    if is_host0():
+                        _log(log_path, {"step": step, **dev_eval(run, model_cfg, params, tokenizer)})
+            read_log()
+            check_finite()
+            mngr.wait_until_finished()
     finally:
+        if prefetch is not None:
+            prefetch.close()
         bar.close()
         mngr.close()
     result = dict(last)
@@ -194,6 +391,22 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                 _log(log_path, {"step": micro // accum, **ev})
                 result.update(ev)
     return result
+
+
+def _map_position(data_state: dict, saved_batch: int, batch: int, say) -> dict:
+    """The data position for a resume with another global batch (only with --allow-config-change): the same
+    number of examples into the epoch, in batches of the new size (rounded down)."""
+    if saved_batch == batch or not {"epoch", "step"} <= set(data_state):
+        return data_state
+    step = int(data_state["step"]) * saved_batch // batch
+    say(f"global batch {saved_batch} -> {batch}: continuing epoch {data_state['epoch']} at batch {step} "
+        f"(was {data_state['step']}), after the same {int(data_state['step']) * saved_batch} examples or fewer")
+    return {**data_state, "step": step}
+
+
+def _describe(t: dict) -> str:
+    return (f"{t.get('devices')} devices, mesh {tuple(t.get('mesh', ()))}, "
+            f"{t.get('processes')} process{'es' if t.get('processes', 1) > 1 else ''}")
 
 
 def host_params(run: RunConfig, state, frozen) -> Tuple[dict, dict]:

@@ -10,8 +10,11 @@ from bmretriever_jax.util.atomic import atomic_write
 from bmretriever_jax.config import RunConfig, to_dict
 from bmretriever_jax.util.errors import ConfigError
 
-# what may change between a run and its resume without --allow-config-change: how long it runs, how it reports
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep")
+# what may change between a run and its resume without --allow-config-change: how long it runs, how it reports,
+# and the mesh it runs on (a preempted pod resumes on whatever slice it gets; the checkpoint reshards, and the
+# data position is global). The global batch is not among them: it changes what a step is.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep",
+                     "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> List[str]:
@@ -27,8 +30,21 @@ def config_changes(saved: dict, now: dict, prefix: str = "") -> List[str]:
     return out
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with the keys it lacks taken from `defaults` (recursively): a setting added to bmr after a run
+    started was, in effect, at its default in that run."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = with_defaults(out[k], v)
+    return out
+
+
 def check_resume_config(saved: dict, run: RunConfig, allow: bool, where: str) -> List[str]:
     """The differences that need --allow-config-change; raises ConfigError listing them when not allowed."""
+    saved = with_defaults(saved, to_dict(RunConfig()))
     changes = [c for c in config_changes(saved, to_dict(run)) if c.split(":")[0] not in RESUMABLE_CHANGES]
     if changes and not allow:
         raise ConfigError(f"{where}: the run was started with another config; resuming would change "

@@ -1,0 +1,137 @@
+"""A checkpoint restores on another topology with the same global batch: 8 devices mesh (4,2,1) -> a 4-device
+process with mesh (2,2,1); 2 processes -> 1. Orbax reshards the arrays into the new mesh, the data position is
+global, and the continued losses equal the uninterrupted run's. Another global batch stays a config change."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bmretriever_jax.config import ConfigError, load_config
+from bmretriever_jax.data.pairs import write_pairs
+from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.train import train
+from bmretriever_jax.util import treeutil
+from hf_tiny import tiny_model_dir, tiny_pairs
+
+HERE = os.path.dirname(__file__)
+STEPS, FIRST = 10, 5  # (train.save_every=FIRST)
+# a constant schedule: a first run of FIRST steps (train.steps=FIRST on the command line) is the first FIRST
+# steps of a STEPS run
+COMMON = ["model.max_length=16", "model.query_max_length=8", "model.dtype=float32", "train.global_batch_size=8",
+          "train.save_every=5", "train.log_every=1", "train.warmup_steps=0", "train.schedule=constant",
+          "train.lr=3e-3", "lora.dropout=0.1"]
+LOSS_TOL = 1e-6  # another mesh sums in another order: the same run within float32 rounding
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("topology")
+    model = tiny_model_dir(str(root / "model"), family="llama")
+    pairs = str(root / "pairs.jsonl")
+    write_pairs(pairs, tiny_pairs(64))
+    return model, pairs
+
+
+def _overrides(setup, out, *extra):
+    model, pairs = setup
+    return [f"model.name={model}", f"data.train=[{pairs}]", f"out={out}", *COMMON, *extra]
+
+
+def _env(devices, **extra):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    for k in ("BMR_COORDINATOR", "BMR_NUM_PROCESSES", "BMR_PROCESS_ID"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bmr(args, env):
+    return subprocess.Popen([sys.executable, "-m", "bmretriever_jax.cli", "train", "/dev/null", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(procs):
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err.decode()[-3000:]
+        outs.append(out.decode())
+    return outs
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _trainable(run_dir):
+    _, state, meta = ckpt.restore_params_only(os.path.join(run_dir, "checkpoints"))
+    return treeutil.flatten(state["trainable"]), meta
+
+
+def _assert_continues_like(ref_dir, run_dir):
+    ref, got = _losses(ref_dir), _losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
+    diffs = {s: abs(got[s] - ref[s]) for s in range(FIRST + 1, STEPS + 1)}
+    assert max(diffs.values()) <= LOSS_TOL, diffs
+    a, _ = _trainable(ref_dir)
+    b, meta = _trainable(run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    return meta
+
+
+def test_eight_devices_4x2_restore_on_four_devices_2x2(setup, tmp_path):
+    mesh8 = ["mesh.data=4", "mesh.fsdp=2"]
+    ref = tmp_path / "ref"
+    train(load_config(None, _overrides(setup, ref, f"train.steps={STEPS}", *mesh8)), quiet=True)
+    run = tmp_path / "run"
+    train(load_config(None, _overrides(setup, run, f"train.steps={STEPS}", *mesh8)), quiet=True,
+          max_steps_this_run=FIRST)
+    assert sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit()) == [FIRST]
+    # another global batch is a config change: refused (one line naming it) unless allowed
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size: 8 -> 16.*--allow-config-change"):
+        train(load_config(None, _overrides(setup, other, f"train.steps={STEPS}", *mesh8,
+                                           "train.global_batch_size=16")), quiet=True)
+    train(load_config(None, _overrides(setup, other, f"train.steps={STEPS}", *mesh8, "train.global_batch_size=16")),
+          quiet=True, max_steps_this_run=1, allow_config_change=True)
+    (rec,) = [json.loads(line) for line in open(other / "config_changes.jsonl")]
+    assert rec["changes"] == ["train.global_batch_size: 8 -> 16"]
+    # a process with 4 devices, mesh (2, 2, 1): the mesh change needs no flag
+    (out,) = _finish([_bmr(_overrides(setup, run, f"train.steps={STEPS}", "mesh.data=2", "mesh.fsdp=2"), _env(4))])
+    assert (f"resumed from step {FIRST} ({run}/checkpoints) (written on 8 devices, mesh (4, 2, 1), 1 process; "
+            "now 4 devices, mesh (2, 2, 1), 1 process)") in out
+    meta = _assert_continues_like(ref, run)
+    assert meta["topology"] == {"processes": 1, "devices": 4, "mesh": [2, 2, 1]}
+
+
+def test_two_processes_restore_in_one(setup, tmp_path):
+    """Written by 2 processes x 1 device (mesh (2,1,1)), continued by 1 process on 2 devices (the same mesh shape,
+    one process): the continued losses equal those of the run made in one process throughout."""
+    ref = tmp_path / "ref"
+    train(load_config(None, _overrides(setup, ref, f"train.steps={STEPS}", "mesh.data=2")), quiet=True)
+    run = tmp_path / "run"
+    port = _free_port()
+    _finish([_bmr(_overrides(setup, run, f"train.steps={FIRST}", "mesh.data=2"),
+                  _env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2", BMR_PROCESS_ID=str(i)))
+             for i in range(2)])
+    _, meta = _trainable(run)
+    assert meta["topology"] == {"processes": 2, "devices": 2, "mesh": [2, 1, 1]}
+    # (conftest's 8 fake devices; mesh.data=2 takes the first 2: one process, 2 devices)
+    train(load_config(None, _overrides(setup, run, f"train.steps={STEPS}", "mesh.data=2")), quiet=True)
+    _assert_continues_like(ref, run)
