@@ -41,6 +41,20 @@ class DataSection:
     dev: Optional[str] = None  # BEIR folder for dev NDCG@10 during training
     dev_split: str = "dev"
     dev_task: Optional[str] = None  # instruction for dev queries (task name or literal; default: by folder name)
+    # several texts per row with segment ids (data/packing.py): the step computes text, not padding; the
+    # vectors, loss and gradients equal the padded ones'. Rows per device are chosen from the first batches.
+    packing: bool = False
+    pack_max_segments: int = 16  # texts per packed row at most (GPU attention kernels want a cap)
+    pack_calibration_batches: int = 32  # global batches of epoch 0 whose packing sets the row count
+    # token lengths `bmr plan` sizes packed rows and counts text with (data/length_profiles.json: pretrain,
+    # finetune; or a .json path); "" = the profile named by train.stage
+    length_profile: str = ""
+    # a `bmr prepare` folder (memory-mapped Arrow) read by the grain loader instead of data.train in memory:
+    # batches are built (read, tokenized, packed) by `workers` processes (0 = in this process), each keeping
+    # `prefetch` batches ready (data/grain_loader.py, docs/data-pipeline.md)
+    prepared: Optional[str] = None
+    workers: int = 2
+    prefetch: int = 2
 
 
 @dataclasses.dataclass
@@ -107,7 +121,8 @@ CHOICES = {
 # (path -> (lowest allowed, whether the lowest itself is allowed, highest allowed or None))
 RANGES = {
     "model.max_length": (2, True, None), "model.query_max_length": (2, True, None),
-    "data.num_negatives": (0, True, None),
+    "data.num_negatives": (0, True, None), "data.pack_max_segments": (1, True, None),
+    "data.pack_calibration_batches": (1, True, None), "data.workers": (0, True, None), "data.prefetch": (0, True, None),
     "lora.rank": (1, True, None), "lora.alpha": (0, False, None), "lora.dropout": (0, True, 0.999),
     "train.steps": (1, True, None), "train.global_batch_size": (1, True, None), "train.grad_accum": (1, True, None),
     "train.grad_cache_chunk": (0, True, None), "train.lr": (0, False, None), "train.warmup_steps": (0, True, None),

@@ -136,11 +136,12 @@ def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_ma
 def encode(cfg: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
            pooling: str = "last", normalize: bool = True, dtype: Any = "auto", bidirectional: bool = False,
            remat: bool = False, dropout: float = 0.0, dropout_key: Optional[jax.Array] = None,
-           activation_sharding: Optional[jax.sharding.Sharding] = None) -> jax.Array:
+           activation_sharding: Optional[jax.sharding.Sharding] = None, max_segments: int = 0) -> jax.Array:
     """input_ids, attention_mask [B, T] -> `Encoder` vectors [B, D] float32 (pooled, optionally L2-normalised);
-    the other arguments as for `forward`."""
+    the other arguments as for `forward`. max_segments K > 0: packed rows (attention_mask = segment ids) ->
+    slot vectors [B, K, D] (see `ops.pool_segments`)."""
     kw, rngs = _module_kw(dtype, bidirectional, remat, dropout, dropout_key, activation_sharding)
-    module = Encoder(cfg, pooling=pooling, normalize=normalize, **kw)
+    module = Encoder(cfg, pooling=pooling, normalize=normalize, max_segments=max_segments, **kw)
     return _apply_rows(module, params, input_ids, attention_mask, rngs)
 
 

@@ -39,7 +39,9 @@ from flax import struct
 
 from bmretriever_jax.models.config import ModelConfig
 from bmretriever_jax.models.ops import (NEG_INF, activation, apply_rope, attention_bias, lora_linear, mp_einsum, norm,
-                                        pool, positions_from_mask, rope_tables)
+                                        pool, pool_segments, positions_from_mask, rope_tables,
+                                        segment_attention_bias,
+                                        segment_positions)
 
 _normal = nn.initializers.normal(0.02)
 
@@ -311,24 +313,30 @@ class Decoder(nn.Module):
             kvs.append(kv)
         return x, (None if kvs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs))
 
-    def _sequence_context(self, attention_mask: jax.Array, causal: bool, return_kv: bool = False) -> Context:
+    def _sequence_context(self, attention_mask: jax.Array, causal: bool, return_kv: bool = False,
+                          packed: bool = False) -> Context:
+        """packed: `attention_mask` holds segment ids (several texts per row, see `ops.segment_positions`)."""
         cfg = self.cfg
         T = attention_mask.shape[1]
-        positions = positions_from_mask(attention_mask)
-        bias_full = attention_bias(attention_mask, causal=causal, window=None)
+        if packed:
+            positions = segment_positions(attention_mask)
+            bias = lambda window: segment_attention_bias(attention_mask, causal=causal, window=window)  # noqa: E731
+        else:
+            positions = positions_from_mask(attention_mask)
+            bias = lambda window: attention_bias(attention_mask, causal=causal, window=window)  # noqa: E731
         # a window at least as wide as the sequence masks nothing: no second mask, no per-layer select
         window_bites = cfg.sliding_window is not None and (T > cfg.sliding_window if causal
                                                            else T - 1 > cfg.sliding_window // 2)
         return Context(
-            rope_global=rope_tables(cfg, positions, cfg.rope_theta), bias_full=bias_full,
+            rope_global=rope_tables(cfg, positions, cfg.rope_theta), bias_full=bias(None),
             rope_local=rope_tables(cfg, positions, cfg.rope_local_theta) if cfg.rope_local_theta else None,
-            bias_local=attention_bias(attention_mask, causal=causal, window=cfg.sliding_window) if window_bites
-            else None, return_kv=return_kv)
+            bias_local=bias(cfg.sliding_window) if window_bites else None, return_kv=return_kv)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """input_ids, attention_mask [B, T] (left padded) -> final hidden states [B, T, D] float32."""
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, packed: bool = False) -> jax.Array:
+        """input_ids, attention_mask [B, T] (left padded) -> final hidden states [B, T, D] float32.
+        packed: attention_mask holds segment ids instead (0 = padding, 1.. = the texts of a row)."""
         x = _pin(self.embed(input_ids), self.activation_sharding)
-        x, _ = self._layers(x, self._sequence_context(attention_mask, causal=not self.bidirectional))
+        x, _ = self._layers(x, self._sequence_context(attention_mask, causal=not self.bidirectional, packed=packed))
         return self.final_norm(x)
 
     def prefill(self, input_ids: jax.Array, attention_mask: jax.Array):
@@ -369,9 +377,14 @@ class Decoder(nn.Module):
 
 class Encoder(Decoder):
     """Decoder + pooling (last token / masked mean) + optional L2 norm: [B, T] ids, mask -> [B, D] float32.
-    The same parameter tree as `Decoder`."""
+    The same parameter tree as `Decoder`. max_segments K > 0: packed rows, the mask holds segment ids, and the
+    output is one vector per segment slot [B, K, D] (`ops.pool_segments`; `ops.gather_slots` orders them)."""
     pooling: str = "last"
     normalize: bool = True
+    max_segments: int = 0
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        if self.max_segments:
+            hidden = super().__call__(input_ids, attention_mask, packed=True)
+            return pool_segments(hidden, attention_mask, self.max_segments, self.pooling, self.normalize)
         return pool(super().__call__(input_ids, attention_mask), attention_mask, self.pooling, self.normalize)

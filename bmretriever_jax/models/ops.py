@@ -216,6 +216,71 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Packed sequences: several texts per row, told apart by segment ids (0 = padding, 1..K = the texts of the row
+# in order, each contiguous). Attention never crosses a segment, positions restart at 0 in each, and pooling
+# is per segment, so a packed text gets the vector it gets alone in a padded row.
+# ----------------------------------------------------------------------------------------------------
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids [B, T] -> positions [B, T]: 0, 1, ... from the first token of each segment (0 on padding)."""
+    T = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(T), segment_ids.shape)
+    prev = jnp.pad(segment_ids, [(0, 0)] * (segment_ids.ndim - 1) + [(1, 0)], constant_values=-1)[..., :-1]
+    start = jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=segment_ids.ndim - 1)
+    return jnp.where(segment_ids > 0, idx - start, 0)
+
+
+def segment_attention_bias(segment_ids: jax.Array, *, causal: bool, window: Optional[int]) -> jax.Array:
+    """segment_ids [B, T] -> additive bias [B, 1, T, T]: `attention_bias`'s rules (causal, windows) inside each
+    segment, nothing across segments or to padding. Segments are contiguous, so the index distance inside one
+    is the position distance, as in a padded row."""
+    T = segment_ids.shape[1]
+    q = jnp.arange(T)[:, None]
+    k = jnp.arange(T)[None, :]
+    allowed = jnp.ones((T, T), bool)
+    if causal:
+        allowed &= k <= q
+    if window is not None:
+        allowed &= (q - k < window) if causal else (jnp.abs(q - k) <= window // 2)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    return jnp.where(allowed[None] & same, 0.0, NEG_INF)[:, None]
+
+
+def pool_segments(hidden: jax.Array, segment_ids: jax.Array, max_segments: int, pooling: str,
+                  normalize: bool) -> jax.Array:
+    """hidden [B, T, D], segment_ids [B, T] -> one vector per segment slot [B, K, D] float32 (K = max_segments;
+    an empty slot is zeros). last: the segment's last token (its EOS, as left padding puts it at T-1); mean:
+    the mean over the segment's tokens. Row-local (a one-hot [B, K, T] contraction), so a batch-sharded
+    hidden stays sharded."""
+    slots = jnp.arange(1, max_segments + 1)
+    member = segment_ids[:, None, :] == slots[None, :, None]  # [B, K, T]
+    if pooling == "last":
+        nxt = jnp.pad(segment_ids, ((0, 0), (0, 1)))[:, 1:]
+        member &= (segment_ids != nxt)[:, None, :]
+    elif pooling != "mean":
+        raise ValueError(f"unknown pooling {pooling!r}; allowed: last, mean")
+    w = member.astype(jnp.float32)
+    v = jnp.einsum("bkt,btd->bkd", w, hidden.astype(jnp.float32))
+    if pooling == "mean":
+        v = v / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+    if normalize:  # an empty slot is all zeros: the norm's gradient there must be 0, not NaN
+        v = v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))
+    return v
+
+
+def gather_slots(slot_vectors: jax.Array, slot_index: jax.Array, n_shards: int = 1) -> jax.Array:
+    """Slot vectors [R, K, D] + each text's slot [N] -> texts' vectors [N, D] in the original order.
+
+    Rows and texts are both split into `n_shards` contiguous blocks (the blocks a batch-sharded array has);
+    text j of block s sits in row slot_index[j] // K, slot slot_index[j] % K, counted inside block s. The
+    gather stays inside each block, so no device reads another's vectors."""
+    R, K, D = slot_vectors.shape
+    N = slot_index.shape[0]
+    blocks = slot_vectors.reshape(n_shards, (R // n_shards) * K, D)
+    idx = slot_index.reshape(n_shards, N // n_shards, 1)
+    return jnp.take_along_axis(blocks, idx, axis=1).reshape(N, D)
+
+
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str, normalize: bool) -> jax.Array:
     """hidden [B, T, D], mask [B, T] -> [B, D] float32 (last token: left padding puts it at T-1)."""
     if pooling == "last":

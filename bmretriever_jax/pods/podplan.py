@@ -36,12 +36,14 @@ MISSING_EXIT = 2
 # ----------------------------------------------------------------------------------------------------
 # FLOPs of one step, analytic
 # ----------------------------------------------------------------------------------------------------
-def step_flops(cfg, run: RunConfig) -> Dict[str, float]:
+def step_flops(cfg, run: RunConfig, n_shards: int = 1) -> Dict[str, float]:
     """FLOPs of one optimizer micro-step (2 per multiply-add), by part.
 
     forward: the weight matmuls of every layer (q, k, v, o, MLP; LoRA's x @ A and (x A) @ B) and attention's
-      QK^T and PV over the full padded T x T (the mask does not skip work), for every query and passage token;
-      embedding lookups and norms are not counted (no multiply-adds of consequence).
+      QK^T and PV over the full row T x T (the mask does not skip work), for every computed token: padded,
+      B query rows and B*G passage rows; packed (data.packing), the rows the data's length profile needs
+      (`stepcompile.packing_plan`, with n_shards batch shards, as on the mesh); embedding lookups and norms
+      are not counted (no multiply-adds of consequence).
     backward: gradients w.r.t. activations for every matmul (1x its forward) plus gradients w.r.t. weights
       (another 1x) only for trained weights: full fine-tuning 2x the forward, LoRA 1x for the frozen base
       (activation gradients only) + 2x for the adapters and attention.
@@ -49,7 +51,10 @@ def step_flops(cfg, run: RunConfig) -> Dict[str, float]:
     grad_cache: the gradient cache's first forward that only makes the vectors (1x forward).
     loss: the query x passage similarities and their gradients (3 x 2 B x BG x D).
     model = forward + backward (the MFU numerator); executed = all of the above (what the chips run).
+    tokens: computed tokens per step (text + padding); text_tokens: the profile's text in them.
     """
+    from bmretriever_jax.pods.stepcompile import packing_plan
+
     m, t = run.model, run.train
     B, G = t.global_batch_size, 1 + run.data.num_negatives
     D, L, I = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size
@@ -67,8 +72,10 @@ def step_flops(cfg, run: RunConfig) -> Dict[str, float]:
             path = f"layers/{group}/{name}/kernel"
             if any(re.search(rx, path) for rx in run.lora.targets):
                 lora += 2 * run.lora.rank * (a + b)
-    tokens = B * m.query_max_length + B * G * m.max_length
-    attn = sum(n * 4 * T * T * q for n, T in ((B, m.query_max_length), (B * G, m.max_length)))  # QK^T + PV
+    pp = packing_plan(run, n_shards)
+    rows_q, rows_p = pp["query"]["rows"], pp["passage"]["rows"]
+    tokens = rows_q * m.query_max_length + rows_p * m.max_length
+    attn = sum(n * 4 * T * T * q for n, T in ((rows_q, m.query_max_length), (rows_p, m.max_length)))  # QK^T + PV
     fwd_base, fwd_lora, fwd_attn = L * tokens * base, L * tokens * lora, L * attn
     forward = fwd_base + fwd_lora + fwd_attn
     if run.lora.enabled:
@@ -79,7 +86,8 @@ def step_flops(cfg, run: RunConfig) -> Dict[str, float]:
     grad_cache = forward if t.grad_cache_chunk else 0.0
     loss = 3 * 2 * B * B * G * D
     model = forward + backward + loss
-    return {"tokens": float(tokens), "forward": forward, "backward": backward, "remat": remat,
+    return {"tokens": float(tokens), "text_tokens": float(pp["text_tokens"]), "text_share": pp["text_share"],
+            "forward": forward, "backward": backward, "remat": remat,
             "grad_cache": grad_cache, "loss": float(loss), "model": model,
             "executed": model + remat + grad_cache}
 
@@ -88,7 +96,8 @@ def throughput(flops: Dict[str, float], run: RunConfig, target: Target, util: fl
     """Step time, examples/s and tokens/s when the chips run the executed FLOPs at `util` of their peak."""
     step_s = flops["executed"] / (target.n_chips * target.chip.peak_bf16_tflops * 1e12 * util)
     return {"util": util, "step_s": step_s, "examples_per_s": run.train.global_batch_size / step_s,
-            "tokens_per_s": flops["tokens"] / step_s, "hours": step_s * run.train.steps * run.train.grad_accum / 3600,
+            "tokens_per_s": flops["tokens"] / step_s, "text_tokens_per_s": flops["text_tokens"] / step_s,
+            "hours": step_s * run.train.steps * run.train.grad_accum / 3600,
             "mfu": util * flops["model"] / flops["executed"]}
 
 
@@ -304,7 +313,7 @@ def format_report(res: dict, run: RunConfig, target: Target, cfg=None) -> List[s
     est = res["estimate_bytes"]
     lines.append(f"estimate   {_gib(est)} GiB (CPU-calibrated, `bmr plan --devices`): "
                  f"{100 * (est - mem['peak']) / mem['peak']:+.0f}% vs the compile")
-    fl = step_flops(cfg, run)
+    fl = step_flops(cfg, run, d * f)
     parts = [f"forward {fl['forward']:.3g}", f"backward {fl['backward']:.3g} "
              f"({'LoRA: activation grads for the frozen base' if run.lora.enabled else 'full: 2x forward'})"]
     if fl["remat"]:
@@ -313,15 +322,23 @@ def format_report(res: dict, run: RunConfig, target: Target, cfg=None) -> List[s
         parts.append(f"gradient-cache first forward {fl['grad_cache']:.3g}")
     lines.append(f"FLOPs      {fl['executed']:.3g} per step executed = " + " + ".join(parts)
                  + f" + loss {fl['loss']:.2g}; model FLOPs (fwd + bwd) {fl['model']:.3g}")
-    lines.append(f"tokens     {fl['tokens']:,.0f} per step ({res['global_batch_size']} queries x "
-                 f"{run.model.query_max_length} + {res['global_batch_size'] * (1 + run.data.num_negatives)} passages"
-                 f" x {run.model.max_length}); peak bf16 {chip.peak_bf16_tflops:g} TFLOP/s per chip")
-    lines.append(f"{'utilisation':<14}{'MFU':>6}{'step s':>10}{'examples/s':>12}{'tokens/s':>12}"
+    B, G = res["global_batch_size"], 1 + run.data.num_negatives
+    from bmretriever_jax.pods.stepcompile import packing_plan
+
+    pp = packing_plan(run, d * f)
+    how = (f"packed: {pp['query']['rows']:,} rows x {run.model.query_max_length} for {B} queries + "
+           f"{pp['passage']['rows']:,} rows x {run.model.max_length} for {B * G} passages"
+           if run.data.packing else f"padded: {B} queries x {run.model.query_max_length} + {B * G} passages x "
+           f"{run.model.max_length}")
+    lines.append(f"tokens     {fl['tokens']:,.0f} computed per step ({how}); text {fl['text_tokens']:,.0f} "
+                 f"({fl['text_share']:.0%}, length profile '{run.data.length_profile or run.train.stage}'); "
+                 f"peak bf16 {chip.peak_bf16_tflops:g} TFLOP/s per chip")
+    lines.append(f"{'utilisation':<14}{'MFU':>6}{'step s':>10}{'examples/s':>12}{'text tok/s':>12}"
                  f"{'hours for %d steps' % run.train.steps:>22}")
     for u in UTILISATIONS:
         th = throughput(fl, run, target, u)
         lines.append(f"{f'{u:.0%} of peak':<14}{th['mfu']:>6.0%}{th['step_s']:>10.3f}{th['examples_per_s']:>12,.0f}"
-                     f"{th['tokens_per_s']:>12,.0f}{th['hours']:>22.2f}")
+                     f"{th['text_tokens_per_s']:>12,.0f}{th['hours']:>22.2f}")
     return lines
 
 

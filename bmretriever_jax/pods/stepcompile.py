@@ -33,6 +33,19 @@ def abstract_train_state(model_cfg: ModelConfig, run: RunConfig):
     return optimizer, state, frozen
 
 
+def packing_plan(run: RunConfig, n_shards: int) -> Dict:
+    """Rows and tokens of the run's step on data of its length profile (`data.packing.plan_packing`):
+    packed when data.packing is on, else padded."""
+    from bmretriever_jax.data import packing
+
+    profile = packing.load_profile(run.data.length_profile or
+                                   ("pretrain" if run.train.stage == "pretrain" else "finetune"))
+    return packing.plan_packing(profile, global_batch=run.train.global_batch_size, group=1 + run.data.num_negatives,
+                                n_shards=n_shards, query_length=run.model.query_max_length,
+                                passage_length=run.model.max_length, max_segments=run.data.pack_max_segments,
+                                packed=run.data.packing)
+
+
 def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
     """(optimizer, state shardings, state, frozen, batch) as ShapeDtypeStructs carrying their shardings."""
     import jax
@@ -60,7 +73,15 @@ def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
     B, G = run.train.global_batch_size, 1 + run.data.num_negatives
     rows = NamedSharding(mesh, P(BATCH_AXES))
     Tq, Tp = run.model.query_max_length, run.model.max_length
-    batch = {"q_ids": (B, Tq), "q_mask": (B, Tq), "p_ids": (B * G, Tp), "p_mask": (B * G, Tp)}
+    if run.data.packing:  # rows sized from the data's length profile, as a run calibrates them
+        from bmretriever_jax.train.step import batch_shards
+
+        pp = packing_plan(run, batch_shards(mesh))
+        Rq, Rp = pp["query"]["rows"], pp["passage"]["rows"]
+        batch = {"q_ids": (Rq, Tq), "q_seg": (Rq, Tq), "q_slot": (B,),
+                 "p_ids": (Rp, Tp), "p_seg": (Rp, Tp), "p_slot": (B * G,)}
+    else:
+        batch = {"q_ids": (B, Tq), "q_mask": (B, Tq), "p_ids": (B * G, Tp), "p_mask": (B * G, Tp)}
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rows) for k, s in batch.items()}
     return optimizer, st_sh, with_sharding(state, st_sh), with_sharding(frozen, fr_sh), batch
 

@@ -215,7 +215,8 @@ class _Chunking:
 def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_batch: PyTree, p_batch: PyTree,
                *, chunk_size: int, loss_fn: Callable[..., Tuple[Array, Dict[str, Array]]],
                mesh: Optional[Mesh] = None, axis: AxisName = "data",
-               loss_params: Optional[PyTree] = None) -> Tuple[Array, Dict[str, Array], PyTree]:
+               loss_params: Optional[PyTree] = None, q_select: Optional[Callable[[Array], Array]] = None,
+               p_select: Optional[Callable[[Array], Array]] = None) -> Tuple[Array, Dict[str, Array], PyTree]:
     """Full-batch contrastive loss and parameter gradients with one chunk's activation memory (GradCache).
 
     1. Embed all queries and passages chunk by chunk (lax.map, no activations kept).
@@ -244,6 +245,9 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
         Parameters may have any sharding (GSPMD handles, e.g., FSDP gathers). B must then be divisible
         by the number of shards.
       loss_params: optional pytree of extra loss parameters, differentiated too.
+      q_select, p_select: packed rows (data/packing.py): embed_fn returns one vector per segment slot of a row
+        ([rows, K, d]), and these map all rows' slot vectors to the texts' vectors ([B, d], [B*G, d]) before
+        the loss (`models.ops.gather_slots`); q_batch / p_batch are then rows, in any number.
     Returns:
       (loss, metrics, grads): grads has the structure of `params` (and dtype of each leaf; accumulated in
       float32), or is (param_grads, loss_param_grads) when `loss_params` is given.
@@ -253,9 +257,10 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
     axes = _axes_tuple(axis)
     n_shards = 1 if mesh is None else _num_shards(mesh, axes)
     n_q, n_p = _leading_dim(q_batch, "q_batch"), _leading_dim(p_batch, "p_batch")
-    if n_p % n_q:
+    if (q_select is None) != (p_select is None):
+        raise ValueError("give both q_select and p_select (packed rows), or neither")
+    if q_select is None and n_p % n_q:
         raise ValueError(f"p_batch has {n_p} rows, not a multiple of the {n_q} queries")
-    group = n_p // n_q
     q_cut = _Chunking(n_q, n_shards, chunk_size, "q_batch")
     p_cut = _Chunking(n_p, n_shards, chunk_size, "p_batch")
 
@@ -281,7 +286,9 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
 
     # -- 2. loss and its gradient w.r.t. the vectors --
     def loss_of_vectors(qv, pv, *extra):
-        return loss_fn(qv, pv.reshape((n_q, group) + pv.shape[1:]), *extra)
+        if q_select is not None:
+            qv, pv = q_select(qv), p_select(pv)
+        return loss_fn(qv, pv.reshape((qv.shape[0], pv.shape[0] // qv.shape[0]) + pv.shape[1:]), *extra)
 
     extra = () if loss_params is None else (loss_params,)
     argnums = tuple(range(2 + len(extra)))

@@ -18,7 +18,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bmretriever_jax.data import packing
 from bmretriever_jax.models import lora as lora_lib
+from bmretriever_jax.models.ops import gather_slots
 from bmretriever_jax.train import losses
 from bmretriever_jax.parallel import sharding
 from bmretriever_jax.util import treeutil
@@ -41,19 +43,57 @@ def make_mesh(run: RunConfig, devices=None) -> Mesh:
     return sharding.device_mesh(shape, devices[: math.prod(shape)])
 
 
-def make_tokenize_fn(tokenizer, run: RunConfig):
-    """Loader items -> fixed-shape int32 arrays (left padded): queries [B, Tq], passages [B*G, Tp]."""
+def _texts(items: List[dict]) -> Tuple[List[str], List[str]]:
+    queries = [format_query(it["query"], it.get("instruction") or instruction_for(it.get("task"))) for it in items]
+    passages = [format_passage(d) for it in items for d in [it["positive"]] + list(it["negatives"])]
+    return queries, passages
+
+
+def batch_shards(mesh_or_sizes) -> int:
+    """How many blocks a global batch is split into over the batch axes (data x fsdp)."""
+    shape = dict(mesh_or_sizes.shape) if isinstance(mesh_or_sizes, Mesh) else dict(mesh_or_sizes)
+    return math.prod(shape.get(a, 1) for a in BATCH_AXES)
+
+
+def make_tokenize_fn(tokenizer, run: RunConfig, *, pack_rows: Tuple[int, int] | None = None, n_local_shards: int = 1):
+    """Loader items -> fixed-shape int32 arrays. Padded (data.packing off): queries q_ids / q_mask [B, Tq] and
+    passages p_ids / p_mask [B*G, Tp], left padded. Packed: q_ids / q_seg [n_local_shards * Rq, Tq] with
+    q_slot [B] and p_ids / p_seg / p_slot likewise (data/packing.py), Rq, Rp = pack_rows per shard (from
+    `calibrate_packing`); a batch that does not fit them takes the fallback of one text per row."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     Tq, Tp = run.model.query_max_length, run.model.max_length
+    K = run.data.pack_max_segments
 
     def fn(items: List[dict]) -> Dict[str, np.ndarray]:
-        queries = [format_query(it["query"], it.get("instruction") or instruction_for(it.get("task"))) for it in items]
-        passages = [format_passage(d) for it in items for d in [it["positive"]] + list(it["negatives"])]
-        q_ids, q_mask = pad_left(tokenize(tokenizer, queries, Tq), Tq, pad_id)
-        p_ids, p_mask = pad_left(tokenize(tokenizer, passages, Tp), Tp, pad_id)
-        return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
+        queries, passages = _texts(items)
+        q_tok, p_tok = tokenize(tokenizer, queries, Tq), tokenize(tokenizer, passages, Tp)
+        if not run.data.packing:
+            q_ids, q_mask = pad_left(q_tok, Tq, pad_id)
+            p_ids, p_mask = pad_left(p_tok, Tp, pad_id)
+            return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
+        out = {}
+        for name, toks, T, rows in (("q", q_tok, Tq, pack_rows[0]), ("p", p_tok, Tp, pack_rows[1])):
+            packed = packing.pack(toks, n_shards=n_local_shards, rows=rows, length=T, max_segments=K, pad_id=pad_id)
+            if packed is None:  # the fallback shape: one text per row
+                packed = packing.pack(toks, n_shards=n_local_shards, rows=len(toks) // n_local_shards, length=T,
+                                      max_segments=K, pad_id=pad_id)
+            out.update({f"{name}_ids": packed["ids"], f"{name}_seg": packed["seg"], f"{name}_slot": packed["slot"]})
+        return out
 
     return fn
+
+
+def calibrate_packing(tokenizer, run: RunConfig, global_batches: List[List[dict]], n_shards: int) -> Tuple[int, int]:
+    """Packed rows per shard (queries, passages) for a run: the most any shard of these global batches needs
+    (a deterministic sample: the first batches of epoch 0, the same on every host)."""
+    K = run.data.pack_max_segments
+    q_lengths, p_lengths = [], []
+    for items in global_batches:
+        queries, passages = _texts(items)
+        q_lengths.append([len(t) for t in tokenize(tokenizer, queries, run.model.query_max_length)])
+        p_lengths.append([len(t) for t in tokenize(tokenizer, passages, run.model.max_length)])
+    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K),
+            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K))
 
 
 def to_global(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
@@ -144,31 +184,52 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
     # fsdp x the activations (with data>1 and fsdp>1; an fsdp-only mesh has no second axis to fall back to).
     act = NamedSharding(mesh, P(BATCH_AXES, None, None)) if sharded else None
 
+    n_shards = batch_shards(mesh) if sharded else 1
+    K = run.data.pack_max_segments
+
+    def texts(slots, slot_index):  # packed slot vectors [R, K, D] -> the texts' vectors [N, D] in batch order
+        v = gather_slots(slots, slot_index, n_shards)
+        return v if act is None else jax.lax.with_sharding_constraint(v, NamedSharding(mesh, P(BATCH_AXES, None)))
+
     def plain_loss(trainable, frozen, batch, key):
         params = assemble(run, trainable["model"], frozen)
         kq, kp = jax.random.split(key)
-        q = embed_batch(model_cfg, params, batch["q_ids"], batch["q_mask"], dropout=dropout, dropout_key=kq,
-                        activation_sharding=act, **embed_kw)
-        p = embed_batch(model_cfg, params, batch["p_ids"], batch["p_mask"], dropout=dropout, dropout_key=kp,
-                        activation_sharding=act, **embed_kw)
+        if "q_seg" in batch:  # packed rows
+            q = texts(embed_batch(model_cfg, params, batch["q_ids"], batch["q_seg"], dropout=dropout, dropout_key=kq,
+                                  activation_sharding=act, max_segments=K, **embed_kw), batch["q_slot"])
+            p = texts(embed_batch(model_cfg, params, batch["p_ids"], batch["p_seg"], dropout=dropout, dropout_key=kp,
+                                  activation_sharding=act, max_segments=K, **embed_kw), batch["p_slot"])
+        else:
+            q = embed_batch(model_cfg, params, batch["q_ids"], batch["q_mask"], dropout=dropout, dropout_key=kq,
+                            activation_sharding=act, **embed_kw)
+            p = embed_batch(model_cfg, params, batch["p_ids"], batch["p_mask"], dropout=dropout, dropout_key=kp,
+                            activation_sharding=act, **embed_kw)
         p = p.reshape(q.shape[0], -1, p.shape[-1])
         return loss_fn(q, p, scale=scale_of(trainable))
 
     def cached_loss_and_grads(trainable, frozen, batch):
+        packed = "q_seg" in batch
+        mask_key = "seg" if packed else "mask"
+
         def embed_fn(model_tree, chunk):
             params = assemble(run, model_tree, frozen)
-            return embed_batch(model_cfg, params, chunk["ids"], chunk["mask"], activation_sharding=act, **embed_kw)
+            return embed_batch(model_cfg, params, chunk["ids"], chunk["mask"], activation_sharding=act,
+                               **(dict(embed_kw, max_segments=K) if packed else embed_kw))
 
-        qb = {"ids": batch["q_ids"], "mask": batch["q_mask"]}
-        pb = {"ids": batch["p_ids"], "mask": batch["p_mask"]}
+        qb = {"ids": batch["q_ids"], "mask": batch[f"q_{mask_key}"]}
+        pb = {"ids": batch["p_ids"], "mask": batch[f"p_{mask_key}"]}
+        select = {}
+        if packed:
+            select = dict(q_select=lambda v: texts(v, batch["q_slot"]), p_select=lambda v: texts(v, batch["p_slot"]))
         if t.learn_temperature:
             lf = lambda q, p, s: loss_fn(q, p, scale=s)  # noqa: E731
             loss, metrics, (g_model, g_scale) = losses.grad_cache(
                 embed_fn, trainable["model"], qb, pb, chunk_size=t.grad_cache_chunk, loss_fn=lf,
-                mesh=mesh if sharded else None, axis=BATCH_AXES, loss_params=trainable["log_scale"])
+                mesh=mesh if sharded else None, axis=BATCH_AXES, loss_params=trainable["log_scale"], **select)
             return loss, metrics, {"model": g_model, "log_scale": g_scale}
         loss, metrics, g_model = losses.grad_cache(embed_fn, trainable["model"], qb, pb, chunk_size=t.grad_cache_chunk,
-                                                   loss_fn=loss_fn, mesh=mesh if sharded else None, axis=BATCH_AXES)
+                                                   loss_fn=loss_fn, mesh=mesh if sharded else None, axis=BATCH_AXES,
+                                                   **select)
         return loss, metrics, {"model": g_model}
 
     def train_step(state, frozen, batch):
