@@ -25,6 +25,17 @@ from test_readme_commands import BMR, ROOT, make_clone, tiny_fixtures
 
 PACKAGE = os.path.join(ROOT, "bmretriever_jax")
 NAMES_BMR = re.compile(r"(?<![\w/.-])bmr (?=\S)")
+COMMANDS = set(next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+def names_a_command(text: str) -> bool:
+    """`bmr X` in backticks, or bmr followed by a command, an option or an f-string field ("this bmr reads" is
+    prose about the program, not a command)."""
+    for m in NAMES_BMR.finditer(text):
+        word = text[m.end():].split()[0].rstrip(":,;.)`'")
+        if text[m.start() - 1:m.start()] == "`" or word in COMMANDS or word.startswith(("-", "{")):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ def printed_hints() -> List[Found]:
                 skip.update(id(v) for v in ast.walk(node) if v is not node)
         for node in ast.walk(tree):
             text = _text(node)
-            if text is not None and id(node) not in skip and NAMES_BMR.search(text):
+            if text is not None and id(node) not in skip and names_a_command(text):
                 found.append(Found(os.path.relpath(path, ROOT), node.lineno, text))
     return found
 
@@ -125,6 +136,13 @@ def _check_usage(argv, r, clone):
 
 def _check_mined(argv, r, clone):
     assert "wrote" in r.stdout and (clone / argv[argv.index("--out") + 1]).stat().st_size > 0, r.stdout
+
+
+def _check_prepared(argv, r, clone):
+    """The folder made is one that the reader printing the hints accepts."""
+    from bmretriever_jax.data.prepared import read_manifest
+
+    assert read_manifest(str(clone / argv[argv.index("--out") + 1]))
 
 
 def _provoke_error_prefix(clone):
@@ -202,6 +220,13 @@ HINTS = [
                 ["encode", "--model", "exported", "--input", "few.jsonl", "--out", "vecs"]],
          check=lambda a, r, c: ("hf export written to exported" if a[0] == "export" else "wrote 4 x 64 vectors")
          in r.stdout),
+    Hint("bmretriever_jax/data/prepared.py", r"`bmr prepare`", RUN,
+         "errors reading data.prepared name the command that makes the folder: run on a small pairs file",
+         argvs=[["prepare", "pairs.jsonl", "--out", "prepared"]],
+         check=_check_prepared),
+    Hint("bmretriever_jax/cli/data.py", r"a name from `bmr info` or a folder", RUN,
+         "`bmr prepare --tokenizer` help: what `bmr info` takes; run on the tiny model folder",
+         argvs=[["info", "TINY_MODEL"]], check=lambda a, r, c: "parameters" in r.stdout),
     Hint("bmretriever_jax/data/builders.py", r"see `bmr info --data`", PARSE, "`bmr pairs --source` help",
          known_bad="`bmr info` has no --data option (it takes a MODEL): the help of `bmr pairs --source` in "
                    "data/builders.py should name the data folder another way"),

@@ -222,6 +222,12 @@ def _check_plot(argv, r, clone):
         assert curves["literature"][1], "the fixture logs dev NDCG@10"
 
 
+def _check_prepared(argv, r, clone):
+    from bmretriever_jax.data.prepared import read_manifest  # the reader data.prepared uses
+
+    assert read_manifest(str(clone / _opt(argv, "--out")))
+
+
 def _prepare_plan(argv, clone):
     return argv if "--no-compile" in argv else argv + ["--no-compile"]  # the compile is tested in test_plan.py
 
@@ -267,6 +273,8 @@ BMR_RULES = [
     Rule("mine", RUN, "BM25 over a pairs file: seconds", lambda a: a[0] == "mine", prepare=_prepare_mine,
          check=_check_mine),
     Rule("plot", RUN, "on the fixture runs", lambda a: a[0] == "plot", prepare=_prepare_plot, check=_check_plot),
+    Rule("prepare", RUN, "shipped pairs -> Arrow (token ids with the tiny tokenizer): seconds",
+         lambda a: a[0] == "prepare", check=_check_prepared),
     Rule("merge of the quickstart's experts", RUN, "the tiny experts of the fixture: seconds",
          lambda a: a[0] == "merge" and a[1].startswith("runs/quickstart/"), prepare=_prepare_merge,
          check=_check_model_folder),
