@@ -227,9 +227,6 @@ HINTS = [
     Hint("bmretriever_jax/cli/data.py", r"a name from `bmr info` or a folder", RUN,
          "`bmr prepare --tokenizer` help: what `bmr info` takes; run on the tiny model folder",
          argvs=[["info", "TINY_MODEL"]], check=lambda a, r, c: "parameters" in r.stdout),
-    Hint("bmretriever_jax/data/builders.py", r"see `bmr info --data`", PARSE, "`bmr pairs --source` help",
-         known_bad="`bmr info` has no --data option (it takes a MODEL): the help of `bmr pairs --source` in "
-                   "data/builders.py should name the data folder another way"),
 ]
 
 

@@ -10,10 +10,12 @@ def cmd_plan(a):
         from bmretriever_jax.pods import podplan  # the TPU / GPU compile (libtpu / CUDA plugin in a subprocess)
 
         return podplan.cmd_plan_target(a)
+    if a.tune:
+        raise ConfigError("--tune needs --target (it compiles the candidates for that target's chips)")
     if a.max_batch:
         raise ConfigError("--max-batch needs --target (it bisects compiles for that target's chips)")
     if a.devices is None:
-        raise ConfigError("bmr plan: give --devices N (fake CPU devices) or --target T (e.g. v5p-64, h100x8)")
+        raise ConfigError("give --devices N (fake CPU devices) or --target T (e.g. v5p-64, h100x8)")
     from bmretriever_jax.pods import plan  # jax: not for `bmr --help`
 
     res = plan.plan(a.config, a.overrides, devices=a.devices, device_memory=a.device_memory, compile=not a.no_compile)
@@ -32,6 +34,9 @@ def add_commands(sub) -> None:
                    "(pip install -e '.[tpu]') or the CUDA plugin (pip install -e '.[gpu]')")
     s.add_argument("--max-batch", action="store_true", help="with --target: the largest global batch that fits "
                    "(and gradient-cache chunk), by bisection of compiles")
+    s.add_argument("--tune", action="store_true", help="with --target: compile packing / remat policy / "
+                   "gradient-cache candidates, fewest executed FLOPs per text token first, and print the first "
+                   "that fits (the most text tokens/s at a given MFU)")
     s.add_argument("--device-memory", type=float, default=None, help="GiB per device; warn when the plan exceeds it")
     s.add_argument("--no-compile", action="store_true", help="only the memory table")
     s.set_defaults(fn=cmd_plan)

@@ -233,7 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BUILDERS))
     parser.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz")
     parser.add_argument("--source", help="corpus.jsonl (pretrain), BEIR folder (scifact, pubmedqa) or "
-                                         "pairs.jsonl.gz (medquad); default: the shipped data (see `bmr info --data`)")
+                                         "pairs.jsonl.gz (medquad); default: the repository's data/ copy (data/README.md lists it)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--exclude-documents", help=f"medquad: held-out document list (default data/{MEDQUAD_HELDOUT})")
     group.add_argument("--no-exclude", action="store_true", help="medquad: keep every pair")

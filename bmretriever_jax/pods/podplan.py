@@ -210,6 +210,53 @@ def max_batch(config: Optional[str], overrides: Sequence[str], target: Target, d
     return out
 
 
+REMAT_CANDIDATES = (("model.remat=true", "model.remat_policy=nothing_saveable"),
+                    ("model.remat=true", "model.remat_policy=dots_with_no_batch_dims_saveable"),
+                    ("model.remat=false",))
+
+
+def tune_candidates(config: Optional[str], overrides: Sequence[str], n_shards: int, cfg) -> List[dict]:
+    """The settings `--tune` may pick, fewest executed FLOPs per text token first: packing on, each remat
+    policy, the gradient cache off or in chunks of the config's size, 4x and 1/4 of it (within the local batch).
+    The config as written comes first among equals."""
+    base = load_config(config, overrides)
+    local = base.train.global_batch_size // n_shards
+    c = base.train.grad_cache_chunk or 16
+    chunks = sorted({0} | {x for x in (c // 4, c, 4 * c) if 1 <= x <= local})
+    out = [{"overrides": [], "label": "the config as written"}]
+    for remat in REMAT_CANDIDATES:
+        for chunk in chunks:
+            extra = ["data.packing=true", *remat, f"train.grad_cache_chunk={chunk}"]
+            out.append({"overrides": extra, "label": " ".join(extra)})
+    for cand in out:
+        run = load_config(config, list(overrides) + cand["overrides"])
+        fl = step_flops(cfg, run, n_shards)
+        cand["flops_per_text_token"] = fl["executed"] / fl["text_tokens"]
+    return sorted(out, key=lambda d: (d["flops_per_text_token"], d["label"] != "the config as written"))
+
+
+def tune(config: Optional[str], overrides: Sequence[str], target: Target, devices,
+         report: Callable[[dict], None]) -> dict:
+    """Compile the candidates in order of executed FLOPs per text token (`tune_candidates`) until one fits:
+    the first that fits runs the most text per second at a given MFU. Returns it with every trial made."""
+    from bmretriever_jax.pods import plan
+
+    base = load_config(config, overrides)
+    shape = resolve_mesh_shape(base.mesh, target.n_chips)
+    cfg = plan.resolve_model_config(base.model.name)[0]
+    cands = tune_candidates(config, overrides, shape[0] * shape[1], cfg)
+    baseline = next(c for c in cands if not c["overrides"])
+    tried = []
+    for cand in cands:
+        res = compile_on_target(load_config(config, list(overrides) + cand["overrides"]), target, devices)
+        res.update(overrides=cand["overrides"], label=cand["label"], flops_per_text_token=cand["flops_per_text_token"])
+        report({"tune_trial": res})
+        tried.append(res)
+        if res["fits"]:
+            return {"best": res, "baseline_flops_per_text_token": baseline["flops_per_text_token"], "tried": tried}
+    return {"best": None, "tried": tried}
+
+
 def _subprocess_main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -226,7 +273,9 @@ def _subprocess_main(spec_path: str) -> int:
         from bmretriever_jax.pods.targets import topology_devices
 
         devices = topology_devices(target)
-        if spec["max_batch"]:
+        if spec.get("tune"):
+            emit({"result": tune(spec["config"], spec["overrides"], target, devices, emit)})
+        elif spec["max_batch"]:
             emit({"result": max_batch(spec["config"], spec["overrides"], target, devices, emit)})
         else:
             emit({"result": compile_on_target(load_config(spec["config"], spec["overrides"]), target, devices)})
@@ -251,7 +300,7 @@ def _subprocess_env() -> dict:
 
 
 def run_target(config: Optional[str], overrides: Sequence[str], target_name: str, *, max_batch: bool = False,
-               timeout: float = 3600.0, on_line: Callable[[dict], None] = lambda d: None) -> dict:
+               tune: bool = False, timeout: float = 3600.0, on_line: Callable[[dict], None] = lambda d: None) -> dict:
     """Run the compile subprocess; returns its last JSON object ({"result"}, {"missing"}, {"config_error"} or
     {"error": stderr tail}), calling on_line for each object it prints (the --max-batch trials)."""
     parse_target(target_name)  # a bad name is a one-line ConfigError before any subprocess
@@ -260,7 +309,7 @@ def run_target(config: Optional[str], overrides: Sequence[str], target_name: str
         spec = os.path.join(tmp, "spec.json")
         with open(spec, "w") as f:
             json.dump({"config": config, "overrides": list(overrides), "target": target_name,
-                       "max_batch": max_batch}, f)
+                       "max_batch": max_batch, "tune": tune}, f)
         err_path = os.path.join(tmp, "stderr")
         with open(err_path, "w") as err:
             proc = subprocess.Popen([sys.executable, "-m", "bmretriever_jax.pods.podplan", spec], env=_subprocess_env(),
@@ -363,7 +412,15 @@ def cmd_plan_target(a) -> None:
                   f"{peak} of {_gib(target.usable_bytes)} GiB -> "
                   f"{'fits' if tr['fits'] else 'does not fit'} ({tr['compile_s']:.0f} s)", flush=True)
 
-    res = run_target(a.config, a.overrides, a.target, max_batch=a.max_batch, on_line=on_line)
+        tt = obj.get("tune_trial")
+        if tt:
+            peak = f"peak {_gib(tt['memory']['peak'])} GiB" if tt["memory"] else "the compiler ran out of memory"
+            print(f"tried      {tt['label']}: {tt['flops_per_text_token']:.3g} FLOPs per text token, {peak} of "
+                  f"{_gib(target.usable_bytes)} GiB -> {'fits' if tt['fits'] else 'does not fit'} "
+                  f"({tt['compile_s']:.0f} s)", flush=True)
+
+    tune_mode = getattr(a, "tune", False)
+    res = run_target(a.config, a.overrides, a.target, max_batch=a.max_batch, tune=tune_mode, on_line=on_line)
     if "missing" in res:
         print(f"the {'TPU' if target.chip.platform == 'tpu' else 'CUDA'} compiler is not installed: "
               f"{res['missing']} (or `pip install --target DIR` it and set BMR_PLUGIN_PATH=DIR)")
@@ -378,6 +435,19 @@ def cmd_plan_target(a) -> None:
         print(f"does not fit: the {a.target} compiler ran out of memory per chip "
               f"(mesh data={out['mesh'][0]} fsdp={out['mesh'][1]} tensor={out['mesh'][2]}): {out['oom']}")
         raise SystemExit(1)
+    if tune_mode:
+        best = out["best"]
+        if best is None:
+            print(f"tune       no candidate fits on {a.target}")
+            raise SystemExit(1)
+        run = load_config(a.config, list(a.overrides) + best["overrides"])
+        gain = out["baseline_flops_per_text_token"] / best["flops_per_text_token"]
+        print(f"tune       best that fits on {a.target}: {best['label']} ({best['flops_per_text_token']:.3g} executed "
+              f"FLOPs per text token, {gain:.2f}x the text per FLOP of the config as written); set these in the "
+              f"config: {' '.join(best['overrides']) or '(nothing: the config is best)'}")
+        for ln in format_report(best, run, target, cfg):
+            print(ln)
+        return
     if a.max_batch:
         if out["max_batch"] is None:
             print(f"max batch  none fits on {a.target}")

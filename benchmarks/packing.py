@@ -1,0 +1,98 @@
+"""A training step on SciFact pairs at max_length 512, packed rows vs padded rows, in one run (interleaved).
+
+    python benchmarks/packing.py [--batch 8] [--rounds 4] [--quick]
+
+Gemma 3 270M (the packaged GGUF) + LoRA r16, the SciFact training pairs (claim -> abstract, no hard negatives),
+queries cut at 64 tokens, passages at 512, one optimizer step per call on this machine's devices. Both
+contenders see the same batches (the loader's first `rounds` batches); the packed rows are sized from the first
+32 batches as a run sizes them (`train.step.calibrate_packing`). Reports examples/s of each, their ratio and
+the text share of the computed tokens; writes benchmarks/results/packing.json and the BENCHMARKS.md section.
+"""
+import argparse
+import os
+import sys
+
+import jax
+import numpy as np
+import optax
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import interleaved, load_average, replace_section, results_path, write_json  # noqa: E402
+from bmretriever_jax.config import load_config  # noqa: E402
+from bmretriever_jax.convert import hub  # noqa: E402
+from bmretriever_jax.data import builders, packing  # noqa: E402
+from bmretriever_jax.data.loader import PairLoader  # noqa: E402
+from bmretriever_jax.train import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global  # noqa: E402
+from bmretriever_jax.train.step import batch_shards, calibrate_packing  # noqa: E402
+from bmretriever_jax.util.machine import run_facts  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, batch 4 (a smoke run; separate results file)")
+    a = ap.parse_args()
+    if a.quick:
+        a.batch, a.rounds = 4, 2
+    over = ["model.name=gemma3-270m", "model.max_length=512", "model.query_max_length=64", f"model.dtype={a.dtype}",
+            f"train.global_batch_size={a.batch}", "data.num_negatives=0", "train.grad_cache_chunk=0"]
+    runs = {name: load_config(None, over + [f"data.packing={str(name == 'packed').lower()}"])
+            for name in ("padded", "packed")}
+    cfg, base, tok, _ = hub.load("gemma3-270m", quiet=True)
+    mesh = make_mesh(runs["padded"], jax.devices()[:1])
+    pairs = builders.build("scifact")
+    loader = PairLoader(pairs, a.batch, seed=0, num_negatives=0)
+    batches = [loader.batch_at(0, s) for s in range(max(32, a.rounds + 1))]
+    rows = calibrate_packing(tok, runs["packed"], batches[:32], batch_shards(mesh))
+    steps, host, shares = {}, {}, {}
+    for name, run in runs.items():
+        fn = make_tokenize_fn(tok, run, **({"pack_rows": rows, "n_local_shards": 1} if name == "packed" else {}))
+        host[name] = [fn(b) for b in batches[: a.rounds + 1]]
+        seg = [h["p_seg" if name == "packed" else "p_mask"] for h in host[name]]
+        qseg = [h["q_seg" if name == "packed" else "q_mask"] for h in host[name]]
+        shares[name] = float(sum((s > 0).sum() for s in seg + qseg) / sum(s.size for s in seg + qseg))
+        trainable, frozen = split_params(base, run, jax.random.PRNGKey(0))
+        opt = optax.adamw(1e-4)
+        state = {"s": init_state(run, trainable, opt)}
+        step = make_train_step(cfg, run, opt, mesh)
+        it = {"i": 0}
+
+        def one(step=step, state=state, frozen=frozen, name=name, it=it):
+            b = to_global(host[name][it["i"] % len(host[name])], mesh)
+            it["i"] += 1
+            state["s"], m = step(state["s"], frozen, b)
+            jax.block_until_ready(m["loss"])
+
+        print(f"{name}: compiling + warm-up step", flush=True)
+        one()
+        steps[name] = one
+    load_before = load_average()
+    res = interleaved(steps, a.rounds, log=lambda s: print(s, flush=True))
+    ratio = res["padded"]["median_s"] / res["packed"]["median_s"]
+    out = {"command": "python benchmarks/packing.py" + (" --quick" if a.quick else ""), "facts": run_facts(),
+           "batch": a.batch, "rounds": a.rounds, "pack_rows": {"query": rows[0], "passage": rows[1]},
+           "text_share": shares, "timing": res, "examples_per_s": {k: a.batch / v["median_s"] for k, v in res.items()},
+           "packed_over_padded": ratio, "load_before": load_before, "load_after": load_average(),
+           "note": "the 2 cores were shared with other processes while this ran: see load_1min"}
+    path = results_path("packing", quick=a.quick)
+    write_json(path, out)
+    cpu = out["facts"]["cpu"]
+    body = (f"Training step on SciFact pairs (Gemma 3 270M + LoRA r16, queries 64 / passages 512 tokens, batch "
+            f"{a.batch}, no hard negatives, dtype {a.dtype}), packed vs padded rows in the same run "
+            f"(`{out['command']}`; {cpu.get('model', '?')}, {cpu.get('logical_cpus', '?')} cores, isa "
+            f"{', '.join(cpu.get('isa', []))}; load {load_before[0]}-{out['load_after'][0]}):\n\n"
+            "| rows | text share of computed tokens | s / step (median) | examples/s | ratio |\n|---|---|---|---|---|\n"
+            + "".join(f"| {k} | {shares[k]:.1%} | {res[k]['median_s']:.2f} | {a.batch / res[k]['median_s']:.2f} | "
+                      f"{(ratio if k == 'packed' else 1.0):.2f}x |\n" for k in ("padded", "packed")))
+    if not a.quick:
+        replace_section(os.path.join(ROOT, "BENCHMARKS.md"), "packing", "## Packed sequences\n\n" + body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
