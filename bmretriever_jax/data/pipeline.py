@@ -1,0 +1,115 @@
+"""One entry point for the training input: PairLoader over pairs in memory, or the grain loader over a
+prepared folder (`data.prepared`), with packing calibrated on global batches so every host compiles the
+same shapes.
+
+    make_loader(run, tokenize_fn, process_index, process_count, pairs=None)  -> the loader
+    training_loader(run, tokenizer, pairs=None)                               -> the loader the loop uses
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+from bmretriever_jax.data.loader import PairLoader
+
+
+def make_loader(run, tokenize_fn: Optional[Callable], process_index: int, process_count: int, pairs=None,
+                prepared=None):
+    """PairLoader over `pairs`, or (run.data.prepared set) GrainPairLoader over the prepared folder
+    (`prepared`: an already opened `Prepared` of it). Both: drop_last=False, state {"epoch", "step"}."""
+    d, t = run.data, run.train
+    common = dict(seed=t.seed, num_negatives=d.num_negatives, negatives=d.negatives, short=d.short,
+                  process_index=process_index, process_count=process_count, drop_last=False, tokenize_fn=tokenize_fn)
+    if d.prepared:
+        from bmretriever_jax.data.grain_loader import GrainPairLoader
+
+        return GrainPairLoader(d.prepared, t.global_batch_size, worker_count=d.workers, prefetch=d.prefetch,
+                               data=prepared, **common)
+    if pairs is None:
+        raise ValueError("make_loader: pairs are needed when data.prepared is not set")
+    return PairLoader(pairs, t.global_batch_size, **common)
+
+
+def global_batch_items(loader, epoch: int, step: int) -> List[dict]:
+    """Every host's items of a global batch, untokenized (the same list on every host)."""
+    if hasattr(loader, "global_items"):
+        return loader.global_items(epoch, step)
+    idx = loader.global_indices(epoch, step)
+    return [loader._item(int(i), epoch) for i in idx]  # PairLoader's own item builder
+
+
+def calibration_batches(loader, count: int) -> List[List[dict]]:
+    """The first `count` global batches of epoch 0 (fewer if the epoch is shorter)."""
+    return [global_batch_items(loader, 0, s) for s in range(min(count, loader.steps_per_epoch))]
+
+
+def pack_rows_from_lengths(prepared, loader, run, n_shards: int, count: int):
+    """`calibrate_packing` from the prepared token lengths (no tokenizing): the same rows when the folder
+    was tokenized with the run's tokenizer and cut lengths and every pair has its hard negatives (no padding)."""
+    from bmretriever_jax.data import packing
+
+    K = run.data.pack_max_segments
+    q_lengths, p_lengths = [], []
+    hb = loader._host_batch(False, 0, 1)
+    hb._data = prepared
+    for s in range(min(count, loader.steps_per_epoch)):
+        idx = hb.global_indices(0, s)
+        rows = prepared.rows([hb.row(int(i)) for i in idx], ("q_len", "p_len", "n_len"))
+        q_lengths.append(rows["q_len"])
+        p = []
+        for j, i in enumerate(idx):
+            negs = rows["n_len"][j]
+            if len(negs) < run.data.num_negatives:
+                return None  # padded negatives: take the item path
+            if len(negs) > run.data.num_negatives:
+                if run.data.negatives == "first":
+                    negs = negs[:run.data.num_negatives]
+                else:
+                    import numpy as np
+
+                    rng = np.random.default_rng([run.train.seed, 0, int(i), 1])
+                    negs = [negs[m] for m in np.sort(rng.choice(len(negs), run.data.num_negatives, replace=False))]
+            p += [rows["p_len"][j]] + list(negs)
+        p_lengths.append(p)
+    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K),
+            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K))
+
+
+def training_loader(run, tokenizer, pairs=None, prepared=None, *, process_index=None,
+                    process_count=None, n_shards: Optional[int] = None):
+    """The loader `train.loop` iterates: tokenize_fn from `train.step.make_tokenize_fn`, packed rows calibrated
+    on the first `data.pack_calibration_batches` GLOBAL batches of epoch 0 (all hosts pick the same shapes),
+    each host's batch split over its `n_shards // process_count` local shards."""
+    import jax
+
+    from bmretriever_jax.config import resolve_mesh_shape
+    from bmretriever_jax.train.step import batch_shards, calibrate_packing, make_tokenize_fn
+
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if n_shards is None:
+        data, fsdp, _ = resolve_mesh_shape(run.mesh, jax.device_count())
+        n_shards = batch_shards({"data": data, "fsdp": fsdp})
+    from bmretriever_jax.data.prepared import Prepared
+
+    if isinstance(pairs, Prepared):  # train.loop hands the opened folder over in place of the pairs
+        pairs, prepared = None, pairs
+    if run.data.prepared and prepared is None:
+        from bmretriever_jax.data.prepared import open_for_run
+
+        prepared = open_for_run(run, tokenizer)
+    loader = make_loader(run, None, pi, pc, pairs=pairs, prepared=prepared)
+    if not run.data.packing:
+        loader.tokenize_fn = make_tokenize_fn(tokenizer, run)
+        return loader
+    count = run.data.pack_calibration_batches
+    rows = None
+    if prepared is not None:
+        from bmretriever_jax.data.prepared import token_lengths_match
+
+        if token_lengths_match(prepared.manifest, run):
+            rows = pack_rows_from_lengths(prepared, loader, run, n_shards, count)
+    if rows is None:
+        rows = calibrate_packing(tokenizer, run, calibration_batches(loader, count), n_shards)
+    loader.tokenize_fn = make_tokenize_fn(tokenizer, run, pack_rows=rows, n_local_shards=n_shards // pc)
+    loader.pack_rows = rows
+    return loader
