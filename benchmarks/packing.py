@@ -30,13 +30,33 @@ from bmretriever_jax.util.machine import run_facts  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def share_table() -> str:
+    """Text share of the computed tokens, padded vs packed, on the shipped length profiles (no model, seconds):
+    8 batch shards, 16 / 64 / 256 pairs per shard, 512-token rows, at most 16 texts a row."""
+    lines = ["| data (length profile) | pairs per shard | padded | packed | computed tokens, padded / packed |",
+             "|---|---|---|---|---|"]
+    for name, group in (("pretrain", 1), ("finetune", 2)):
+        prof = packing.load_profile(name)
+        for per in (16, 64, 256):
+            r = {p: packing.plan_packing(prof, global_batch=per * 8, group=group, n_shards=8, query_length=512,
+                                         passage_length=512, max_segments=16, packed=p) for p in (False, True)}
+            lines.append(f"| {name} ({'title -> abstract' if group == 1 else 'query -> positive + 1 negative'}) | "
+                         f"{per} | {r[False]['text_share']:.1%} | {r[True]['text_share']:.1%} | "
+                         f"{r[False]['computed_tokens'] / r[True]['computed_tokens']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shares-only", action="store_true", help="only the text-share table (no model, seconds)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quick", action="store_true", help="2 rounds, batch 4 (a smoke run; separate results file)")
     a = ap.parse_args()
+    if a.shares_only:
+        print(share_table())
+        return
     if a.quick:
         a.batch, a.rounds = 4, 2
     over = ["model.name=gemma3-270m", "model.max_length=512", "model.query_max_length=64", f"model.dtype={a.dtype}",
@@ -89,6 +109,9 @@ def main():
             "| rows | text share of computed tokens | s / step (median) | examples/s | ratio |\n|---|---|---|---|---|\n"
             + "".join(f"| {k} | {shares[k]:.1%} | {res[k]['median_s']:.2f} | {a.batch / res[k]['median_s']:.2f} | "
                       f"{(ratio if k == 'packed' else 1.0):.2f}x |\n" for k in ("padded", "packed")))
+    body += ("\nText share of the computed tokens on the shipped data's length profiles (Gemma 3 tokenizer; "
+             "`python benchmarks/packing.py --shares-only`; rows sized as a run sizes them, for the worst of 32 "
+             "sampled batches):\n\n" + share_table())
     if not a.quick:
         replace_section(os.path.join(ROOT, "BENCHMARKS.md"), "packing", "## Packed sequences\n\n" + body)
     print(body)
