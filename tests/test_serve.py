@@ -216,14 +216,17 @@ class StubBackend:
     def max_rows(self, T):
         return 4
 
-    def start(self, jobs):
+    def prepare(self, jobs):
+        return list(jobs), 16 * len(jobs)
+
+    def launch(self, prepared):
+        jobs = prepared[0]
         self.started.set()
         assert self.gate.wait(30)
         if any("boom" in j.text for j in jobs):
             raise RuntimeError("the device caught fire\nsecond line")
         self.ran.extend(j.text for j in jobs)
-        vecs = np.array([[len(j.text), 1, 2, 3, 4, 5, 6, 7] for j in jobs], np.float32)
-        return vecs, 16 * len(jobs)
+        return np.array([[len(j.text), 1, 2, 3, 4, 5, 6, 7] for j in jobs], np.float32)
 
     def finish(self, handle, n):
         return handle[:n]
@@ -468,3 +471,46 @@ def test_sigterm_finishes_in_flight_and_exits_0(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ----------------------------------------------------------------------------------------------------
+# docs/serving.md: its curl lines and its openai snippet run against a live server
+# ----------------------------------------------------------------------------------------------------
+def _doc_snippets():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "serving.md")
+    blocks, lang, body = [], None, []
+    for line in open(path, encoding="utf-8").read().splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, body = line[3:].strip(), []
+            else:
+                blocks.append((lang, "\n".join(body) + "\n"))
+                lang = None
+        elif lang is not None:
+            body.append(line)
+    curls = [c.strip() for lang, code in blocks for c in code.replace("\\\n", " ").splitlines()
+             if c.strip().startswith("curl ")]
+    pys = [code for lang, code in blocks if lang == "py"]
+    return curls, pys
+
+
+def test_docs_examples_run_against_a_server(tmp_path):
+    curls, pys = _doc_snippets()
+    assert len(curls) == 2 and len(pys) == 1
+    backend = StubBackend()
+    state = ServerState([ServedModel("merged", backend, "Given a claim, retrieve", {})], ServeSettings())
+    with ThreadServer(state) as srv:
+        for cmd in curls:
+            r = subprocess.run(cmd.replace("http://127.0.0.1:8000", srv.url), shell=True, capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            out = json.loads(r.stdout)
+            vecs = [d["embedding"] for d in out["data"]] if isinstance(out, dict) else out
+            assert len(vecs) == 1 and len(vecs[0]) == backend.dim, r.stdout
+        script = tmp_path / "snippet.py"
+        script.write_text(pys[0].replace("http://127.0.0.1:8000", srv.url))
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert len(np.array(r.stdout.strip().strip("[]").split(), dtype=float)) == 2
+    assert any(t.startswith("Given a claim, retrieve\nQuery: Vitamin D") for t in backend.ran)  # input_type=query
+    assert any(t.startswith("Represent this passage\npassage: Vitamin D") for t in backend.ran)

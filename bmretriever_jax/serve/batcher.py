@@ -1,15 +1,16 @@
 """One queue, one device thread: requests' texts -> batches in precompiled (rows, length) buckets -> vectors.
 
 A backend turns texts into token ids (`tokenize`, called off the event loop by the HTTP handlers) and runs a batch
-(`start` dispatches, `finish` waits for the result). `JaxBackend` wraps an `Encoder`: every (rows, length) shape it
+(`prepare` pads it on the host, `launch` dispatches it, `finish` waits for the result). `JaxBackend` wraps an `Encoder`: every (rows, length) shape it
 will ever run is compiled by `warmup()` before the server reports ready, and batches are padded to one of those
 shapes, so no XLA compile happens on the request path. `SentenceTransformerBackend` runs an exported
 sentence-transformers folder (the load test's anchor behind the same HTTP layer).
 
 `Batcher` owns one thread. Handlers `submit` jobs (one per text, each with an asyncio future); a full queue raises
 `QueueFull`, a closing one `Draining`. The thread waits for the oldest job, gathers until the largest batch of its
-bucket is full or `max_wait_ms` passed (only while the device is idle: while a batch runs, the next is formed at
-once and dispatched behind it, so padding and tokenising overlap the device work), skips jobs whose future is done
+bucket is full or `max_wait_ms` passed (only while the device is idle: while a batch runs, the next is formed and
+padded at once and launched when the device is free, so host work overlaps device work, and one program at a
+time has all the cores), skips jobs whose future is done
 (client gone, deadline passed), and hands results back with `loop.call_soon_threadsafe`.
 """
 from __future__ import annotations
@@ -125,17 +126,49 @@ class JaxBackend:
     def max_rows(self, T: int) -> int:
         return self.rows[T][-1]
 
-    def start(self, jobs: Sequence[Job]):
+    def plan(self, n: int, T: int) -> List[Tuple[int, int]]:
+        """n texts of bucket T -> [(compiled rows, texts)]: one padded batch, unless padding would cost more than
+        half the real rows; then the largest compiled size that fits, and the rest the same way (n=2 with sizes
+        1,4,8 runs 1+1, not 2 padded to 4; n=5 runs 4+1)."""
+        rows, out = self.rows[T], []
+        while n > 0:
+            up = next((r for r in rows if r >= n), rows[-1])
+            if up <= 1.5 * n or up == rows[0]:
+                take = min(up, n)
+                out.append((up, take))
+            else:
+                take = max(r for r in rows if r <= n)
+                out.append((take, take))
+            n -= take
+        return out
+
+    def prepare(self, jobs: Sequence[Job]):
+        """Host side of a batch: pad each chunk of `plan` to its compiled shape (while the previous batch runs)."""
         from bmretriever_jax.embed import pad_left
 
         T = self.bucket(max(len(j.ids) for j in jobs))
-        rows = next(r for r in self.rows[T] if r >= len(jobs))
-        ids, mask = pad_left([j.ids for j in jobs], T, self.encoder.pad_id, rows=rows)
-        self.shapes_used[(rows, T)] += 1
-        return self._compiled[(rows, T)](self.encoder.params, ids, mask), rows * T  # dispatched, not finished
+        chunks, i = [], 0
+        for rows, take in self.plan(len(jobs), T):
+            ids, mask = pad_left([j.ids for j in jobs[i:i + take]], T, self.encoder.pad_id, rows=rows)
+            chunks.append(((rows, T), ids, mask, take))
+            i += take
+        return chunks, sum(rows * T for (rows, T), *_ in chunks)
 
-    def finish(self, handle, n: int) -> np.ndarray:
-        return np.asarray(handle, np.float32)[:n]  # host copy + numpy slice: no jax op, no compile
+    def launch(self, prepared):
+        """Run the chunks one after the other (one program at a time has all the cores); the last one is left
+        running (dispatched), so the batcher forms the next batch meanwhile."""
+        chunks, _ = prepared
+        handles = []
+        for n, (shape, ids, mask, take) in enumerate(chunks):
+            if handles:
+                handles[-1][0].block_until_ready()
+            self.shapes_used[shape] += 1
+            handles.append((self._compiled[shape](self.encoder.params, ids, mask), take))
+        return handles
+
+    def finish(self, handles, n: int) -> np.ndarray:
+        # host copies + numpy slices: no jax op, so no compile
+        return np.concatenate([np.asarray(h, np.float32)[:take] for h, take in handles])[:n]
 
 
 class SentenceTransformerBackend:
@@ -181,9 +214,11 @@ class SentenceTransformerBackend:
     def max_rows(self, T):
         return self.max_rows_any
 
-    def start(self, jobs):
-        vecs = self.model.encode([j.text for j in jobs], batch_size=len(jobs), convert_to_numpy=True)
-        return vecs, sum(len(j.ids) for j in jobs)
+    def prepare(self, jobs):
+        return [j.text for j in jobs], sum(len(j.ids) for j in jobs)
+
+    def launch(self, prepared):
+        return self.model.encode(prepared[0], batch_size=len(prepared[0]), convert_to_numpy=True)
 
     def finish(self, handle, n):
         return np.asarray(handle, np.float32)[:n]
@@ -314,28 +349,34 @@ class Batcher:
         return chosen
 
     def _run(self) -> None:
+        """Form and pad batch k+1 while batch k runs; launch k+1 once k is done (one program at a time)."""
         inflight = None
         while True:
             try:
                 taken = self._take(block=inflight is None)
-                started = None
+                prepared = None
                 if taken is not None and taken[1]:
                     name, jobs = taken
-                    t0 = time.perf_counter()
                     try:
-                        handle, padded = self.backends[name].start(jobs)
-                        started = (name, jobs, handle, padded, t0)
+                        prepared = (name, jobs, self.backends[name].prepare(jobs))
                     except Exception as e:  # noqa: BLE001 - a failing batch fails its requests, not the server
                         self._fail(jobs, e)
                 if inflight is not None:
                     self._complete(*inflight)
-                inflight = started
+                    inflight = None
+                if prepared is not None:
+                    name, jobs, (arrays, padded) = prepared
+                    t0 = time.perf_counter()
+                    try:
+                        inflight = (name, jobs, self.backends[name].launch((arrays, padded)), padded, t0)
+                    except Exception as e:  # noqa: BLE001
+                        self._fail(jobs, e)
                 if taken is None and inflight is None and self._closing:
                     with self._cv:
                         if not any(self._queues.values()):
                             break
             except Exception as e:  # noqa: BLE001 - keep the device thread alive whatever happens
-                log.error("batcher: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.error("batcher: %s: %s", type(e).__name__, (str(e).splitlines() or [""])[0])
                 inflight = None
         self._stopped = True
 
