@@ -158,8 +158,12 @@ def _assert_same(a, b):
         np.testing.assert_allclose(ga[k], gb[k], atol=1e-5 * scale, rtol=0, err_msg=k)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("grad_cache", [0, 2], ids=["plain", "gradcache"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("lora, grad_cache", [(False, 0), (True, 2), pytest.param(False, 2, marks=SLOW),
+                                              pytest.param(True, 0, marks=SLOW)],
+                         ids=["full-plain", "lora-gradcache", "full-gradcache", "lora-plain"])
 def test_packed_step_equals_padded(model_dir, lora, grad_cache):
     packed = _step(model_dir, packed=True, lora=lora, grad_cache=grad_cache)
     padded = _step(model_dir, packed=False, lora=lora, grad_cache=grad_cache)
@@ -169,8 +173,10 @@ def test_packed_step_equals_padded(model_dir, lora, grad_cache):
     assert packing.text_share(host["p_seg"]) > (padded[2]["p_mask"] > 0).mean()
 
 
-@pytest.mark.parametrize("mesh_over", [("mesh.data=8",), ("mesh.data=2", "mesh.fsdp=4")], ids=["data8", "data2fsdp4"])
-@pytest.mark.parametrize("grad_cache", [0, 1], ids=["plain", "gradcache"])
+@pytest.mark.parametrize("mesh_over, grad_cache", [
+    (("mesh.data=2", "mesh.fsdp=4"), 1), pytest.param(("mesh.data=2", "mesh.fsdp=4"), 0, marks=SLOW),
+    pytest.param(("mesh.data=8",), 0, marks=SLOW), pytest.param(("mesh.data=8",), 1, marks=SLOW)],
+    ids=["data2fsdp4-gradcache", "data2fsdp4-plain", "data8-plain", "data8-gradcache"])
 def test_packed_step_on_the_mesh_equals_one_device_padded(model_dir, mesh_over, grad_cache):
     packed = _step(model_dir, packed=True, lora=True, grad_cache=grad_cache, mesh_over=mesh_over)
     padded = _step(model_dir, packed=False, lora=True, grad_cache=0)
