@@ -142,3 +142,20 @@ def test_train_from_prepared_equals_train_from_pairs(made, tmp_path):
         losses.append([json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl") if "loss" in line])
     assert len(losses[0]) == 3
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+
+
+def test_mine_writes_a_prepared_folder(made, tmp_path):
+    """`bmr mine --out DIR` writes the prepared format: the same pairs as its JSONL output."""
+    from bmretriever_jax.data.grain_loader import GrainPairLoader
+    from bmretriever_jax.data.loader import PairLoader
+
+    _, pairs, _ = made
+    jsonl, folder = str(tmp_path / "mined.jsonl"), str(tmp_path / "mined")
+    for out in (jsonl, folder):
+        assert bmr(["-q", "mine", pairs, "--out", out, "--num-negatives", "2"]) == 0
+    m = json.load(open(os.path.join(folder, MANIFEST)))
+    assert m["count"] == 40 and m["stats"]["negatives_per_pair"]["p50"] >= 2
+    mined = read_pairs(jsonl)
+    a = PairLoader(mined, 8, seed=1, num_negatives=2)
+    b = GrainPairLoader(folder, 8, seed=1, num_negatives=2)
+    assert [next(a) for _ in range(6)] == [next(b) for _ in range(6)]

@@ -297,7 +297,8 @@ def mine_hard_negatives(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `bmr mine` (and `python -m bmretriever_jax.data.mining`)."""
     parser.add_argument("pairs", help="input .jsonl(.gz) pairs")
-    parser.add_argument("--out", required=True, help="output .jsonl(.gz) pairs with negatives")
+    parser.add_argument("--out", required=True, help="output .jsonl(.gz) pairs with negatives, or a folder: the "
+                                                     "pairs prepared for data.prepared (as `bmr prepare` writes)")
     parser.add_argument("--corpus", help="BEIR corpus.jsonl to mine from (default: the pool of positives)")
     parser.add_argument("--encoder", help="dense retriever: a name or path for bmretriever_jax.embed.Encoder.load "
                                           "(default: BM25)")
@@ -327,6 +328,13 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k, skip_top=args.skip_top, absolute_margin=args.absolute_margin,
         relative_margin=args.relative_margin, max_score_ratio=args.max_score_ratio, sampling=args.sampling,
         seed=args.seed, instructions=instructions, progress=not getattr(args, "quiet", False))
+    if not args.out.endswith((".jsonl", ".jsonl.gz", ".json", ".gz")):  # a folder: `bmr prepare`'s format
+        from bmretriever_jax.data.prepared import describe, source_pairs, write_prepared
+
+        _, sources = source_pairs([args.pairs])
+        m = write_prepared(args.out, pairs, sources=sources, progress=False)
+        print(f"wrote {m['count']} pairs to {args.out} (prepared: {describe(m)})")
+        return 0
     n = write_pairs(args.out, pairs)
     print(f"wrote {n} pairs to {args.out}")
     return 0

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from bmretriever_jax.data.pairs import Pair, as_passage, doc_keys, iter_pairs
+from bmretriever_jax.data.pairs import Pair, _norm, as_passage, iter_pairs
 from bmretriever_jax.util.errors import ConfigError, InputPathError, OutputExistsError, UserError
 
 FORMAT = "bmr-prepared-pairs"
@@ -166,6 +166,16 @@ def _features(tokenized: bool):
     return datasets.Features(f)
 
 
+def _save(cols: Dict[str, list], features, path: str) -> None:
+    """Columns -> one save_to_disk folder. The Arrow table is built by pyarrow from the lists in one call
+    (`Dataset.from_dict` would encode every value in Python first: most of the time of a large corpus)."""
+    import datasets
+    import pyarrow as pa
+
+    table = pa.table({c: cols[c] for c in features}, schema=features.arrow_schema)
+    datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(path)
+
+
 def _percentiles(x) -> Dict[str, float]:
     x = np.asarray(x)
     if not x.size:
@@ -242,7 +252,7 @@ def write_prepared(out: str, pairs: Iterable[Pair], *, sources: List[dict], toke
             stats["q_len"] += cols["q_len"]
             stats["p_len"] += cols["p_len"] + [len(t) for t in flat]
         name = f"pairs-{len(shards):05d}"
-        datasets.Dataset.from_dict(cols, features=features).save_to_disk(os.path.join(tmp, name))
+        _save(cols, features, os.path.join(tmp, name))
         files = sorted(f for f in os.listdir(os.path.join(tmp, name)))
         shards.append({"path": name, "rows": rows,
                        "files": {f: os.path.getsize(os.path.join(tmp, name, f)) for f in files}})
@@ -257,7 +267,7 @@ def write_prepared(out: str, pairs: Iterable[Pair], *, sources: List[dict], toke
     for pair in pairs:
         pos = as_passage(pair.positive)
         negs = [as_passage(d) for d in pair.negatives]
-        pk, qk = key_hash(doc_keys(pair.positive)[0]), key_hash(pair.query)
+        pk, qk = key_hash(_norm(f"{pos['title']} {pos['text']}")), key_hash(pair.query)  # doc_keys(positive)[0]
         cols["query"].append(pair.query)
         cols["instruction"].append(pair.instruction)
         cols["task"].append(pair.task)
@@ -294,10 +304,9 @@ def write_prepared(out: str, pairs: Iterable[Pair], *, sources: List[dict], toke
     sizes = np.diff(np.r_[starts, len(qs)])
     multi = starts[sizes > 1]
     g_keys = [ps[s:s + z].tolist() for s, z in zip(multi, sizes[sizes > 1])]
-    datasets.Dataset.from_dict({"query_key": qs[multi].tolist(), "pos_keys": g_keys},
-                               features=datasets.Features({"query_key": datasets.Value("int64"),
-                                                           "pos_keys": datasets.List(datasets.Value("int64"))})
-                               ).save_to_disk(os.path.join(tmp, GROUPS))
+    _save({"query_key": qs[multi].tolist(), "pos_keys": g_keys},
+          datasets.Features({"query_key": datasets.Value("int64"), "pos_keys": datasets.List(datasets.Value("int64"))}),
+          os.path.join(tmp, GROUPS))
     groups_files = {f: os.path.getsize(os.path.join(tmp, GROUPS, f)) for f in sorted(os.listdir(os.path.join(tmp, GROUPS)))}
 
     manifest = {

@@ -1,0 +1,309 @@
+"""The input pipeline a pod host runs: prepared data (`bmr prepare`) read by the grain loader.
+
+    .venv/bin/python benchmarks/input_pipeline.py [--big 5000000] [--small 100000] [--work DIR]
+
+Measures, with the Gemma 3 tokenizer (`gemma3-270m`) and the 410M pre-training config's host batch (v5e-64:
+16 hosts x 256 pairs, 4 chips a host, max_length 512, packed):
+
+1. memory: host RSS (training process + grain workers) while iterating prepared synthetic pre-training pairs,
+   `--small` vs `--big` of them (title -> abstract records of data/scifact/corpus.jsonl repeated with new ids);
+   the difference must stay < 300 MB. Also the time to the first batch (< 30 s), workers started included.
+2. throughput: text tokens / s one host delivers (read + tokenized + packed + prefetched) with 0, 1, 2 workers.
+3. text share: the share of the computed tokens that are text, padded vs packed, for the pre-training data
+   (SciFact titles -> abstracts, max_length 512) and the fine-tune data (scifact + pubmedqa + medquad pairs,
+   one padded negative, max_length 512), with the paper configs' batch split over devices.
+
+Results: benchmarks/results/input_pipeline.json (CPU model / ISA, versions, load average). The synthetic
+corpora are kept in --work (default /tmp/bmr_input_bench) and reused by later runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+PRETRAIN = dict(global_batch=4096, hosts=16, chips=64, max_length=512, query_max_length=512)  # 410M pre-training
+FINETUNE = dict(global_batch=512, hosts=4, chips=16, max_length=512, query_max_length=512)  # 410M fine-tune, v5e-16
+
+
+def _run_config(prepared: str, cfg: dict, *, packing: bool, num_negatives: int, workers: int = 0):
+    from bmretriever_jax.config import load_config
+
+    return load_config(None, ["model.name=gemma3-270m", f"data.prepared={prepared}", f"data.packing={str(packing).lower()}",
+                              f"data.num_negatives={num_negatives}", f"data.workers={workers}",
+                              f"model.max_length={cfg['max_length']}", f"model.query_max_length={cfg['query_max_length']}",
+                              f"train.global_batch_size={cfg['global_batch']}", "data.pack_calibration_batches=32"])
+
+
+def _tokenizer():
+    import transformers
+
+    from bmretriever_jax.convert import hub
+
+    return transformers.AutoTokenizer.from_pretrained(hub.resolve("gemma3-270m", quiet=True))
+
+
+# ---------------------------------------------------------------------------------------------- synthetic corpus
+def synthetic_pairs(n: int):
+    """n title -> abstract pairs: the shipped SciFact records over and over, each copy with a new id."""
+    from bmretriever_jax.data.builders import PRETRAIN_INSTRUCTION
+    from bmretriever_jax.data.pairs import Pair
+    from bmretriever_jax.data.prepared import _stream_pretrain
+
+    records = [(p.query, p.positive["text"]) for p in _stream_pretrain(os.path.join(ROOT, "data/scifact/corpus.jsonl"))]
+    for i in range(n):
+        title, text = records[i % len(records)]
+        yield Pair(query=title, positive={"title": "", "text": text, "id": f"syn{i}"}, instruction=PRETRAIN_INSTRUCTION,
+                   id=f"syn{i}")
+
+
+def ensure_synthetic(work: str, n: int, copy_from: str | None = None) -> dict:
+    """A prepared folder of n synthetic pairs (kept in `work`). copy_from: build it from copies of that prepared
+    folder's shards instead (rows and ids repeat; the same text, keys and file layout as preparing n pairs)."""
+    import shutil
+
+    from bmretriever_jax.data.prepared import MANIFEST, write_prepared
+
+    path = os.path.join(work, f"synthetic-{n}" + ("-copies" if copy_from else ""))
+    mpath = os.path.join(path, MANIFEST)
+    if os.path.exists(mpath):
+        m = json.load(open(mpath))
+        return {"path": path, "pairs": m["count"], "prepare_s": m.get("bench_prepare_s"), "reused": True,
+                "made_by": m.get("bench_made_by"), "bytes": _du(path)}
+    t = time.time()
+    if copy_from:
+        src = json.load(open(os.path.join(copy_from, MANIFEST)))
+        per = src["count"]
+        if n % per:
+            raise SystemExit(f"--big {n} must be a multiple of --small {per} to be made from copies")
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shards = []
+        for c in range(n // per):
+            for s in src["shards"]:
+                name = f"pairs-{len(shards):05d}"
+                shutil.copytree(os.path.join(copy_from, s["path"]), os.path.join(tmp, name))  # real copies, no links
+                shards.append(dict(s, path=name))
+        shutil.copytree(os.path.join(copy_from, src["groups"]["path"]), os.path.join(tmp, src["groups"]["path"]))
+        m = dict(src, count=n, shards=shards)
+        m["bench_made_by"] = f"{n // per} copies of the {per}-pair folder's shards"
+        json.dump(m, open(os.path.join(tmp, MANIFEST), "w"), indent=1)
+        os.replace(tmp, path)
+    else:
+        write_prepared(path, synthetic_pairs(n), sources=[{"entry": "synthetic", "path": "data/scifact/corpus.jsonl"}],
+                       overwrite=True, progress=False)
+    took = round(time.time() - t, 1)
+    m = json.load(open(mpath))
+    m["bench_prepare_s"] = took
+    m.setdefault("bench_made_by", "write_prepared of n synthetic pairs (new ids)")
+    json.dump(m, open(mpath, "w"), indent=1)
+    return {"path": path, "pairs": n, "prepare_s": took, "reused": False, "made_by": m["bench_made_by"],
+            "bytes": _du(path)}
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+# ---------------------------------------------------------------------------------------------- child: one host
+def child(args) -> None:
+    """One host (process 0 of 16) iterating a prepared folder; prints JSON (memory, first batch, tokens/s)."""
+    import numpy as np
+    import psutil
+
+    from bmretriever_jax.data.grain_loader import GrainPairLoader
+    from bmretriever_jax.train.step import make_tokenize_fn
+
+    proc = psutil.Process()
+    rows = tuple(json.loads(args.pack_rows))
+    run = _run_config(args.child, PRETRAIN, packing=True, num_negatives=0, workers=args.workers)
+    t0 = time.time()
+    tok = _tokenizer()
+    fn = make_tokenize_fn(tok, run, pack_rows=rows, n_local_shards=PRETRAIN["chips"] // PRETRAIN["hosts"])
+    loader = GrainPairLoader(args.child, PRETRAIN["global_batch"], seed=0, num_negatives=0, drop_last=False,
+                             process_index=0, process_count=PRETRAIN["hosts"], tokenize_fn=fn,
+                             worker_count=args.workers, prefetch=2)
+    batch = next(loader)
+    first = time.time() - t0
+
+    def memory():
+        procs = [proc] + proc.children(recursive=True)
+        rss = anon = 0
+        for p in procs:
+            try:
+                m = p.memory_full_info()
+            except psutil.Error:
+                continue
+            rss += m.rss
+            anon += m.rss - m.shared  # private: what the corpus would add if it were loaded
+        return {"processes": len(procs), "rss_mb": round(rss / 2**20, 1), "private_mb": round(anon / 2**20, 1)}
+
+    def text(b):
+        return int((b["q_seg"] > 0).sum() + (b["p_seg"] > 0).sum())
+
+    tokens, t = text(batch), time.time()
+    peak = memory()
+    for i in range(args.batches):
+        batch = next(loader)
+        tokens += text(batch)
+        if i % 5 == 4:
+            m = memory()
+            peak = m if m["rss_mb"] > peak["rss_mb"] else peak
+    el = time.time() - t
+    rate = (tokens - text(batch)) / el if args.batches else 0.0  # batches after the first, as they arrive
+    end = memory()
+    loader.close()
+    print(json.dumps({"workers": args.workers, "first_batch_s": round(first, 2), "batches": args.batches + 1,
+                      "text_tokens_per_s": round(rate), "seconds": round(el, 1), "memory_end": end, "memory_peak": peak,
+                      "pairs": len(loader.data)}))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def run_child(path: str, workers: int, batches: int, pack_rows) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path, "--workers", str(workers),
+                          "--batches", str(batches), "--pack-rows", json.dumps(list(pack_rows))],
+                         env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- text share
+def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int, host_batches: int) -> dict:
+    """Calibrate packing on global batches (from the prepared token lengths), then count text vs computed tokens
+    of `host_batches` host batches (several hosts, several steps) padded and packed."""
+    import numpy as np
+
+    from bmretriever_jax.data.pipeline import make_loader, pack_rows_from_lengths
+    from bmretriever_jax.data.prepared import Prepared, prepare
+    from bmretriever_jax.train.step import make_tokenize_fn
+
+    path = os.path.join(work, f"share-{name}")
+    t = time.time()
+    m = prepare(entries, path, tokenizer_name="gemma3-270m", max_length=cfg["max_length"],
+                query_max_length=cfg["query_max_length"], overwrite=True, quiet=True,
+                texts_per_shard=cfg["global_batch"] // cfg["chips"])
+    prep_s = time.time() - t
+    data = Prepared(path)
+    n_shards, hosts = cfg["chips"], cfg["hosts"]
+    packed_run = _run_config(path, cfg, packing=True, num_negatives=num_negatives)
+    padded_run = _run_config(path, cfg, packing=False, num_negatives=num_negatives)
+    probe = make_loader(packed_run, None, 0, 1, prepared=data)
+    rows = pack_rows_from_lengths(data, probe, packed_run, n_shards, 32)
+    if rows is None:  # padded negatives: calibrate on items
+        from bmretriever_jax.data.pipeline import calibration_batches
+        from bmretriever_jax.train.step import calibrate_packing
+
+        rows = calibrate_packing(tok, packed_run, calibration_batches(probe, 8), n_shards)
+    local_shards = n_shards // hosts
+    out = {"pairs": m["count"], "prepare_s": round(prep_s, 1), "pack_rows_per_device": list(rows),
+           "global_batch": cfg["global_batch"], "devices": n_shards, "hosts": hosts, "max_length": cfg["max_length"],
+           "query_max_length": cfg["query_max_length"], "num_negatives": num_negatives,
+           "token_stats": {k: m["stats"][k] for k in ("query_tokens", "passage_tokens")}}
+    counts = {f"{mode}_{kind}": [0, 0] for mode in ("padded", "packed") for kind in ("queries", "passages")}
+    for mode, run in (("padded", padded_run), ("packed", packed_run)):
+        fn = make_tokenize_fn(tok, run, pack_rows=rows if mode == "packed" else None, n_local_shards=local_shards)
+        for b in range(host_batches):
+            host, step = b % hosts, b // hosts
+            loader = make_loader(run, fn, host, hosts, prepared=data)
+            batch = loader.batch_at(0, step % loader.steps_per_epoch)
+            for kind, key in (("queries", "q"), ("passages", "p")):
+                k = f"{key}_mask" if mode == "padded" else f"{key}_seg"
+                counts[f"{mode}_{kind}"][0] += int((batch[k] > 0).sum())
+                counts[f"{mode}_{kind}"][1] += int(batch[k].size)
+    for mode in ("padded", "packed"):
+        txt = sum(counts[f"{mode}_{kind}"][0] for kind in ("queries", "passages"))
+        total = sum(counts[f"{mode}_{kind}"][1] for kind in ("queries", "passages"))
+        out[mode] = round(txt / total, 4)
+        for kind in ("queries", "passages"):
+            out[f"{mode}_{kind}"] = round(counts[f"{mode}_{kind}"][0] / counts[f"{mode}_{kind}"][1], 4)
+    out["pack_max_segments"] = packed_run.data.pack_max_segments
+    out["host_batches_measured"] = host_batches
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", type=int, default=100_000)
+    ap.add_argument("--big", type=int, default=5_000_000)
+    ap.add_argument("--genuine", type=int, default=1_000_000, help="also a corpus of this many pairs prepared "
+                    "pair by pair; --big is then made of copies of the --small folder's shards (0: --big genuine)")
+    ap.add_argument("--work", default="/tmp/bmr_input_bench")
+    ap.add_argument("--batches", type=int, default=30, help="host batches per memory run (after the first)")
+    ap.add_argument("--rate-batches", type=int, default=8, help="host batches per throughput run")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "input_pipeline.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--pack-rows", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    from bmretriever_jax.util.machine import cpu_info, versions
+
+    os.makedirs(args.work, exist_ok=True)
+    t_start = time.time()
+    res = {"command": "benchmarks/input_pipeline.py " + " ".join(sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_info(),
+           "versions": versions("bmretriever_jax", "grain", "datasets", "pyarrow", "tokenizers", "transformers", "jax",
+                                "numpy"),
+           "load_average_start": [round(x, 2) for x in os.getloadavg()],
+           "note": "a shared 2-core machine (other agents' jobs run beside it): times are lower bounds of what a "
+                   "pod host's cores deliver; memory and text shares do not depend on the load"}
+    tok = _tokenizer()
+
+    # 3. text share (also gives the pre-training config's packed rows for the host runs below)
+    share = {}
+    share["pretrain"] = text_share(tok, args.work, "pretrain", ["pretrain:" + os.path.join(ROOT, "data/scifact/corpus.jsonl")],
+                                   PRETRAIN, 0, 8)
+    share["finetune"] = text_share(tok, args.work, "finetune", ["scifact", "pubmedqa", "medquad"], FINETUNE, 1, 8)
+    res["text_share"] = share
+    print("text share:", json.dumps({k: (v["padded"], v["packed"]) for k, v in share.items()}), flush=True)
+    rows = share["pretrain"]["pack_rows_per_device"]
+
+    # 1. memory: small vs big corpus, 1 worker (the training process + its grain worker)
+    corpora = {}
+    sizes = [args.small] + ([args.genuine] if args.genuine else []) + [args.big]
+    for n in sizes:
+        copy = corpora[str(args.small)]["path"] if n == args.big and n > (args.genuine or args.small) else None
+        corpora[str(n)] = ensure_synthetic(args.work, n, copy_from=copy)
+        print("corpus:", corpora[str(n)], flush=True)
+    mem = {}
+    for n in sizes:
+        mem[str(n)] = run_child(corpora[str(n)]["path"], 1, args.batches, rows)
+        print("memory:", n, mem[str(n)], flush=True)
+    small = mem[str(args.small)]
+    res["memory"] = {"corpora": corpora, "runs": mem, "bound_mb": 300, "first_batch_bound_s": 30,
+                     "difference_to_small_mb": {
+                         str(n): {"rss": round(mem[str(n)]["memory_peak"]["rss_mb"] - small["memory_peak"]["rss_mb"], 1),
+                                  "private": round(mem[str(n)]["memory_peak"]["private_mb"]
+                                                   - small["memory_peak"]["private_mb"], 1)} for n in sizes[1:]}}
+
+    # 2. throughput per worker count
+    rate = {}
+    for w in (0, 1, 2):
+        rate[str(w)] = run_child(corpora[str(args.small)]["path"], w, args.rate_batches, rows)
+        print("rate:", w, rate[str(w)], flush=True)
+    res["throughput"] = {"host_batch_pairs": PRETRAIN["global_batch"] // PRETRAIN["hosts"], "runs": rate,
+                         "text_tokens_per_s_per_worker": round(rate["1"]["text_tokens_per_s"])}
+    res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["seconds"] = round(time.time() - t_start, 1)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.out} ({res['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
