@@ -232,6 +232,57 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     return out
 
 
+# ---------------------------------------------------------------------------------------------- report
+PAGE = os.path.join(ROOT, "BENCHMARKS.md")
+
+
+def render(res: dict) -> str:
+    cpu, mem, rate, share = res["cpu"], res["memory"], res["throughput"], res["text_share"]
+    lines = [f"{cpu['model']}, {cpu['logical_cpus']} logical CPUs ({', '.join(cpu['isa']) or 'no AVX-512'}); "
+             f"{res['date']}; load average {res['load_average_start']} -> {res['load_average_end']} (a shared "
+             f"machine: times are what this host got, not what a pod host's cores give); grain "
+             f"{res['versions'].get('grain')}, datasets {res['versions'].get('datasets')}, pyarrow "
+             f"{res['versions'].get('pyarrow')}; `{res['command'].strip()}` ({res['seconds']:.0f} s).", "",
+             "**Memory** (one host of the 410M pre-training config: 256 pairs a batch, Gemma 3 tokenizer, packed, "
+             "1 grain worker; RSS of the training process + its worker, peak over the run):", "",
+             "| prepared pairs | made by | on disk | RSS | private (RSS - shared) | vs smallest | first batch |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for n, run in mem["runs"].items():
+        c = mem["corpora"][n]
+        d = mem["difference_to_small_mb"].get(n)
+        diff = "" if d is None else f"{d['rss']:+.0f} MB"
+        lines.append(f"| {int(n):,} | {c.get('made_by') or ''} | {c['bytes'] / 2**30:.2f} GiB | "
+                     f"{run['memory_peak']['rss_mb']:.0f} MB | {run['memory_peak']['private_mb']:.0f} MB | "
+                     f"{diff} | {run['first_batch_s']:.1f} s |")
+    lines += ["", "**Throughput** (text tokens a host gets per second, read + tokenized + packed + prefetched, "
+              "as the training process receives them; first batch includes starting the workers):", "",
+              "| grain workers | text tokens / s | first batch |", "|---:|---:|---:|"]
+    for w, run in rate["runs"].items():
+        lines.append(f"| {w}{' (in-process thread)' if w == '0' else ''} | {run['text_tokens_per_s']:,} | "
+                     f"{run['first_batch_s']:.1f} s |")
+    lines += ["", "**Text share** of the tokens the step computes (the rest is padding), on "
+              f"{share['pretrain']['host_batches_measured']} host batches each, rows per device calibrated on the "
+              "first 32 global batches (from the prepared token lengths):", "",
+              "| data | config split | padded | packed | packed queries | packed passages | rows / device (q, p) |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    names = {"pretrain": "pre-training: SciFact titles -> abstracts", "finetune": "fine-tune: scifact + pubmedqa + medquad, 1 negative"}
+    for k, v in share.items():
+        lines.append(f"| {names[k]} | {v['global_batch']} pairs over {v['devices']} devices, {v['hosts']} hosts, "
+                     f"max_length {v['max_length']} | {v['padded']:.1%} | {v['packed']:.1%} | {v['packed_queries']:.1%} | "
+                     f"{v['packed_passages']:.1%} | {tuple(v['pack_rows_per_device'])} |")
+    return "\n".join(lines)
+
+
+def write_section(res: dict) -> None:
+    text = open(PAGE, encoding="utf-8").read()
+    begin, end = "<!-- input:begin -->", "<!-- input:end -->"
+    if begin in text and end in text:
+        a, b = text.index(begin) + len(begin), text.index(end)
+        text = text[:a] + "\n" + render(res) + "\n" + text[b:]
+        with open(PAGE, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,12 +294,15 @@ def main():
     ap.add_argument("--batches", type=int, default=30, help="host batches per memory run (after the first)")
     ap.add_argument("--rate-batches", type=int, default=8, help="host batches per throughput run")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "input_pipeline.json"))
+    ap.add_argument("--report", action="store_true", help="only rewrite the BENCHMARKS.md section from --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--pack-rows", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.report:
+        return write_section(json.load(open(args.out)))
 
     from bmretriever_jax.util.machine import cpu_info, versions
 
@@ -302,7 +356,8 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"wrote {args.out} ({res['seconds']} s)")
+    write_section(res)
+    print(f"wrote {args.out} ({res['seconds']} s) and the input section of {PAGE}")
 
 
 if __name__ == "__main__":

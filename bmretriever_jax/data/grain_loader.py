@@ -217,6 +217,8 @@ class GrainPairLoader:
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
             raise ValueError(f"state {state} outside epoch >= 0, step in [0, {self.steps_per_epoch})")
+        if (epoch, step) == (self._epoch, self._step):
+            return  # already there: a started pipeline keeps its workers and the batches they have made
         self.close()
         self._epoch, self._step = epoch, step
 
@@ -237,6 +239,12 @@ class GrainPairLoader:
         hb = self._host_batch(True, self.process_index, self.process_count)
         hb._data = self.data
         return hb(epoch * self.steps_per_epoch + step)
+
+    def start(self) -> None:
+        """Start the workers now (they spawn, import and build the first batches while the caller goes on);
+        `next()` does it otherwise. A later `restore` to another position restarts them."""
+        if self._it is None:
+            self._start()
 
     def _start(self):
         import grain

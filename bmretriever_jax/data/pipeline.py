@@ -100,7 +100,7 @@ def training_loader(run, tokenizer, pairs=None, prepared=None, *, process_index=
     loader = make_loader(run, None, pi, pc, pairs=pairs, prepared=prepared)
     if not run.data.packing:
         loader.tokenize_fn = make_tokenize_fn(tokenizer, run)
-        return loader
+        return _started(loader)
     count = run.data.pack_calibration_batches
     rows = None
     if prepared is not None:
@@ -112,4 +112,11 @@ def training_loader(run, tokenizer, pairs=None, prepared=None, *, process_index=
         rows = calibrate_packing(tokenizer, run, calibration_batches(loader, count), n_shards)
     loader.tokenize_fn = make_tokenize_fn(tokenizer, run, pack_rows=rows, n_local_shards=n_shards // pc)
     loader.pack_rows = rows
+    return _started(loader)
+
+
+def _started(loader):
+    """Grain workers start here, so they spawn and build the first batches while the step compiles."""
+    if hasattr(loader, "start") and getattr(loader, "worker_count", 0) > 0:
+        loader.start()
     return loader
