@@ -4,16 +4,16 @@
     model = bmr.load("gemma3-270m")
     vectors = model.encode_queries(["Vitamin D prevents fractures."], task="scifact")
 
-`load`, `train`, `evaluate`, `merge`, `export` (see `bmretriever_jax.api`) are imported on first use, so that
+`load`, `train`, `evaluate`, `index`, `search`, `merge`, `export` (see `bmretriever_jax.api`) are imported on first use, so that
 `import bmretriever_jax` (and `bmr --help`) stays free of jax.
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "train", "evaluate", "merge", "export", "Encoder", "UserError"]
+__all__ = ["load", "train", "evaluate", "index", "search", "merge", "export", "Encoder", "UserError"]
 
 
 def __getattr__(name):
-    if name in ("load", "train", "evaluate", "merge", "export", "Encoder"):
+    if name in ("load", "train", "evaluate", "index", "search", "merge", "export", "Encoder"):
         from bmretriever_jax import api
 
         return getattr(api, name)

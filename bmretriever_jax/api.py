@@ -8,7 +8,9 @@
     scores = model.similarity(q, d)                     # cosine, [n_queries, n_passages]
 
     bmr.train("configs/quickstart.yaml", {"train.steps": 10, "out": "runs/try"})
-    bmr.evaluate(["runs/try/model", "bm25"], ["data/scifact"])
+    bmr.evaluate(["runs/try/model", "bm25"], ["data/scifact"], fusion="rrf")   # + the fused row
+    bmr.index("data/scifact/corpus.jsonl", ["runs/try/model", "bm25"], "idx")
+    bmr.search("idx", "Vitamin D prevents fractures.", top_k=5)
     bmr.merge("merge.yaml", "runs/merged")
     bmr.export("runs/try", "runs/try-st", format="sentence-transformers")
 
@@ -64,16 +66,61 @@ def train(config: Optional[str], overrides: Overrides = None, *, quiet: bool = F
 
 def evaluate(models: Union[str, Sequence[str]], data: Union[str, Sequence[str]], *, split: str = "test",
              instruction: Optional[str] = None, max_length: Optional[int] = None, dtype: str = "auto",
-             cache_dir: Optional[str] = None, quiet: bool = True) -> Dict[str, Dict[str, float]]:
+             cache_dir: Optional[str] = None, quiet: bool = True, fusion: Optional[str] = None,
+             fusion_dev_split: str = "dev", save_runs: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """`bmr eval`: every model (a name or path as `load` takes, or the baselines "bm25" and "minilm") on every
     data set (BEIR folders: NDCG@10, recall@100, ...; STS .tsv files: Spearman). Returns
-    {"model | data": {metric: value}}; corpus vectors are cached, so a second call re-encodes nothing."""
+    {"model | data": {metric: value}}; corpus vectors are cached, so a second call re-encodes nothing.
+    `fusion="rrf"|"wsum"` adds a row per BEIR folder fusing all the systems (parameters chosen on
+    `fusion_dev_split`, k=60 / equal weights where there is none; the row's "fusion" entry says which);
+    `save_runs` a folder for TREC run files."""
     from bmretriever_jax.eval.suite import evaluate_all
 
     models = [models] if isinstance(models, str) else list(models)
     data = [data] if isinstance(data, str) else list(data)
     return evaluate_all(models, data, split=split, instruction=instruction, max_length=max_length, dtype=dtype,
-                        cache_dir=cache_dir, quiet=quiet)
+                        cache_dir=cache_dir, quiet=quiet, fusion_method=fusion, fusion_dev_split=fusion_dev_split,
+                        save_runs=save_runs)
+
+
+def index(corpus: str, models: Union[str, Sequence[str]], out: str, *, task: Optional[str] = None,
+          max_length: Optional[int] = None, dtype: str = "auto", batch_size: int = 32, quiet: bool = True) -> str:
+    """`bmr index`: the documents of `corpus` (a corpus.jsonl or a BEIR folder) encoded by every model of
+    `models` ("bm25" for a BM25 index) into the folder `out`, with a manifest of the models and the corpus'
+    sha256. Returns `out`, the argument `search` takes."""
+    from bmretriever_jax.eval.index import build_index
+
+    models = [models] if isinstance(models, str) else list(models)
+    return build_index(corpus, models, out, task=task, max_length=max_length, dtype=dtype, batch_size=batch_size,
+                       quiet=quiet)
+
+
+_OPEN_INDEXES: dict = {}
+
+
+def search(index: str, query: Union[str, Sequence[str]], *, top_k: int = 10, fusion: Optional[str] = None,
+           task: Optional[str] = None, instruction: Optional[str] = None, systems: Optional[Sequence[str]] = None,
+           rrf_k: Optional[float] = None, weights: Optional[Sequence[float]] = None) -> list:
+    """`bmr search`: the `top_k` documents of an index for a query, as [{"rank", "id", "title", "score"}]
+    (a list of such lists for a list of queries). An index of several systems is fused (rrf, k=60, unless
+    `fusion`/`rrf_k`/`weights` say otherwise); `systems` picks some of them. The opened index and its models
+    stay loaded for the next call."""
+    import os
+
+    from bmretriever_jax.eval.index import MANIFEST, Index
+
+    try:
+        stamp = os.stat(os.path.join(index, MANIFEST)).st_mtime_ns
+    except OSError:
+        stamp = None
+    key = (os.path.abspath(index), stamp)
+    if stamp is None or key not in _OPEN_INDEXES:
+        _OPEN_INDEXES.clear()
+        _OPEN_INDEXES[key] = Index(index)  # raises the one-line error when it is not an index
+    res = _OPEN_INDEXES[key].search([query] if isinstance(query, str) else list(query), top_k=top_k,
+                                    fusion_method=fusion, task=task, instruction=instruction, systems=systems,
+                                    rrf_k=rrf_k, weights=weights)["results"]
+    return res[0] if isinstance(query, str) else res
 
 
 def merge(config, out: str, *, seed: int = 0, tokenizer_source: Optional[str] = None, quiet: bool = True) -> str:
@@ -96,4 +143,4 @@ def export(source: str, out: str, format: str = "hf", *, step: Optional[int] = N
                    base_model=base_model, quiet=quiet)
 
 
-__all__ = ["Encoder", "load", "train", "evaluate", "merge", "export"]
+__all__ = ["Encoder", "load", "train", "evaluate", "index", "search", "merge", "export"]

@@ -224,6 +224,13 @@ HINTS = [
          "errors reading data.prepared name the command that makes the folder: run on a small pairs file",
          argvs=[["prepare", "pairs.jsonl", "--out", "prepared"]],
          check=_check_prepared),
+    Hint("bmretriever_jax/eval/index.py", r"`bmr index", RUN,
+         "errors of `bmr search` (not an index, damaged, unknown system, one system to fuse, model changed) say to "
+         "index: run on 4 documents with the tiny model and BM25 (tests/test_index_search.py provokes the errors)",
+         argvs=[["index", "few.jsonl", "--model", "TINY_MODEL", "--model", "bm25", "--out", "idx"]],
+         check=lambda a, r, c: "indexed 4 documents" in r.stdout and (c / "idx" / "index.json").is_file()),
+    Hint("bmretriever_jax/cli/retrieval.py", r"^search it: bmr search \{out\}", PARSE,
+         "`bmr index`'s last line (run with an index by tests/test_index_search.py)", fill={"{out}": "idx"}),
     Hint("bmretriever_jax/cli/data.py", r"a name from `bmr info` or a folder", RUN,
          "`bmr prepare --tokenizer` help: what `bmr info` takes; run on the tiny model folder",
          argvs=[["info", "TINY_MODEL"]], check=lambda a, r, c: "parameters" in r.stdout),

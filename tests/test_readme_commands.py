@@ -261,6 +261,60 @@ def _check_export(argv, r, clone):
     assert (out / want).is_file(), sorted(os.listdir(out))
 
 
+INDEX_DOCS = 40  # documents of the corpus a shown `bmr index` line indexes here
+
+
+def _tiny_model_at(path, clone):
+    """A model path of the docs that the fixtures lack (runs/quickstart/merged before the quickstart) is the tiny
+    run's model."""
+    if not path.exists():
+        shutil.copytree(clone / "runs" / "quickstart" / "literature" / "model", path)
+
+
+def _prepare_index(argv, clone):
+    """The corpus cut to its first documents; --model paths the fixtures lack -> the tiny run's model."""
+    argv = list(argv)
+    src = clone / argv[1]
+    src = src / "corpus.jsonl" if src.is_dir() else src
+    few = clone / "few" / "index" / "corpus.jsonl"
+    few.parent.mkdir(parents=True, exist_ok=True)
+    with open(src) as f:
+        few.write_text("".join(line for _, line in zip(range(INDEX_DOCS), f)))
+    argv[1] = str(few)
+    for i, w in enumerate(argv[:-1]):
+        if w == "--model" and argv[i + 1] != "bm25" and "/" in argv[i + 1]:
+            _tiny_model_at(clone / argv[i + 1], clone)
+    return argv
+
+
+def _check_index(argv, r, clone):
+    man = json.load(open(clone / _opt(argv, "--out") / "index.json"))
+    assert len(man["systems"]) == argv.count("--model") and man["corpus"]["documents"] == INDEX_DOCS, man
+    assert r.stdout.startswith(f"indexed {INDEX_DOCS} documents"), r.stdout
+
+
+def _prepare_search(argv, clone):
+    """An index the docs made earlier is used as it is; else one of the tiny model and BM25 is built."""
+    if not (clone / argv[1] / "index.json").exists():
+        model = clone / "runs" / "quickstart" / "merged"
+        _tiny_model_at(model, clone)
+        index = _prepare_index(["index", "data/scifact/corpus.jsonl", "--model", str(model), "--model", "bm25",
+                                "--out", argv[1], "-q"], clone)
+        subprocess.run([*BMR, *index], cwd=clone, check=True, capture_output=True)
+    return argv
+
+
+def _check_search(argv, r, clone):
+    top_k = int(_opt(argv, "--top-k", 10))
+    if "--json" in argv:
+        hits = json.loads(r.stdout)["results"]
+    else:
+        lines = r.stdout.splitlines()
+        assert re.match(r"\d+ of \d+ documents \(", lines[0]), r.stdout
+        hits = lines[1:]
+    assert len(hits) <= top_k and (hits or _opt(argv, "--system") == "bm25"), r.stdout  # BM25 may match nothing
+
+
 BMR_RULES = [
     Rule("--help", RUN, "prints the options: a second", lambda a: "--help" in a or "-h" in a, check=_check_help),
     Rule("named in prose", NAMED, "`bmr merge`, `bmr encode --model` in a sentence: the command and its options "
@@ -296,6 +350,10 @@ BMR_RULES = [
          lambda a: a[0] == "merge"),
     Rule("synth / optimize-prompt", PARSE, "an LLM generating text: minutes (test_synth.py: tiny models)",
          lambda a: a[0] in ("synth", "optimize-prompt")),
+    Rule("index", RUN, "the corpus cut to its first documents, tiny model: seconds", lambda a: a[0] == "index",
+         prepare=_prepare_index, check=_check_index),
+    Rule("search", RUN, "the index the docs made (else one of the tiny model + BM25): seconds",
+         lambda a: a[0] == "search", prepare=_prepare_search, check=_check_search),
     Rule("serve", PARSE, "a server runs until it is stopped (test_serve.py queries real servers of tiny models)",
          lambda a: a[0] == "serve"),
 ]

@@ -14,7 +14,7 @@ from bmretriever_jax.util.errors import UserError
 
 # command groups, in the order `bmr --help` lists them; sweep keeps its parser beside its code
 GROUPS = (models, data, training, evaluation, merging, synth, planning)
-EXTERNAL = ("bmretriever_jax.studies.sweep", "bmretriever_jax.cli.serving")
+EXTERNAL = ("bmretriever_jax.studies.sweep", "bmretriever_jax.cli.serving", "bmretriever_jax.cli.retrieval")
 
 
 def _add_quiet(parser: argparse.ArgumentParser, default) -> None:
