@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+CALIBRATION_TOKENIZED = "the first 8 global batches, tokenized (padded negatives are other pairs' positives)"
 PRETRAIN = dict(global_batch=4096, hosts=16, chips=64, max_length=512, query_max_length=512)  # 410M pre-training
 FINETUNE = dict(global_batch=512, hosts=4, chips=16, max_length=512, query_max_length=512)  # 410M fine-tune, v5e-16
 
@@ -149,19 +150,26 @@ def child(args) -> None:
     def text(b):
         return int((b["q_seg"] > 0).sum() + (b["p_seg"] > 0).sum())
 
-    tokens, t = text(batch), time.time()
+    # the rate is timed after `warm` batches: by then the batches the workers made while the first one was
+    # awaited are used up, and what arrives is what the workers make
+    warm = min(args.batches // 3, 2 + 4 * max(args.workers, 1))
+    tokens, t = 0, time.time()
     peak = memory()
     for i in range(args.batches):
         batch = next(loader)
-        tokens += text(batch)
+        if i == warm - 1:
+            tokens, t = 0, time.time()
+        elif i >= warm:
+            tokens += text(batch)
         if i % 5 == 4:
             m = memory()
             peak = m if m["rss_mb"] > peak["rss_mb"] else peak
     el = time.time() - t
-    rate = (tokens - text(batch)) / el if args.batches else 0.0  # batches after the first, as they arrive
+    rate = tokens / el if args.batches > warm else 0.0
     end = memory()
     loader.close()
     print(json.dumps({"workers": args.workers, "first_batch_s": round(first, 2), "batches": args.batches + 1,
+                      "rate_timed_batches": max(args.batches - warm, 0),
                       "text_tokens_per_s": round(rate), "seconds": round(el, 1), "memory_end": end, "memory_peak": peak,
                       "pairs": len(loader.data)}))
     sys.stdout.flush()
@@ -200,16 +208,18 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     padded_run = _run_config(path, cfg, packing=False, num_negatives=num_negatives)
     probe = make_loader(packed_run, None, 0, 1, prepared=data)
     rows = pack_rows_from_lengths(data, probe, packed_run, n_shards, 32)
-    if rows is None:  # padded negatives: calibrate on items
+    calibration = "the first 32 global batches, from the stored token lengths"
+    if rows is None:  # padded negatives: calibrate on items (tokenizing: fewer batches to stay bounded)
         from bmretriever_jax.data.pipeline import calibration_batches
         from bmretriever_jax.train.step import calibrate_packing
 
         rows = calibrate_packing(tok, packed_run, calibration_batches(probe, 8), n_shards)
+        calibration = CALIBRATION_TOKENIZED
     local_shards = n_shards // hosts
     out = {"pairs": m["count"], "prepare_s": round(prep_s, 1), "pack_rows_per_device": list(rows),
            "global_batch": cfg["global_batch"], "devices": n_shards, "hosts": hosts, "max_length": cfg["max_length"],
            "query_max_length": cfg["query_max_length"], "num_negatives": num_negatives,
-           "token_stats": {k: m["stats"][k] for k in ("query_tokens", "passage_tokens")}}
+           "token_stats": {k: m["stats"][k] for k in ("query_tokens", "passage_tokens")}, "calibration": calibration}
     counts = {f"{mode}_{kind}": [0, 0] for mode in ("padded", "packed") for kind in ("queries", "passages")}
     for mode, run in (("padded", padded_run), ("packed", packed_run)):
         fn = make_tokenize_fn(tok, run, pack_rows=rows if mode == "packed" else None, n_local_shards=local_shards)
@@ -255,21 +265,26 @@ def render(res: dict) -> str:
                      f"{run['memory_peak']['rss_mb']:.0f} MB | {run['memory_peak']['private_mb']:.0f} MB | "
                      f"{diff} | {run['first_batch_s']:.1f} s |")
     lines += ["", "**Throughput** (text tokens a host gets per second, read + tokenized + packed + prefetched, "
-              "as the training process receives them; first batch includes starting the workers):", "",
+              "as the training process receives them, timed after the batches made while the first was awaited; "
+              "first batch includes starting the workers"
+              + (f"; `{rate['command']}`, load average {res.get('load_average_throughput_start')} -> "
+                 f"{res.get('load_average_throughput_end')}" if rate.get("command") else "") + "):", "",
               "| grain workers | text tokens / s | first batch |", "|---:|---:|---:|"]
     for w, run in rate["runs"].items():
         lines.append(f"| {w}{' (in-process thread)' if w == '0' else ''} | {run['text_tokens_per_s']:,} | "
                      f"{run['first_batch_s']:.1f} s |")
     lines += ["", "**Text share** of the tokens the step computes (the rest is padding), on "
-              f"{share['pretrain']['host_batches_measured']} host batches each, rows per device calibrated on the "
-              "first 32 global batches (from the prepared token lengths):", "",
-              "| data | config split | padded | packed | packed queries | packed passages | rows / device (q, p) |",
-              "|---|---|---:|---:|---:|---:|---|"]
+              f"{share['pretrain']['host_batches_measured']} host batches each (several hosts and steps), at most "
+              f"{share['pretrain'].get('pack_max_segments', 16)} texts a row; the rows per device are the most any "
+              "device needed in the calibration batches (the shape the run compiles):", "",
+              "| data | config split | padded | packed | packed queries | packed passages | rows / device (q, p) | "
+              "calibrated on |", "|---|---|---:|---:|---:|---:|---|---|"]
     names = {"pretrain": "pre-training: SciFact titles -> abstracts", "finetune": "fine-tune: scifact + pubmedqa + medquad, 1 negative"}
     for k, v in share.items():
         lines.append(f"| {names[k]} | {v['global_batch']} pairs over {v['devices']} devices, {v['hosts']} hosts, "
                      f"max_length {v['max_length']} | {v['padded']:.1%} | {v['packed']:.1%} | {v['packed_queries']:.1%} | "
-                     f"{v['packed_passages']:.1%} | {tuple(v['pack_rows_per_device'])} |")
+                     f"{v['packed_passages']:.1%} | {tuple(v['pack_rows_per_device'])} | "
+                     f"{v.get('calibration') or (CALIBRATION_TOKENIZED if v['num_negatives'] else 'the first 32 global batches, from the stored token lengths')} |")
     return "\n".join(lines)
 
 
@@ -295,6 +310,7 @@ def main():
     ap.add_argument("--rate-batches", type=int, default=8, help="host batches per throughput run")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "input_pipeline.json"))
     ap.add_argument("--report", action="store_true", help="only rewrite the BENCHMARKS.md section from --out")
+    ap.add_argument("--only-throughput", action="store_true", help="rerun the throughput part into --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--pack-rows", help=argparse.SUPPRESS)
@@ -303,6 +319,17 @@ def main():
         return child(args)
     if args.report:
         return write_section(json.load(open(args.out)))
+    if args.only_throughput:
+        res = json.load(open(args.out))
+        t = time.time()
+        res["load_average_throughput_start"] = [round(x, 2) for x in os.getloadavg()]
+        res = _throughput(args, res, res["memory"]["corpora"], res["text_share"]["pretrain"]["pack_rows_per_device"])
+        res["load_average_throughput_end"] = [round(x, 2) for x in os.getloadavg()]
+        res["throughput"]["command"] = "benchmarks/input_pipeline.py " + " ".join(sys.argv[1:])
+        res["throughput"]["seconds"] = round(time.time() - t, 1)
+        json.dump(res, open(args.out, "w"), indent=1)
+        write_section(res)
+        return None
 
     from bmretriever_jax.util.machine import cpu_info, versions
 
@@ -344,13 +371,7 @@ def main():
                                   "private": round(mem[str(n)]["memory_peak"]["private_mb"]
                                                    - small["memory_peak"]["private_mb"], 1)} for n in sizes[1:]}}
 
-    # 2. throughput per worker count
-    rate = {}
-    for w in (0, 1, 2):
-        rate[str(w)] = run_child(corpora[str(args.small)]["path"], w, args.rate_batches, rows)
-        print("rate:", w, rate[str(w)], flush=True)
-    res["throughput"] = {"host_batch_pairs": PRETRAIN["global_batch"] // PRETRAIN["hosts"], "runs": rate,
-                         "text_tokens_per_s_per_worker": round(rate["1"]["text_tokens_per_s"])}
+    res = _throughput(args, res, corpora, rows)
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     res["seconds"] = round(time.time() - t_start, 1)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -358,6 +379,17 @@ def main():
         json.dump(res, f, indent=1)
     write_section(res)
     print(f"wrote {args.out} ({res['seconds']} s) and the input section of {PAGE}")
+
+
+def _throughput(args, res, corpora, rows):
+    # 2. throughput per worker count
+    rate = {}
+    for w in (0, 1, 2):
+        rate[str(w)] = run_child(corpora[str(args.small)]["path"], w, args.rate_batches, rows)
+        print("rate:", w, rate[str(w)], flush=True)
+    res["throughput"] = {"host_batch_pairs": PRETRAIN["global_batch"] // PRETRAIN["hosts"], "runs": rate,
+                         "text_tokens_per_s_per_worker": round(rate["1"]["text_tokens_per_s"])}
+    return res
 
 
 if __name__ == "__main__":
