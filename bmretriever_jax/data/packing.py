@@ -87,15 +87,21 @@ def pack(seqs: Sequence[Sequence[int]], *, n_shards: int, rows: int, length: int
     return {"ids": ids, "seg": seg, "slot": slot}
 
 
-def choose_rows(batches_lengths: Sequence[Sequence[int]], *, n_shards: int, length: int, max_segments: int) -> int:
-    """The packed row count per shard for a run: the most rows any shard of the sampled batches needs (token
-    counts of each sampled global batch, in batch order). Batches that need more use the fallback shape."""
-    need = 1
+def choose_rows(batches_lengths: Sequence[Sequence[int]], *, n_shards: int, length: int, max_segments: int,
+                sigmas: float = 6.0) -> int:
+    """The packed row count per shard for a run, from the token counts of sampled global batches (in batch
+    order): the rows each shard of each sample needs, and then room for the tail: max(the most needed, mean +
+    `sigmas` standard deviations). A batch beyond it takes the fallback shape (one text per row), which on a pod
+    may not fit where the packed step does; 6 sigmas makes that about a one-in-a-billion event per shard and
+    step for a normal tail (the needs of many small texts add up to a sum of many independent lengths)."""
+    needs = []
     for lengths in batches_lengths:
         per = len(lengths) // n_shards
-        for s in range(n_shards):
-            need = max(need, rows_needed(lengths[s * per:(s + 1) * per], length, max_segments))
-    return need
+        needs += [rows_needed(lengths[s * per:(s + 1) * per], length, max_segments) for s in range(n_shards)]
+    if not needs:
+        return 1
+    tail = float(np.mean(needs) + sigmas * np.std(needs))
+    return max(1, max(needs), int(np.ceil(tail - 1e-9)))
 
 
 def text_share(seg: np.ndarray) -> float:
