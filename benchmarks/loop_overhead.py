@@ -1,11 +1,12 @@
 """The training loop's cost over a bare loop of the jitted step, and the overlap of input with compute.
 
-    python benchmarks/loop_overhead.py             # tiny model (tests/hf_tiny.py), CPU, 3 interleaved rounds
+    python benchmarks/loop_overhead.py             # tiny model (tests/hf_tiny.py), CPU, 5 interleaved rounds
     python benchmarks/loop_overhead.py --rounds 1  # a smoke run
 
 Contenders (the same RunConfig, model, jitted step and batches; one CPU device, mesh (1,1,1)):
-  bare         `state, m = step(state, frozen, batch)` over batches made global beforehand, one wait at the end:
-               the device time of a step with nothing else to do.
+  bare         the very jitted step train() ran (captured), `state, m = step(state, frozen, batch)` over the
+               global batches train() fed it, one wait per log_every steps (median over those chunks): the
+               device time of a step with nothing else to do.
   loop         `bmretriever_jax.train.train()` itself: the loader reads and tokenizes each batch and a background
                thread makes it global while the step runs; metrics read once per log_every (one step late),
                the NaN check with them, the preemption check at every step, checkpoints and model export at the
@@ -26,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))  # run from a checkout
@@ -35,16 +37,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from bmretriever_jax.config import load_config  # noqa: E402
-from bmretriever_jax.convert.hf import load_hf  # noqa: E402
 from bmretriever_jax.data.pairs import write_pairs  # noqa: E402
-from bmretriever_jax.parallel import sharding  # noqa: E402
 from bmretriever_jax.train import loop as loop_mod  # noqa: E402
-from bmretriever_jax.train import (init_state, make_mesh, make_optimizer, make_train_step,  # noqa: E402
-                                   split_params, to_global)
+from bmretriever_jax.train import to_global  # noqa: E402
 from bmretriever_jax.util.machine import run_facts  # noqa: E402
 from hf_tiny import tiny_model_dir, tiny_pairs  # noqa: E402
 
@@ -83,45 +81,66 @@ def overrides(args, model, pairs, out, steps):
             "data.num_negatives=1", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 
 
-def bare(args, model, pairs) -> dict:
-    """Per-step seconds of the jitted step alone, and of the host input alone (with and without the sleep)."""
-    run = load_config(None, overrides(args, model, pairs, tempfile.mkdtemp(), 10))
+class Capture:
+    """Wraps make_train_step so that train() hands over what it runs: the jitted step, the frozen params, the
+    global batches it fed and the state after its last step (a bare loop then runs the very same program)."""
+
+    def __init__(self):
+        self.fn = self.frozen = self.state = self.mesh = None
+        self.batches = []
+
+    def __enter__(self):
+        self._orig = loop_mod.make_train_step
+
+        def make(model_cfg, run, optimizer, mesh, *rest, **kw):
+            fn = self._orig(model_cfg, run, optimizer, mesh, *rest, **kw)
+            self.fn, self.mesh = fn, mesh
+
+            def wrapped(state, frozen, batch):
+                self.frozen = frozen
+                self.batches.append(batch)
+                out = fn(state, frozen, batch)
+                self.state = out[0]
+                return out
+            return wrapped
+
+        loop_mod.make_train_step = make
+        return self
+
+    def __exit__(self, *exc):
+        loop_mod.make_train_step = self._orig
+
+
+def bare_step(args, cap: Capture) -> float:
+    """Per-step seconds of the captured jitted step over the batches train() fed it: median over chunks of
+    log_every steps, one wait per chunk (as the loop's log intervals)."""
+    state, batches = cap.state, cap.batches[-args.steps:]
+    per_step = []
+    for lo in range(0, len(batches) - args.log_every + 1, args.log_every):
+        t = time.perf_counter()
+        for b in batches[lo:lo + args.log_every]:
+            state, m = cap.fn(state, cap.frozen, b)
+        jax.block_until_ready((state, m))
+        per_step.append((time.perf_counter() - t) / args.log_every)
+    cap.state = state
+    return statistics.median(per_step)
+
+
+def host_step(args, model, pairs, mesh, sleep_s: float) -> float:
+    """Per-batch seconds of the input alone: next(loader) (+ the sleep) and to_global."""
     import transformers
 
-    model_cfg, base = load_hf(model, dtype=np.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    mesh = make_mesh(run)
-    optimizer = make_optimizer(run)
-    trainable, frozen = split_params(base, run, jax.random.PRNGKey(0))
-    frozen = sharding.shard(frozen, mesh)
-    state = init_state(run, trainable, optimizer)
-    shardings = sharding.tree_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-    step = make_train_step(model_cfg, run, optimizer, mesh, shardings)
-    loader = loop_mod.make_loader(run, loop_mod.load_training_pairs(run), tok)
-    batches = [to_global(next(loader), mesh) for _ in range(args.steps)]
-    state, m = step(state, frozen, batches[0])  # compile
-    jax.block_until_ready(m)
-
-    def run_bare():
-        nonlocal state
-        t = time.perf_counter()
-        for b in batches:
-            state, m = step(state, frozen, b)
-        jax.block_until_ready((state, m))
-        return (time.perf_counter() - t) / len(batches)
-
-    def run_host(sleep_s):
-        src = SlowLoader(loader, sleep_s)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            jax.block_until_ready(to_global(next(src), mesh))
-        return (time.perf_counter() - t) / args.steps
-
-    return {"bare": run_bare, "host": lambda: run_host(0.0), "host_slow": lambda: run_host(args.sleep_ms / 1000)}
+    run = load_config(None, overrides(args, model, pairs, tempfile.mkdtemp(), 10))
+    loader = SlowLoader(loop_mod.make_loader(run, loop_mod.load_training_pairs(run),
+                                             transformers.AutoTokenizer.from_pretrained(model)), sleep_s)
+    jax.block_until_ready(to_global(next(loader), mesh))
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        jax.block_until_ready(to_global(next(loader), mesh))
+    return (time.perf_counter() - t) / args.steps
 
 
-def loop_step(args, model, pairs, sleep_s: float) -> dict:
+def loop_step(args, model, pairs, sleep_s: float, cap: Optional[Capture] = None) -> dict:
     """Per-step seconds of train() (median over its log intervals after the first) and its wall time."""
     out = tempfile.mkdtemp(prefix="loop-bench-")
     steps = args.steps + args.log_every  # the first interval holds the compilation
@@ -131,7 +150,11 @@ def loop_step(args, model, pairs, sleep_s: float) -> dict:
         loop_mod.make_loader = lambda *a: SlowLoader(orig(*a), sleep_s)
     try:
         t = time.perf_counter()
-        loop_mod.train(run, quiet=True)
+        if cap is not None:
+            with cap:
+                loop_mod.train(run, quiet=True)
+        else:
+            loop_mod.train(run, quiet=True)
         wall = time.perf_counter() - t
     finally:
         loop_mod.make_loader = orig
@@ -143,8 +166,8 @@ def loop_step(args, model, pairs, sleep_s: float) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=60, help="timed steps per contender and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per contender and round")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--query-len", type=int, default=32)
@@ -158,27 +181,28 @@ def main():
     write_pairs(pairs, tiny_pairs(512))
     load_start = common.load_average()
     log(f"devices: {jax.devices()}; load {load_start}")
-    fns = bare(args, model, pairs)
-    d = statistics.median(fns["bare"]() for _ in range(3))
-    if args.sleep_ms is None:
-        args.sleep_ms = round(d * 1000, 1)
-    log(f"bare step {d * 1000:.1f} ms; slow input sleeps {args.sleep_ms} ms per batch")
-    res = {k: [] for k in ("bare", "host", "host_slow", "loop", "loop_slow")}
+    res = {k: [] for k in ("bare", "loop", "host", "host_slow", "loop_slow")}
     loops = {"loop": [], "loop_slow": []}
     for r in range(args.rounds):
-        res["bare"].append(fns["bare"]())
-        res["host"].append(fns["host"]())
-        res["host_slow"].append(fns["host_slow"]())
-        for name, sleep in (("loop", 0.0), ("loop_slow", args.sleep_ms / 1000)):
-            got = loop_step(args, model, pairs, sleep)
-            loops[name].append(got)
-            res[name].append(got["s_per_step"])
+        cap = Capture()
+        got = loop_step(args, model, pairs, 0.0, cap)
+        loops["loop"].append(got)
+        res["loop"].append(got["s_per_step"])
+        res["bare"].append(bare_step(args, cap))
+        if args.sleep_ms is None:
+            args.sleep_ms = round(res["bare"][0] * 1000, 1)
+            log(f"slow input: sleeps {args.sleep_ms} ms per batch (the first bare step time)")
+        res["host"].append(host_step(args, model, pairs, cap.mesh, 0.0))
+        res["host_slow"].append(host_step(args, model, pairs, cap.mesh, args.sleep_ms / 1000))
+        got = loop_step(args, model, pairs, args.sleep_ms / 1000)
+        loops["loop_slow"].append(got)
+        res["loop_slow"].append(got["s_per_step"])
         log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] * 1000:.2f} ms" for k, v in res.items()))
     med = {k: statistics.median(v) for k, v in res.items()}
     overhead = med["loop"] / med["bare"] - 1
     expect_max, expect_sum = max(med["bare"], med["host_slow"]), med["bare"] + med["host_slow"]
     result = {
-        "command": "python benchmarks/loop_overhead.py" + (f" --rounds {args.rounds}" if args.rounds != 3 else ""),
+        "command": " ".join(["python benchmarks/loop_overhead.py", *sys.argv[1:]]),
         "setup": {"model": "tests/hf_tiny llama (hidden 64, 3 layers, vocab 97), float32, LoRA r16 (defaults)",
                   "global_batch": args.batch, "query_len": args.query_len, "passage_len": args.passage_len,
                   "negatives": 1, "devices": [str(x) for x in jax.devices()], "steps_per_round": args.steps,
@@ -214,7 +238,7 @@ def markdown(r: dict) -> str:
         f"{r['versions']['jax']}; load average {r['load_average']['start'][0]} at start, "
         f"{r['load_average']['end'][0]} at the end.", "",
         "| contender | ms / step |", "|---|---|",
-        f"| bare jitted step (batches on the device beforehand) | {m['bare']:.2f} |",
+        f"| the same jitted step in a bare loop (train()'s batches, already on the device) | {m['bare']:.2f} |",
         f"| `train()` loop (tokenizing + host->device in a thread, metrics per log_every) | {m['loop']:.2f} |",
         f"| host input alone (next + to_global) | {m['host']:.2f} |",
         f"| host input alone, slow loader (+{r['setup']['sleep_ms']} ms sleep) | {m['host_slow']:.2f} |",

@@ -215,13 +215,14 @@ def test_dress_rehearsal_4_processes_then_2(setup, tmp_path):
     parts = sorted(d for d in os.listdir(run / "checkpoints" / str(saved) / "state") if d.startswith("ocdbt.process_"))
     assert parts == [f"ocdbt.process_{i}" for i in range(4)], parts
     run_out = finish(launch(run, 2), 0)
-    # the final metrics: every loss after the restart and the last one within float32 rounding (another
-    # mesh sums in another order), the trained adapters within rounding, the printed summary the same
+    # the final metrics: every loss after the restart within float32 rounding (the batch is split 2 ways
+    # instead of 4, so sums run in another order: measured up to 5.7e-6 on losses ~2.2 after 18 more steps,
+    # 2.6e-6 relative), the trained adapters within rounding, the printed summary the same
     ref_l, run_l = _losses(ref), _losses(run)
     assert sorted(run_l) == sorted(ref_l) == list(range(1, STEPS + 1))
     assert all(run_l[s] == ref_l[s] for s in range(1, saved + 1))  # before the notice: the same 4 processes
-    diffs = {s: abs(run_l[s] - ref_l[s]) for s in range(saved + 1, STEPS + 1)}
-    assert max(diffs.values()) <= 1e-6, diffs
+    for s in range(saved + 1, STEPS + 1):
+        assert run_l[s] == pytest.approx(ref_l[s], rel=1e-5), (s, {k: run_l[k] - ref_l[k] for k in run_l})
     a, b = _trainable(ref), _trainable(run)
     for k in a:
         np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-4, atol=1e-6, err_msg=k)

@@ -14,7 +14,8 @@ import pytest
 from bmretriever_jax.config import ConfigError, load_config
 from bmretriever_jax.data.pairs import write_pairs
 from bmretriever_jax.train import checkpoint as ckpt
-from bmretriever_jax.train import train
+from bmretriever_jax.parallel import sharding
+from bmretriever_jax.train import make_mesh, train
 from bmretriever_jax.util import treeutil
 from hf_tiny import tiny_model_dir, tiny_pairs
 
@@ -25,7 +26,11 @@ STEPS, FIRST = 10, 5  # (train.save_every=FIRST)
 COMMON = ["model.max_length=16", "model.query_max_length=8", "model.dtype=float32", "train.global_batch_size=8",
           "train.save_every=5", "train.log_every=1", "train.warmup_steps=0", "train.schedule=constant",
           "train.lr=3e-3", "lora.dropout=0.1"]
-LOSS_TOL = 1e-6  # another mesh sums in another order: the same run within float32 rounding
+# another mesh sums in another order: the same run within float32 rounding. 2 processes -> 1 keeps the mesh shape
+# (measured <= 1e-6 absolute); (4,2,1) -> (2,2,1) splits the batch and the features another way: the restored
+# arrays are bit-identical, the losses then drift by rounding (full fine-tuning, measured 6e-6 on a loss of 2.77
+# at the 5th step after the restore: 2.2e-6 relative)
+LOSS_TOL = {"same mesh": dict(rel=0, abs=1e-6), "new mesh": dict(rel=1e-5, abs=0)}
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +86,11 @@ def _trainable(run_dir):
     return treeutil.flatten(state["trainable"]), meta
 
 
-def _assert_continues_like(ref_dir, run_dir):
+def _assert_continues_like(ref_dir, run_dir, tol):
     ref, got = _losses(ref_dir), _losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
-    diffs = {s: abs(got[s] - ref[s]) for s in range(FIRST + 1, STEPS + 1)}
-    assert max(diffs.values()) <= LOSS_TOL, diffs
+    for s in range(FIRST + 1, STEPS + 1):
+        assert got[s] == pytest.approx(ref[s], **tol), (s, got[s], ref[s], {k: got[k] - ref[k] for k in got})
     a, _ = _trainable(ref_dir)
     b, meta = _trainable(run_dir)
     assert a.keys() == b.keys()
@@ -95,13 +100,30 @@ def _assert_continues_like(ref_dir, run_dir):
 
 
 def test_eight_devices_4x2_restore_on_four_devices_2x2(setup, tmp_path):
-    mesh8 = ["mesh.data=4", "mesh.fsdp=2"]
+    # full fine-tuning: the checkpoint holds FSDP-split weights (LoRA adapters are replicated), so the restore
+    # really moves shards between layouts
+    mesh8 = ["mesh.data=4", "mesh.fsdp=2", "lora.enabled=false", "train.lr=1e-3"]
     ref = tmp_path / "ref"
     train(load_config(None, _overrides(setup, ref, f"train.steps={STEPS}", *mesh8)), quiet=True)
     run = tmp_path / "run"
     train(load_config(None, _overrides(setup, run, f"train.steps={STEPS}", *mesh8)), quiet=True,
           max_steps_this_run=FIRST)
     assert sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit()) == [FIRST]
+    # Orbax reads the (4,2,1) checkpoint into the (2,2,1) layout of 4 devices bit for bit
+    _, plain, _ = ckpt.restore_params_only(str(run / "checkpoints"))
+    mesh4 = make_mesh(load_config(None, _overrides(setup, run, *mesh8[2:], "mesh.data=2", "mesh.fsdp=2")))
+    assert mesh4.devices.shape == (2, 2, 1)
+    shardings = sharding.tree_shardings(plain, mesh4)
+    with ckpt.manager(str(run / "checkpoints"), async_save=False) as m:
+        step, state4, data, _ = ckpt.restore(m, ckpt.abstract_state(plain, shardings), step=FIRST)
+    assert step == FIRST and data == {"epoch": 0, "step": FIRST}  # 64 pairs, batch 8: the 6th batch is next
+    flat4, flat = treeutil.flatten(state4["trainable"]), treeutil.flatten(plain["trainable"])
+    split = 0
+    for k, v in flat4.items():
+        assert v.sharding.mesh.devices.shape == (2, 2, 1) and len(v.sharding.device_set) == 4, k
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(flat[k]), err_msg=k)
+        split += any(ax is not None for ax in v.sharding.spec)
+    assert split, "no array is split over the new mesh: the test would not exercise resharding"
     # another global batch is a config change: refused (one line naming it) unless allowed
     other = tmp_path / "other"
     shutil.copytree(run, other)
@@ -113,10 +135,11 @@ def test_eight_devices_4x2_restore_on_four_devices_2x2(setup, tmp_path):
     (rec,) = [json.loads(line) for line in open(other / "config_changes.jsonl")]
     assert rec["changes"] == ["train.global_batch_size: 8 -> 16"]
     # a process with 4 devices, mesh (2, 2, 1): the mesh change needs no flag
-    (out,) = _finish([_bmr(_overrides(setup, run, f"train.steps={STEPS}", "mesh.data=2", "mesh.fsdp=2"), _env(4))])
+    (out,) = _finish([_bmr(_overrides(setup, run, f"train.steps={STEPS}", *mesh8[2:], "mesh.data=2", "mesh.fsdp=2"),
+                           _env(4))])
     assert (f"resumed from step {FIRST} ({run}/checkpoints) (written on 8 devices, mesh (4, 2, 1), 1 process; "
             "now 4 devices, mesh (2, 2, 1), 1 process)") in out
-    meta = _assert_continues_like(ref, run)
+    meta = _assert_continues_like(ref, run, LOSS_TOL["new mesh"])
     assert meta["topology"] == {"processes": 1, "devices": 4, "mesh": [2, 2, 1]}
 
 
@@ -134,4 +157,4 @@ def test_two_processes_restore_in_one(setup, tmp_path):
     assert meta["topology"] == {"processes": 2, "devices": 2, "mesh": [2, 1, 1]}
     # (conftest's 8 fake devices; mesh.data=2 takes the first 2: one process, 2 devices)
     train(load_config(None, _overrides(setup, run, f"train.steps={STEPS}", "mesh.data=2")), quiet=True)
-    _assert_continues_like(ref, run)
+    _assert_continues_like(ref, run, LOSS_TOL["same mesh"])

@@ -11,10 +11,11 @@ from bmretriever_jax.config import RunConfig, to_dict
 from bmretriever_jax.util.errors import ConfigError
 
 # what may change between a run and its resume without --allow-config-change: how long it runs, how it reports,
-# and the mesh it runs on (a preempted pod resumes on whatever slice it gets; the checkpoint reshards, and the
-# data position is global). The global batch is not among them: it changes what a step is.
+# the mesh it runs on (a preempted pod resumes on whatever slice it gets; the checkpoint reshards, and the data
+# position is global) and where the run folder is (moved or copied: its checkpoints are read from the new place).
+# The global batch is not among them: it changes what a step is.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep",
-                     "mesh.data", "mesh.fsdp", "mesh.tensor")
+                     "mesh.data", "mesh.fsdp", "mesh.tensor", "out")
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> List[str]:
