@@ -242,6 +242,39 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     return out
 
 
+# ---------------------------------------------------------------------------------------------- workers needed
+HOSTS = {"v5e-64": 16, "v5e-16": 4, "v4-32": 4, "v5p-64": 8, "v5p-128": 16, "v6e-16": 4}  # 4 chips a host
+
+
+def workers_needed(res: dict) -> list:
+    """Per paper config on its target: text tokens a host must deliver per second for the compiled step at 40%
+    utilisation (benchmarks/results/plan_pods.json: padded step time), and the grain workers that takes at the
+    measured rate of one worker. Packed, the step computes the same text in ~padded/packed share of the time
+    (an estimate: the step time scaled by the measured text shares), so the rate needed grows by that factor."""
+    path = os.path.join(HERE, "results", "plan_pods.json")
+    if not os.path.exists(path):
+        return []
+    plans = json.load(open(path))
+    share, per_worker = res["text_share"], res["throughput"]["runs"]["1"]["text_tokens_per_s"]
+    rows = []
+    for key, plan in sorted(plans.items()):
+        target = plan.get("target")
+        if target not in HOSTS or "at_40pct" not in plan:
+            continue
+        kind = "pretrain" if "pretrain" in key else "finetune"
+        st = share[kind]["token_stats"]
+        group = 1 + share[kind]["num_negatives"] if kind == "pretrain" else 2  # the paper fine-tunes: 1 negative
+        text = plan["global_batch_size"] / HOSTS[target] * (st["query_tokens"]["mean"] + group * st["passage_tokens"]["mean"])
+        padded_step = plan["at_40pct"]["step_s"]
+        speedup = share[kind]["packed"] / share[kind]["padded"]
+        need = text / padded_step * speedup
+        rows.append({"config": plan["config"], "target": target, "hosts": HOSTS[target],
+                     "host_text_tokens_per_step": round(text), "padded_step_s_at_40pct": round(padded_step, 3),
+                     "packed_step_s_estimate": round(padded_step / speedup, 3), "text_tokens_per_s_needed": round(need),
+                     "workers_needed": round(need / per_worker, 2)})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- report
 PAGE = os.path.join(ROOT, "BENCHMARKS.md")
 
@@ -273,6 +306,18 @@ def render(res: dict) -> str:
     for w, run in rate["runs"].items():
         lines.append(f"| {w}{' (in-process thread)' if w == '0' else ''} | {run['text_tokens_per_s']:,} | "
                      f"{run['first_batch_s']:.1f} s |")
+    need = workers_needed(res)
+    if need:
+        lines += ["", "**Workers a host needs** for each paper config's compiled step at 40% utilisation "
+                  "(`bmr plan --target`, benchmarks/results/plan_pods.json), packed: an estimate, the padded step "
+                  "time scaled by the measured padded / packed text shares, at the rate of one worker above:", "",
+                  "| config | target (hosts) | host text tokens / step | step (padded -> packed est.) | "
+                  "text tokens / s needed | workers |", "|---|---|---:|---:|---:|---:|"]
+        for w in need:
+            lines.append(f"| {os.path.basename(w['config'])} | {w['target']} ({w['hosts']}) | "
+                         f"{w['host_text_tokens_per_step']:,} | {w['padded_step_s_at_40pct']:.2f} s -> "
+                         f"{w['packed_step_s_estimate']:.2f} s | {w['text_tokens_per_s_needed']:,} | "
+                         f"{w['workers_needed']:.2f} |")
     lines += ["", "**Text share** of the tokens the step computes (the rest is padding), on "
               f"{share['pretrain']['host_batches_measured']} host batches each (several hosts and steps), at most "
               f"{share['pretrain'].get('pack_max_segments', 16)} texts a row; the rows per device are the most any "
@@ -318,7 +363,10 @@ def main():
     if args.child:
         return child(args)
     if args.report:
-        return write_section(json.load(open(args.out)))
+        res = json.load(open(args.out))
+        res["workers_needed"] = workers_needed(res)
+        json.dump(res, open(args.out, "w"), indent=1)
+        return write_section(res)
     if args.only_throughput:
         res = json.load(open(args.out))
         t = time.time()
@@ -372,6 +420,7 @@ def main():
                                                    - small["memory_peak"]["private_mb"], 1)} for n in sizes[1:]}}
 
     res = _throughput(args, res, corpora, rows)
+    res["workers_needed"] = workers_needed(res)
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     res["seconds"] = round(time.time() - t_start, 1)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
