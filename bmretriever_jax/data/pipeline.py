@@ -82,7 +82,7 @@ def training_loader(run, tokenizer, pairs=None, prepared=None, *, process_index=
     import jax
 
     from bmretriever_jax.config import resolve_mesh_shape
-    from bmretriever_jax.train.step import batch_shards, calibrate_packing, make_tokenize_fn
+    from bmretriever_jax.data.batches import batch_shards, calibrate_packing, make_tokenize_fn
 
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count

@@ -35,15 +35,14 @@ from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
 from bmretriever_jax.convert.hf import copy_tokenizer, load_hf, save_hf
 from bmretriever_jax.data import builders
-from bmretriever_jax.data.loader import PairLoader
 from bmretriever_jax.data.pairs import read_pairs
 from bmretriever_jax.parallel.distributed import is_host0, preemption_sync_available
 from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.util.errors import ConfigError, DataFormatError, InputPathError, UserError
 from bmretriever_jax.eval.evaluate import evaluate_retrieval
 from bmretriever_jax.train.resume import check_resume_config, truncate_metrics
-from bmretriever_jax.train.step import (init_state, make_mesh, make_optimizer, make_schedule, make_tokenize_fn,
-                                        merged_params, make_train_step, split_params, to_global)
+from bmretriever_jax.train.step import (init_state, make_mesh, make_optimizer, make_schedule, merged_params,
+                                        make_train_step, split_params, to_global)
 
 
 class NonFiniteLoss(UserError, RuntimeError):
