@@ -294,7 +294,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     # step is already queued when the host waits
     unchecked: list = []
     to_log: Optional[tuple] = None
-    t0, seen = time.time(), 0
+    t0, last_at = time.time(), micro  # time and micro-step of the previous metrics read
 
     def check_finite(upto: Optional[int] = None):
         """Raise NonFiniteLoss if a loss of the micro-steps up to `upto` (all queued ones by default) is not finite."""
@@ -310,7 +310,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
         del unchecked[:len(now)]
 
     def read_log():
-        nonlocal to_log, last, t0, seen
+        nonlocal to_log, last, t0, last_at
         if to_log is None:
             return
         step, at, metrics = to_log
@@ -320,11 +320,12 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         with jax.default_device(cpu):
             lr = float(schedule(step))
-        last.update(step=step, examples_per_s=seen / max(el, 1e-9), lr=lr)
+        examples = (at - last_at) * run.train.global_batch_size
+        last.update(step=step, examples_per_s=examples / max(el, 1e-9), lr=lr)
         bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_s']:.1f}")
         if is_host0():
             _log(log_path, last)
-        t0, seen = time.time(), 0
+        t0, last_at = time.time(), at
 
     bar = tqdm(total=total_micro // accum, initial=micro // accum, desc="train", disable=quiet or not is_host0(),
                unit="step")
@@ -341,7 +342,6 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                 batch, data_state = prefetch.next()
                 state, metrics = train_step(state, frozen, batch)  # dispatched: runs while the host goes on
                 micro += 1
-                seen += run.train.global_batch_size
                 unchecked.append((micro, metrics["loss"]))
                 read_log()  # the previous log step's metrics, now that this step is queued behind them
                 preempted = watch.reached(micro - micro_start) and micro < total_micro
