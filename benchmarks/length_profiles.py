@@ -8,6 +8,7 @@ scifact, pubmedqa and medquad builders' training pairs (a seeded sample of 3,000
 instruction template, passages with the passage template, as `train/step.py` formats them. Lengths count the
 EOS and are cut at 2048; the planner cuts them again at the config's max_length, as `embed.tokenize` does.
 """
+import argparse
 import json
 import os
 import random
@@ -32,6 +33,7 @@ def lengths(tok, pairs):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     tok = transformers.AutoTokenizer.from_pretrained(resolve("gemma3-270m", quiet=True))
     pre = builders.build("pretrain")
     fine = builders.build("scifact") + builders.build("pubmedqa") + builders.build("medquad")
