@@ -476,8 +476,8 @@ def test_sigterm_finishes_in_flight_and_exits_0(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # docs/serving.md: its curl lines and its openai snippet run against a live server
 # ----------------------------------------------------------------------------------------------------
-def _doc_snippets():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "serving.md")
+def _doc_snippets(name=os.path.join("docs", "serving.md")):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)
     blocks, lang, body = [], None, []
     for line in open(path, encoding="utf-8").read().splitlines():
         if line.startswith("```"):
@@ -514,3 +514,21 @@ def test_docs_examples_run_against_a_server(tmp_path):
         assert len(np.array(r.stdout.strip().strip("[]").split(), dtype=float)) == 2
     assert any(t.startswith("Given a claim, retrieve\nQuery: Vitamin D") for t in backend.ran)  # input_type=query
     assert any(t.startswith("Represent this passage\npassage: Vitamin D") for t in backend.ran)
+
+
+def test_readme_serving_examples_run_against_a_server(tmp_path):
+    curls, pys = _doc_snippets("README.md")
+    assert len(curls) == 1 and len(pys) == 1
+    backend = StubBackend()
+    state = ServerState([ServedModel("merged", backend, "Given a claim, retrieve", {})], ServeSettings())
+    with ThreadServer(state) as srv:
+        r = subprocess.run(curls[0].replace("http://127.0.0.1:8000", srv.url), shell=True, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(r.stdout)["data"][0]["embedding"]) == backend.dim
+        script = tmp_path / "snippet.py"
+        script.write_text(pys[0].replace("http://127.0.0.1:8000", srv.url))
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert int(r.stdout.strip()) == backend.dim
+    assert any(t.startswith("Given a claim, retrieve\nQuery: Vitamin D") for t in backend.ran)
