@@ -52,7 +52,7 @@ def main():
             else:
                 r, run, t = res["result"], load_config(rel), parse_target(target)
                 cfg = resolve_model_config(run.model.name)[0]
-                fl = podplan.step_flops(cfg, run)
+                fl = podplan.step_flops(cfg, run, r["mesh"][0] * r["mesh"][1])
                 th = podplan.throughput(fl, run, t, 0.40)
                 rows[key] = {"config": rel, "target": target, **r, "flops": fl, "at_40pct": th,
                              "usable_bytes": t.usable_bytes, "command": f"bmr plan {rel} --target {target}"}
@@ -67,7 +67,7 @@ def main():
 
 def markdown_table(rows):
     """The README's table: one row per (config, target), TPU slice first, in config order."""
-    head = ["| command | mesh (data, fsdp, tensor) | compiled GiB/chip / usable | fits | tokens/step | "
+    head = ["| command | mesh (data, fsdp, tensor) | compiled GiB/chip / usable | fits | tokens/step computed (text) | "
             "FLOPs/step (executed) | step at 40% of peak | hours for the config's steps | compile | CPU estimate |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     body = []
@@ -80,10 +80,20 @@ def markdown_table(rows):
         margin = (r["usable_bytes"] - m["peak"]) / GiB
         fits = "yes" if r["fits"] else f"**NO** ({-margin:.2f} GiB over)"
         body.append(f"| `{r['command']}` | {tuple(r['mesh'])} | {m['peak'] / GiB:.2f} / {r['usable_bytes'] / GiB:.1f} | "
-                    f"{fits} | {r['flops']['tokens']:,.0f} | {r['flops']['executed']:.3g} | "
+                    f"{fits} | {r['flops']['tokens']:,.0f} ({_text_share(r):.0%}) | {r['flops']['executed']:.3g} | "
                     f"{r['at_40pct']['step_s']:.2f} s | {r['at_40pct']['hours']:.1f} | {r['compile_s']:.0f} s | "
                     f"{r['estimate_bytes'] / GiB:.2f} GiB ({100 * (r['estimate_bytes'] - m['peak']) / m['peak']:+.0f}%) |")
     return "\n".join(head + body)
+
+
+def _text_share(r) -> float:
+    """Text share of the computed tokens on the config's length profile (stored with newer rows; older, padded
+    rows get it from the profile and their config, which is what they compiled)."""
+    if "text_share" in r["flops"]:
+        return r["flops"]["text_share"]
+    from bmretriever_jax.pods.stepcompile import packing_plan
+
+    return packing_plan(load_config(os.path.join(ROOT, r["config"])), r["mesh"][0] * r["mesh"][1])["text_share"]
 
 
 def rewrite_readme(table):
