@@ -105,7 +105,7 @@ def test_smoke_config_compiles_for_a_v5e_2x2_slice():
     assert "4 x TPU v5 lite (v5e:2x2, 1 host), mesh data=4 fsdp=1 tensor=1" in out
     peak = float(out.split("peak       ")[1].split()[0])
     assert 0.5 < peak < 16.0 and "of 16.00 GiB (HBM 16 GiB)" in out and "fits       yes" in out
-    for word in ("arguments", "temp", "FLOPs", "tokens     384 per step", "40% of peak"):
+    for word in ("arguments", "temp", "FLOPs", "tokens     384 computed per step (padded", "text tok/s", "40% of peak"):
         assert word in out
 
 
