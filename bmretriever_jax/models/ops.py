@@ -199,7 +199,12 @@ def attention_bias(attention_mask: jax.Array, *, causal: bool, window: Optional[
     Windows follow transformers: causal keeps 0 <= q - k < window; bidirectional keeps a window of the
     same total width centred on the query, |q - k| <= window // 2 (transformers' Gemma 3 rule).
     """
-    T = attention_mask.shape[1]
+    allowed = _positional_rule(attention_mask.shape[1], causal, window)[None] & (attention_mask[:, None, :] > 0)
+    return jnp.where(allowed, 0.0, NEG_INF)[:, None]
+
+
+def _positional_rule(T: int, causal: bool, window: Optional[int]) -> jax.Array:
+    """[T, T] (query, key) bool: causal and window rules by index distance."""
     q = jnp.arange(T)[:, None]
     k = jnp.arange(T)[None, :]
     allowed = jnp.ones((T, T), bool)
@@ -207,8 +212,7 @@ def attention_bias(attention_mask: jax.Array, *, causal: bool, window: Optional[
         allowed &= k <= q
     if window is not None:
         allowed &= (q - k < window) if causal else (jnp.abs(q - k) <= window // 2)
-    allowed = allowed[None] & (attention_mask[:, None, :] > 0)
-    return jnp.where(allowed, 0.0, NEG_INF)[:, None]
+    return allowed
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -234,16 +238,8 @@ def segment_attention_bias(segment_ids: jax.Array, *, causal: bool, window: Opti
     """segment_ids [B, T] -> additive bias [B, 1, T, T]: `attention_bias`'s rules (causal, windows) inside each
     segment, nothing across segments or to padding. Segments are contiguous, so the index distance inside one
     is the position distance, as in a padded row."""
-    T = segment_ids.shape[1]
-    q = jnp.arange(T)[:, None]
-    k = jnp.arange(T)[None, :]
-    allowed = jnp.ones((T, T), bool)
-    if causal:
-        allowed &= k <= q
-    if window is not None:
-        allowed &= (q - k < window) if causal else (jnp.abs(q - k) <= window // 2)
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-    return jnp.where(allowed[None] & same, 0.0, NEG_INF)[:, None]
+    return jnp.where(_positional_rule(segment_ids.shape[1], causal, window)[None] & same, 0.0, NEG_INF)[:, None]
 
 
 def pool_segments(hidden: jax.Array, segment_ids: jax.Array, max_segments: int, pooling: str,

@@ -405,19 +405,15 @@ def cmd_plan_target(a) -> None:
           f"grad cache={'chunks of %d' % run.train.grad_cache_chunk if run.train.grad_cache_chunk else 'off'}")
 
     def on_line(obj):
-        tr = obj.get("trial")
-        if tr:
-            peak = f"peak {_gib(tr['memory']['peak'])} GiB" if tr["memory"] else "the compiler ran out of memory"
-            print(f"tried      global batch {tr['global_batch_size']:>6}, chunk {tr['grad_cache_chunk']:>3}: "
-                  f"{peak} of {_gib(target.usable_bytes)} GiB -> "
-                  f"{'fits' if tr['fits'] else 'does not fit'} ({tr['compile_s']:.0f} s)", flush=True)
-
-        tt = obj.get("tune_trial")
-        if tt:
-            peak = f"peak {_gib(tt['memory']['peak'])} GiB" if tt["memory"] else "the compiler ran out of memory"
-            print(f"tried      {tt['label']}: {tt['flops_per_text_token']:.3g} FLOPs per text token, {peak} of "
-                  f"{_gib(target.usable_bytes)} GiB -> {'fits' if tt['fits'] else 'does not fit'} "
-                  f"({tt['compile_s']:.0f} s)", flush=True)
+        tr, tt = obj.get("trial"), obj.get("tune_trial")
+        if not (tr or tt):
+            return
+        t = tr or tt
+        peak = f"peak {_gib(t['memory']['peak'])} GiB" if t["memory"] else "the compiler ran out of memory"
+        what = (f"global batch {t['global_batch_size']:>6}, chunk {t['grad_cache_chunk']:>3}" if tr else
+                f"{t['label']}: {t['flops_per_text_token']:.3g} FLOPs per text token")
+        print(f"tried      {what}: {peak} of {_gib(target.usable_bytes)} GiB -> "
+              f"{'fits' if t['fits'] else 'does not fit'} ({t['compile_s']:.0f} s)", flush=True)
 
     tune_mode = getattr(a, "tune", False)
     res = run_target(a.config, a.overrides, a.target, max_batch=a.max_batch, tune=tune_mode, on_line=on_line)
