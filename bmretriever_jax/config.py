@@ -46,6 +46,9 @@ class DataSection:
     packing: bool = False
     pack_max_segments: int = 16  # texts per packed row at most (GPU attention kernels want a cap)
     pack_calibration_batches: int = 32  # global batches of epoch 0 whose packing sets the row count
+    # rows = max(most needed, mean + this many sd of the calibration needs): room for the tail, so the padded
+    # fallback shape (which may not fit a pod's memory) stays rare; 0 = the most any calibration batch needed
+    pack_tail_sigmas: float = 6.0
     # token lengths `bmr plan` sizes packed rows and counts text with (data/length_profiles.json: pretrain,
     # finetune; or a .json path); "" = the profile named by train.stage
     length_profile: str = ""
@@ -122,7 +125,7 @@ CHOICES = {
 RANGES = {
     "model.max_length": (2, True, None), "model.query_max_length": (2, True, None),
     "data.num_negatives": (0, True, None), "data.pack_max_segments": (1, True, None),
-    "data.pack_calibration_batches": (1, True, None), "data.workers": (0, True, None), "data.prefetch": (0, True, None),
+    "data.pack_calibration_batches": (1, True, None), "data.pack_tail_sigmas": (0, True, None), "data.workers": (0, True, None), "data.prefetch": (0, True, None),
     "lora.rank": (1, True, None), "lora.alpha": (0, False, None), "lora.dropout": (0, True, 0.999),
     "train.steps": (1, True, None), "train.global_batch_size": (1, True, None), "train.grad_accum": (1, True, None),
     "train.grad_cache_chunk": (0, True, None), "train.lr": (0, False, None), "train.warmup_steps": (0, True, None),

@@ -70,8 +70,11 @@ def test_max_segments_caps_a_row():
 def test_choose_rows_covers_the_worst_shard_and_the_tail():
     lengths = [[16, 16, 1, 1], [8, 8, 8, 8]]  # shard 0 of batch 0 needs 2 rows of 16, the others 1
     assert packing.choose_rows(lengths, n_shards=2, length=16, max_segments=8, sigmas=0) == 2
-    # needs 2, 1, 1, 1: mean 1.25, sd 0.433 -> 6 sigmas: ceil(3.85) = 4
-    assert packing.choose_rows(lengths, n_shards=2, length=16, max_segments=8) == 4
+    # needs 2, 1, 1, 1: mean 1.25, sd 0.433 -> 6 sigmas: ceil(3.85) = 4, but a shard has only 2 texts
+    assert packing.choose_rows(lengths, n_shards=2, length=16, max_segments=8) == 2
+    wide = [[16, 16, 1, 1, 1, 1, 1, 1], [8] * 8]  # one shard of 8: needs 3 and 4 (8 x 8 tokens), mean 3.5, sd 0.5
+    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=8) == 7  # ceil(3.5 + 3)
+    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=8, sigmas=0) == 4
     assert packing.choose_rows([[4, 4, 4, 4]], n_shards=1, length=16, max_segments=8) == 1
 
 

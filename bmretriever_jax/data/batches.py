@@ -63,5 +63,7 @@ def calibrate_packing(tokenizer, run: RunConfig, global_batches: List[List[dict]
         queries, passages = _texts(items)
         q_lengths.append([len(t) for t in tokenize(tokenizer, queries, run.model.query_max_length)])
         p_lengths.append([len(t) for t in tokenize(tokenizer, passages, run.model.max_length)])
-    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K),
-            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K))
+    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K,
+                                sigmas=run.data.pack_tail_sigmas),
+            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K,
+                                sigmas=run.data.pack_tail_sigmas))

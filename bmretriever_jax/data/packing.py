@@ -93,15 +93,16 @@ def choose_rows(batches_lengths: Sequence[Sequence[int]], *, n_shards: int, leng
     order): the rows each shard of each sample needs, and then room for the tail: max(the most needed, mean +
     `sigmas` standard deviations). A batch beyond it takes the fallback shape (one text per row), which on a pod
     may not fit where the packed step does; 6 sigmas makes that about a one-in-a-billion event per shard and
-    step for a normal tail (the needs of many small texts add up to a sum of many independent lengths)."""
-    needs = []
+    step for a normal tail (the needs of many small texts add up to a sum of many independent lengths);
+    `sigmas` 0 = the most any sample needed. Never more rows than a shard has texts (the padded shape)."""
+    needs, per = [], 1
     for lengths in batches_lengths:
         per = len(lengths) // n_shards
         needs += [rows_needed(lengths[s * per:(s + 1) * per], length, max_segments) for s in range(n_shards)]
     if not needs:
         return 1
     tail = float(np.mean(needs) + sigmas * np.std(needs))
-    return max(1, max(needs), int(np.ceil(tail - 1e-9)))
+    return min(max(per, 1), max(1, max(needs), int(np.ceil(tail - 1e-9))))
 
 
 def text_share(seg: np.ndarray) -> float:
@@ -139,7 +140,8 @@ def load_profile(name: str) -> Dict[str, List[int]]:
 
 
 def plan_packing(profile: Dict[str, List[int]], *, global_batch: int, group: int, n_shards: int, query_length: int,
-                 passage_length: int, max_segments: int, packed: bool, batches: int = 32, seed: int = 0) -> Dict:
+                 passage_length: int, max_segments: int, packed: bool, batches: int = 32, seed: int = 0,
+                 sigmas: float = 6.0) -> Dict:
     """What a run's step computes on data of this profile: rows per shard (packed: the most any shard of
     `batches` seeded sample batches needs, as `train.step.calibrate_packing` picks them; padded: one text per
     row), computed and text tokens per step (text: the profile's mean lengths cut at the row lengths)."""
@@ -150,7 +152,7 @@ def plan_packing(profile: Dict[str, List[int]], *, global_batch: int, group: int
         text = float(lengths.mean()) * n
         if packed:
             sample = [list(rng.choice(lengths, size=n)) for _ in range(batches)]
-            rows = choose_rows(sample, n_shards=n_shards, length=T, max_segments=max_segments)
+            rows = choose_rows(sample, n_shards=n_shards, length=T, max_segments=max_segments, sigmas=sigmas)
         else:
             rows = n // n_shards
         out[kind] = {"rows_per_shard": int(rows), "rows": int(rows * n_shards), "length": T,

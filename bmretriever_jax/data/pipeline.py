@@ -70,8 +70,10 @@ def pack_rows_from_lengths(prepared, loader, run, n_shards: int, count: int):
                     negs = [negs[m] for m in np.sort(rng.choice(len(negs), run.data.num_negatives, replace=False))]
             p += [rows["p_len"][j]] + list(negs)
         p_lengths.append(p)
-    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K),
-            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K))
+    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K,
+                                sigmas=run.data.pack_tail_sigmas),
+            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K,
+                                sigmas=run.data.pack_tail_sigmas))
 
 
 def training_loader(run, tokenizer, pairs=None, prepared=None, *, process_index=None,

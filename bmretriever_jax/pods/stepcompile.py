@@ -43,7 +43,7 @@ def packing_plan(run: RunConfig, n_shards: int) -> Dict:
     return packing.plan_packing(profile, global_batch=run.train.global_batch_size, group=1 + run.data.num_negatives,
                                 n_shards=n_shards, query_length=run.model.query_max_length,
                                 passage_length=run.model.max_length, max_segments=run.data.pack_max_segments,
-                                packed=run.data.packing)
+                                packed=run.data.packing, sigmas=run.data.pack_tail_sigmas)
 
 
 def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
