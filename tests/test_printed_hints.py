@@ -190,9 +190,6 @@ HINTS = [
          check=lambda a, r, c: "parameters" in r.stdout),
     Hint("bmretriever_jax/cli/main.py", r"^bmr \{args\.cmd\}: error: \{e\}$", MESSAGE,
          "the prefix of every user error", provoke=_provoke_error_prefix),
-    Hint("bmretriever_jax/cli/planning.py", r"give --devices N .* or --target T", MESSAGE,
-         "`bmr plan CONFIG` with neither option: the message, then the commands it suggests parse",
-         provoke=_provoke_plan_without_target),
     Hint("bmretriever_jax/studies/plot.py", r"^bmr plan estimate$", PARSE,
          "a legend label of the sweep figure naming `bmr plan`'s estimate",
          argvs=[["plan", CONFIG, "--devices", "8"]]),
@@ -229,6 +226,9 @@ HINTS = [
          "index: run on 4 documents with the tiny model and BM25 (tests/test_index_search.py provokes the errors)",
          argvs=[["index", "few.jsonl", "--model", "TINY_MODEL", "--model", "bm25", "--out", "idx"]],
          check=lambda a, r, c: "indexed 4 documents" in r.stdout and (c / "idx" / "index.json").is_file()),
+    Hint("bmretriever_jax/data/mining.py", r"as `bmr prepare` writes", PARSE,
+         "`bmr mine --out` help names the format bmr prepare writes: parse a prepare of a pairs file",
+         argvs=[["prepare", "pairs.jsonl", "--out", "prepared"]]),
     Hint("bmretriever_jax/cli/retrieval.py", r"^search it: bmr search \{out\}", PARSE,
          "`bmr index`'s last line (run with an index by tests/test_index_search.py)", fill={"{out}": "idx"}),
     Hint("bmretriever_jax/cli/data.py", r"a name from `bmr info` or a folder", RUN,
@@ -328,3 +328,8 @@ def test_hint_is_exercised(hint, clone):
             assert r.returncode == 0, f"bmr {shlex.join(argv)}\n{r.stderr[-3000:]}"
             assert hint.check is not None and hint.check(argv, r, root) is not False, r.stdout[-3000:]
 
+
+def test_plan_without_devices_or_target_is_one_line_that_suggests_both(clone):
+    """`bmr plan CONFIG` with neither option: one line (no doubled prefix), and what it suggests parses."""
+    root, _ = clone
+    _provoke_plan_without_target(root)
