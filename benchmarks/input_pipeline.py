@@ -121,7 +121,7 @@ def child(args) -> None:
     import psutil
 
     from bmretriever_jax.data.grain_loader import GrainPairLoader
-    from bmretriever_jax.train.step import make_tokenize_fn
+    from bmretriever_jax.training.step import make_tokenize_fn
 
     proc = psutil.Process()
     rows = tuple(json.loads(args.pack_rows))
@@ -194,7 +194,7 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
 
     from bmretriever_jax.data.pipeline import make_loader, pack_rows_from_lengths
     from bmretriever_jax.data.prepared import Prepared, prepare
-    from bmretriever_jax.train.step import make_tokenize_fn
+    from bmretriever_jax.training.step import make_tokenize_fn
 
     path = os.path.join(work, f"share-{name}")
     t = time.time()
@@ -211,7 +211,7 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     calibration = "the first 32 global batches, from the stored token lengths"
     if rows is None:  # padded negatives: calibrate on items (tokenizing: fewer batches to stay bounded)
         from bmretriever_jax.data.pipeline import calibration_batches
-        from bmretriever_jax.train.step import calibrate_packing
+        from bmretriever_jax.training.step import calibrate_packing
 
         rows = calibrate_packing(tok, packed_run, calibration_batches(probe, 8), n_shards)
         calibration = CALIBRATION_TOKENIZED

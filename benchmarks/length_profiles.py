@@ -5,7 +5,7 @@ planner: `bmr plan` packs sampled batches of these lengths to size packed rows a
 
 pretrain: title -> abstract pairs of the SciFact corpus (`pretrain` builder, 5,183 records); finetune: the
 scifact, pubmedqa and medquad builders' training pairs (a seeded sample of 3,000 of them), queries with their
-instruction template, passages with the passage template, as `train/step.py` formats them. Lengths count the
+instruction template, passages with the passage template, as `training/step.py` formats them. Lengths count the
 EOS and are cut at 2048; the planner cuts them again at the config's max_length, as `embed.tokenize` does.
 """
 import argparse

@@ -7,7 +7,7 @@ Contenders (the same RunConfig, model, jitted step and batches; one CPU device, 
   bare         the very jitted step train() ran (captured), `state, m = step(state, frozen, batch)` over the
                global batches train() fed it, one wait per log_every steps (median over those chunks): the
                device time of a step with nothing else to do.
-  loop         `bmretriever_jax.train.train()` itself: the loader reads and tokenizes each batch and a background
+  loop         `bmretriever_jax.training.train()` itself: the loader reads and tokenizes each batch and a background
                thread makes it global while the step runs; metrics read once per log_every (one step late),
                the NaN check with them, the preemption check at every step, checkpoints and model export at the
                end (outside the timed steps). Its step time is read from its own metrics.jsonl
@@ -41,8 +41,8 @@ import jax  # noqa: E402
 import common  # noqa: E402
 from bmretriever_jax.config import load_config  # noqa: E402
 from bmretriever_jax.data.pairs import write_pairs  # noqa: E402
-from bmretriever_jax.train import loop as loop_mod  # noqa: E402
-from bmretriever_jax.train import to_global  # noqa: E402
+from bmretriever_jax.training import loop as loop_mod  # noqa: E402
+from bmretriever_jax.training import to_global  # noqa: E402
 from bmretriever_jax.util.machine import run_facts  # noqa: E402
 from hf_tiny import tiny_model_dir, tiny_pairs  # noqa: E402
 

@@ -84,7 +84,7 @@ _RSS = textwrap.dedent("""
 CHILD = {
     "ours": _RSS + textwrap.dedent("""
         import json, sys, time
-        from bmretriever_jax.merge.folder import merge_to_folder
+        from bmretriever_jax.merging.folder import merge_to_folder
         cfg, out = json.loads(sys.argv[1]), sys.argv[2]
         base = rss_mb(); t = time.perf_counter()
         merge_to_folder(cfg, out)

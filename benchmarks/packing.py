@@ -24,8 +24,8 @@ from bmretriever_jax.config import load_config  # noqa: E402
 from bmretriever_jax.convert import hub  # noqa: E402
 from bmretriever_jax.data import builders, packing  # noqa: E402
 from bmretriever_jax.data.loader import PairLoader  # noqa: E402
-from bmretriever_jax.train import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global  # noqa: E402
-from bmretriever_jax.train.step import batch_shards, calibrate_packing  # noqa: E402
+from bmretriever_jax.training import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global  # noqa: E402
+from bmretriever_jax.training.step import batch_shards, calibrate_packing  # noqa: E402
 from bmretriever_jax.util.machine import run_facts  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ work. Both: last-token pooling, L2 norm, InfoNCE with cosine similarity at tempe
 passage of the batch (in-batch + 1 hard negative), LoRA r16 / alpha 32 on q,k,v,o,gate,up,down (no dropout),
 AdamW (b 0.9/0.999, eps 1e-8, wd 0.01) on the adapters only, global-norm clipping at 1.0.
 
-Ours is the real training step: `bmretriever_jax.train.make_train_step` on a RunConfig from `load_config`,
+Ours is the real training step: `bmretriever_jax.training.make_train_step` on a RunConfig from `load_config`,
 state / frozen params / mesh (mesh.data=1) / batches built as `train()` builds them. Precisions:
   ours bf16           model.dtype=bfloat16: bf16 matmul inputs, f32 accumulation, f32 master weights (frozen
                       base and adapters in f32), f32 norms / softmax / loss. model.remat=true (the default:
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from bmretriever_jax.parallel import sharding  # noqa: E402
 from bmretriever_jax.config import load_config  # noqa: E402
-from bmretriever_jax.train import (init_state, make_mesh, make_optimizer, make_tokenize_fn,  # noqa: E402
+from bmretriever_jax.training import (init_state, make_mesh, make_optimizer, make_tokenize_fn,  # noqa: E402
                                    make_train_step, split_params, to_global)
 
 TEMPERATURE = 0.02
@@ -98,7 +98,7 @@ def real_batch(tok, run) -> dict:
 # Ours
 # ----------------------------------------------------------------------------------------------------
 class Ours:
-    """Our real train step, set up the way bmretriever_jax.train.train() sets it up."""
+    """Our real train step, set up the way bmretriever_jax.training.train() sets it up."""
 
     def __init__(self, model_cfg, base_np: dict, frozen, run, batch_np: dict):
         self.run = run

@@ -41,7 +41,7 @@ def step_memory(model_cfg, base_np: dict, run) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from bmretriever_jax.parallel import sharding
-    from bmretriever_jax.train import (BATCH_AXES, init_state, make_mesh, make_optimizer, make_train_step,
+    from bmretriever_jax.training import (BATCH_AXES, init_state, make_mesh, make_optimizer, make_train_step,
                                        split_params)
 
     mesh = make_mesh(run)

@@ -58,7 +58,7 @@ def train(config: Optional[str], overrides: Overrides = None, *, quiet: bool = F
     a dict ({"train.steps": 100, "lora.rank": 8}) or "key=value" strings. Resumes a run whose `out` folder holds
     checkpoints. Returns the final metrics (loss, steps, dev NDCG@10 where configured); the trained model is
     in OUT/model (load it with `load(OUT)`)."""
-    from bmretriever_jax.train import train as _train
+    from bmretriever_jax.training import train as _train
 
     run = load_config(config, _override_list(overrides))
     return _train(run, quiet=quiet, allow_config_change=allow_config_change)
@@ -127,7 +127,7 @@ def merge(config, out: str, *, seed: int = 0, tokenizer_source: Optional[str] = 
     """`bmr merge`: a mergekit-format config (path, YAML text or dict: merge_method linear / task_arithmetic /
     ties / dare_ties / dare_linear / slerp / model_stock, base_model, models) streamed leaf by leaf into the new
     model folder `out`. Returns `out`."""
-    from bmretriever_jax.merge.folder import merge_to_folder
+    from bmretriever_jax.merging.folder import merge_to_folder
 
     return merge_to_folder(config, out, seed=seed, tokenizer_source=tokenizer_source, quiet=quiet)
 

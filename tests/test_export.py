@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.convert import export as ex
 from bmretriever_jax.models import lora
 from bmretriever_jax.util import treeutil
@@ -68,7 +68,7 @@ def lora_expert(path, family, *, seed=0, rslora=False, rank=3, base=None):
 
 
 def fake_run(path, base, trainable, *, lcfg=None, step=5, max_length=MAX_LEN):
-    """A training run folder with one Orbax checkpoint (as train/loop.py writes it) holding `trainable` (adapters with
+    """A training run folder with one Orbax checkpoint (as training/loop.py writes it) holding `trainable` (adapters with
     lora on, else full-fine-tune leaves), without training."""
     run = RunConfig(out=str(path))
     run.model.name, run.model.max_length = base, max_length

@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 
-from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.cli import main as bmr
 from bmretriever_jax.config import ConfigError, load_config
 from bmretriever_jax.data.pairs import write_pairs
-from bmretriever_jax.train import train
+from bmretriever_jax.training import train
 from hf_tiny import tiny_beir, tiny_model_dir, tiny_pairs
 
 COMMON = ["model.max_length=16", "model.query_max_length=8", "train.global_batch_size=8", "train.log_every=1",

@@ -20,7 +20,7 @@ from bmretriever_jax.data.loader import PairLoader
 from bmretriever_jax.data.pairs import Pair
 from bmretriever_jax.data.pipeline import calibration_batches, pack_rows_from_lengths, training_loader
 from bmretriever_jax.data.prepared import Prepared, write_prepared
-from bmretriever_jax.train.step import calibrate_packing, make_tokenize_fn
+from bmretriever_jax.training.step import calibrate_packing, make_tokenize_fn
 from hf_tiny import WORDS, save_tiny_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

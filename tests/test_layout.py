@@ -49,9 +49,9 @@ def test_nothing_below_the_command_line_imports_it():
 @pytest.mark.parametrize("lower, upper", [
     ("bmretriever_jax.models", "bmretriever_jax.convert"),  # converters know models, not the reverse
     ("bmretriever_jax.data", "bmretriever_jax.eval"),       # evaluation reads data sets, not the reverse
-    ("bmretriever_jax.models", "bmretriever_jax.train"),
-    ("bmretriever_jax.data", "bmretriever_jax.train"),
-    ("bmretriever_jax.merge", "bmretriever_jax.train"),
+    ("bmretriever_jax.models", "bmretriever_jax.training"),
+    ("bmretriever_jax.data", "bmretriever_jax.training"),
+    ("bmretriever_jax.merging", "bmretriever_jax.training"),
 ])
 def test_lower_layers_do_not_import_upper_ones(lower, upper):
     bad = sorted(m for m, deps in GRAPH.items() if (m == lower or m.startswith(lower + "."))
@@ -155,3 +155,17 @@ def test_the_user_error_family_is_one_module():
 
     assert ConfigError is errors.ConfigError and DataFormatError is errors.DataFormatError
     assert issubclass(PairsFormatError, errors.UserError)
+
+
+def test_no_subpackage_shadows_a_python_api_name():
+    """`from bmretriever_jax import merge` must never mean two things: a subpackage named like an API function
+    (`bmr.train`, `bmr.merge`, ...) would replace the function once it is imported."""
+    import bmretriever_jax as bmr
+
+    subs = {name for name in os.listdir(PKG) if os.path.isdir(os.path.join(PKG, name)) or name.endswith(".py")}
+    subs = {name[:-3] if name.endswith(".py") else name for name in subs}
+    assert not subs & set(bmr.__all__), subs & set(bmr.__all__)
+    import bmretriever_jax.merging  # noqa: F401
+    import bmretriever_jax.training  # noqa: F401
+
+    assert callable(bmr.train) and callable(bmr.merge) and bmr.merge.__module__ == "bmretriever_jax.api"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bmretriever_jax.train.losses import grad_cache, info_nce, make_loss, sharded_info_nce
+from bmretriever_jax.training.losses import grad_cache, info_nce, make_loss, sharded_info_nce
 
 MESHES = {
     "data8": ((8,), ("data",), "data"),

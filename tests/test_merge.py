@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmretriever_jax import merge
+from bmretriever_jax import merging as merge
 
 from bmretriever_jax.util import treeutil
 
 from bmretriever_jax.convert import weights
-from bmretriever_jax.merge import methods
+from bmretriever_jax.merging import methods
 
 # Three-element task vectors, hand-checked below: d1 = m1 - base = [1, -2, 0.5], d2 = [-1, 1.5, 0.5].
 BASE = {"w": jnp.array([1.0, 2.0, 3.0])}

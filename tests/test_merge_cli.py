@@ -13,9 +13,9 @@ import yaml
 
 from bmretriever_jax.convert import export as ex
 from bmretriever_jax.models import lora
-from bmretriever_jax import merge
+from bmretriever_jax import merging as merge
 from bmretriever_jax.util import treeutil
-from bmretriever_jax.merge import folder, methods, search
+from bmretriever_jax.merging import folder, methods, search
 from bmretriever_jax.cli import merging
 from bmretriever_jax.convert.hf import load_hf
 from bmretriever_jax.embed import Encoder

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.data.pairs import write_pairs
 from hf_tiny import tiny_model_dir, tiny_pairs

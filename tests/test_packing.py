@@ -16,8 +16,8 @@ from bmretriever_jax.embed import pad_left
 from bmretriever_jax.models.decoder import encode
 from bmretriever_jax.models.ops import gather_slots, segment_positions
 from bmretriever_jax.parallel import sharding
-from bmretriever_jax.train import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global
-from bmretriever_jax.train.step import batch_shards, calibrate_packing
+from bmretriever_jax.training import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global
+from bmretriever_jax.training.step import batch_shards, calibrate_packing
 from bmretriever_jax.util import treeutil
 from hf_tiny import VOCAB, tiny_hf_model, tiny_model_dir, tiny_pairs
 

@@ -17,7 +17,7 @@ from bmretriever_jax.parallel import sharding
 from bmretriever_jax.config import ConfigError, load_config, resolve_mesh_shape
 from bmretriever_jax.convert import presets
 from bmretriever_jax.models import init_params
-from bmretriever_jax.train import init_state, make_mesh, make_optimizer, split_params
+from bmretriever_jax.training import init_state, make_mesh, make_optimizer, split_params
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))

@@ -14,9 +14,9 @@ import pytest
 
 from bmretriever_jax.config import load_config
 from bmretriever_jax.data.pairs import write_pairs
-from bmretriever_jax.train import checkpoint as ckpt
-from bmretriever_jax.train import train
-from bmretriever_jax.train.loop import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
+from bmretriever_jax.training import checkpoint as ckpt
+from bmretriever_jax.training import train
+from bmretriever_jax.training.loop import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from bmretriever_jax.util import treeutil
 from hf_tiny import tiny_model_dir, tiny_pairs
 

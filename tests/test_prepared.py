@@ -14,7 +14,7 @@ from bmretriever_jax.data.pairs import read_pairs, write_pairs
 from bmretriever_jax.data.prepared import (MANIFEST, MissingShardError, Prepared, PreparedDataError,
                                            TokenizerMismatchError, check_tokenizer, file_sha256, prepare)
 from bmretriever_jax.embed import tokenize
-from bmretriever_jax.train.step import _texts
+from bmretriever_jax.data.batches import _texts
 from bmretriever_jax.util.errors import InputPathError
 from hf_tiny import save_tiny_tokenizer, tiny_model_dir, tiny_pairs
 
@@ -129,7 +129,7 @@ def test_prepare_refuses_to_overwrite(made, tmp_path):
 
 def test_train_from_prepared_equals_train_from_pairs(made, tmp_path):
     """The loop fed by the grain loader (in-process) trains exactly as from the pairs file: same losses."""
-    from bmretriever_jax.train import train
+    from bmretriever_jax.training import train
 
     model, pairs, out = made
     common = [f"model.name={model}", "model.max_length=12", "model.query_max_length=8", "train.global_batch_size=8",

@@ -206,7 +206,7 @@ HINTS = [
          "the target compile takes minutes (test_plan_targets.py)", argvs=[["plan", PAPER, "--target", "v5p-64"]]),
     Hint("bmretriever_jax/studies/plot.py", r"^bmr plot: \{r\}: no loss records yet, left out$", MESSAGE,
          "`bmr plot` on a folder where one run has logged no step yet", provoke=_provoke_run_left_out),
-    Hint("bmretriever_jax/train/loop.py", r"^bmr train: \{why\}: saved step", COVERED,
+    Hint("bmretriever_jax/training/loop.py", r"^bmr train: \{why\}: saved step", COVERED,
          "a preempted run's last line (SIGTERM to a real training process)",
          covered=("tests/test_preemption.py", 'f"bmr train: SIGTERM: saved step {saved} in {run}/checkpoints')),
     Hint("bmretriever_jax/serve/app.py", r"^bmr serve$", RUN, "the server's title names the command",

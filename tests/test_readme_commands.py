@@ -430,7 +430,7 @@ def tiny_fixtures(tmp_path_factory):
     from hf_tiny import tiny_beir, tiny_model_dir, tiny_pairs
 
     from bmretriever_jax.data.pairs import write_pairs
-    from bmretriever_jax.train import train
+    from bmretriever_jax.training import train
 
     base = tmp_path_factory.getbasetemp() / "tiny_fixtures"
     model, run = base / "model", base / "run"
@@ -522,7 +522,7 @@ def test_parser_choices_equal_the_library_tables(group):
     """The CLI spells out choices so that `bmr --help` imports no jax; they must stay the library's."""
     from bmretriever_jax.convert import export
     from bmretriever_jax.cli import merging
-    from bmretriever_jax.merge import search
+    from bmretriever_jax.merging import search
 
     assert merging.EXPORT_FORMATS == export.FORMATS
     assert merging.WEIGHTED_METHODS == search.WEIGHTED_METHODS

@@ -10,7 +10,7 @@ from bmretriever_jax.parallel import sharding
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import load_config
 from bmretriever_jax.convert.hf import load_hf
-from bmretriever_jax.train import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global
+from bmretriever_jax.training import init_state, make_mesh, make_tokenize_fn, make_train_step, split_params, to_global
 from hf_tiny import tiny_model_dir, tiny_pairs
 
 import transformers

@@ -13,9 +13,9 @@ import pytest
 
 from bmretriever_jax.config import ConfigError, load_config
 from bmretriever_jax.data.pairs import write_pairs
-from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.parallel import sharding
-from bmretriever_jax.train import make_mesh, train
+from bmretriever_jax.training import make_mesh, train
 from bmretriever_jax.util import treeutil
 from hf_tiny import tiny_model_dir, tiny_pairs
 

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import ConfigError, load_config
 from bmretriever_jax.data.pairs import write_pairs
-from bmretriever_jax.train import NonFiniteLoss, train
+from bmretriever_jax.training import NonFiniteLoss, train
 from hf_tiny import tiny_beir, tiny_model_dir, tiny_pairs
 
 HERE = os.path.dirname(__file__)

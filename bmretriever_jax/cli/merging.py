@@ -15,7 +15,7 @@ DEFAULT_DENSITIES = (0.3, 0.5, 0.7)
 
 
 def cmd_merge(a):
-    from bmretriever_jax.merge.folder import merge_to_folder
+    from bmretriever_jax.merging.folder import merge_to_folder
 
     out = merge_to_folder(a.config, a.out, seed=a.seed, tokenizer_source=a.tokenizer_source, quiet=a.quiet)
     print(f"merged model written to {out}")
@@ -44,7 +44,7 @@ def _search_config(a) -> Dict[str, Any] | str:
 
 
 def cmd_merge_search(a):
-    from bmretriever_jax.merge.search import search
+    from bmretriever_jax.merging.search import search
 
     res = search(_search_config(a), a.dev, strategy=a.strategy, split=a.split, instruction=a.instruction,
                  out=a.out, grid_step=a.grid_step, densities=a.densities, budget=a.budget, popsize=a.popsize,

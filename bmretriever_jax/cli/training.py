@@ -8,7 +8,7 @@ from bmretriever_jax.studies.plot import plot_run
 
 
 def cmd_train(a):
-    from bmretriever_jax.train import train
+    from bmretriever_jax.training import train
 
     run = load_config(a.config, a.overrides)
     res = train(run, quiet=a.quiet, allow_config_change=a.allow_config_change)

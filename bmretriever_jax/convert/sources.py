@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from safetensors.numpy import load_file
 
-from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.convert import hub
 from bmretriever_jax.models import lora as lora_lib
 from bmretriever_jax.util import treeutil

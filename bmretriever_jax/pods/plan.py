@@ -258,7 +258,7 @@ def tiny_run(run: RunConfig, mesh_shape: Sequence[int]) -> RunConfig:
 def _check_in_process(model_cfg: ModelConfig, run: RunConfig, n_devices: int) -> dict:
     import jax
 
-    from bmretriever_jax.train import make_mesh
+    from bmretriever_jax.training import make_mesh
 
     devices = jax.devices()
     if len(devices) < n_devices:

@@ -22,7 +22,7 @@ def abstract_train_state(model_cfg: ModelConfig, run: RunConfig):
     import jax
 
     from bmretriever_jax.models import init_params
-    from bmretriever_jax.train import init_state, make_optimizer, split_params
+    from bmretriever_jax.training import init_state, make_optimizer, split_params
 
     pdt = param_dtype(run)
     # train() loads the base in float32 unless param_dtype is bfloat16; trainable leaves keep that dtype
@@ -53,7 +53,7 @@ def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from bmretriever_jax.parallel import sharding
-    from bmretriever_jax.train import BATCH_AXES
+    from bmretriever_jax.training import BATCH_AXES
 
     optimizer, state, frozen = abstract_train_state(model_cfg, run)
     st_sh = sharding.tree_shardings(state, mesh)
@@ -74,7 +74,7 @@ def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
     rows = NamedSharding(mesh, P(BATCH_AXES))
     Tq, Tp = run.model.query_max_length, run.model.max_length
     if run.data.packing:  # rows sized from the data's length profile, as a run calibrates them
-        from bmretriever_jax.train.step import batch_shards
+        from bmretriever_jax.training.step import batch_shards
 
         pp = packing_plan(run, batch_shards(mesh))
         Rq, Rp = pp["query"]["rows"], pp["passage"]["rows"]
@@ -94,7 +94,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 def compile_train_step(model_cfg: ModelConfig, run: RunConfig, mesh, *, fast: bool = False):
     """The sharded train step of `train.train`, lowered and compiled for `mesh` without any real array.
     Returns (compiled, (state, frozen, batch) abstract inputs); `fast` skips backend optimisations."""
-    from bmretriever_jax.train import make_train_step
+    from bmretriever_jax.training import make_train_step
 
     optimizer, st_sh, state, frozen, batch = abstract_inputs(model_cfg, run, mesh)
     step = make_train_step(model_cfg, run, optimizer, mesh, st_sh)

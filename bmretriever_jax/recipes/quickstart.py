@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     from bmretriever_jax.embed import Encoder, instruction_for
     from bmretriever_jax.eval.evaluate import cached_corpus_vectors
     from bmretriever_jax.eval.suite import evaluate_all, print_table
-    from bmretriever_jax.merge.folder import merge_to_folder
-    from bmretriever_jax.train import train
+    from bmretriever_jax.merging.folder import merge_to_folder
+    from bmretriever_jax.training import train
 
     scifact = paths.shipped_data("scifact")
     if size["scifact_docs"]:

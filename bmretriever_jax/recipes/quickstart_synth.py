@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from bmretriever_jax.synth import pipeline
     from bmretriever_jax.synth.prompt_opt import optimize_instruction, write_report
     from bmretriever_jax.synth.queries import count_rejected, generate_queries, read_corpus_items
-    from bmretriever_jax.train import train
+    from bmretriever_jax.training import train
 
     scifact = paths.shipped_data("scifact")
     os.makedirs(a.out, exist_ok=True)

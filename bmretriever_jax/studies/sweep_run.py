@@ -78,7 +78,7 @@ def run_point(config: Optional[str], overrides: Sequence[str], dev_sets: Sequenc
     from bmretriever_jax.embed import Encoder
     from bmretriever_jax.pods.plan import estimate_memory, resolve_model_config
     from bmretriever_jax.pods.stepcompile import compile_train_step, compiled_peak_bytes
-    from bmretriever_jax.train import make_mesh, train
+    from bmretriever_jax.training import make_mesh, train
 
     run = load_config(config, overrides)
     cache = tempfile.mkdtemp(prefix="bmr-sweep-xla-cache-")

@@ -12,8 +12,8 @@ import jax
 import yaml
 
 from bmretriever_jax.util.errors import ConfigError
-from bmretriever_jax.merge.methods import REQUIRED, METHODS
-from bmretriever_jax.merge.stream import STACKED, merge_streamed
+from bmretriever_jax.merging.methods import REQUIRED, METHODS
+from bmretriever_jax.merging.stream import STACKED, merge_streamed
 from bmretriever_jax.convert.weights import LeafReader, LeafWriter, open_reader
 
 

@@ -1,4 +1,4 @@
-"""Per-leaf merge kernels and the method registry (mergekit 0.1.5 semantics: see bmretriever_jax/merge/__init__.py)."""
+"""Per-leaf merge kernels and the method registry (mergekit 0.1.5 semantics: see bmretriever_jax/merging/__init__.py)."""
 from __future__ import annotations
 
 import dataclasses

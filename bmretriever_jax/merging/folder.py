@@ -17,9 +17,9 @@ import numpy as np
 from bmretriever_jax.convert import export as ex
 from bmretriever_jax.convert.names import hf_to_params
 from bmretriever_jax.util.errors import ConfigError
-from bmretriever_jax.merge.methods import METHODS
-from bmretriever_jax.merge.mergekit import MergeConfig, parse_merge_config, run_merge
-from bmretriever_jax.merge.stream import merge_streamed
+from bmretriever_jax.merging.methods import METHODS
+from bmretriever_jax.merging.mergekit import MergeConfig, parse_merge_config, run_merge
+from bmretriever_jax.merging.stream import merge_streamed
 from bmretriever_jax.convert.weights import DictReader, DictWriter, SafetensorsWriter
 
 _RETRIEVER_KEYS = ("pooling", "normalize", "max_length", "bidirectional")

@@ -2,7 +2,7 @@
 
 Merge weights are scored by NDCG@10 on dev splits: a grid (weights on the simplex in steps of 0.1, i.e. {0.1..0.9}
 for two experts, times TIES/DARE densities {0.3, 0.5, 0.7}) or CMA-ES (below) over softmax-normalised weights and a
-density in [0.05, 1]. Candidates are merged in memory (merge/folder.py); one encoder's weights are swapped per
+density in [0.05, 1]. Candidates are merged in memory (merging/folder.py); one encoder's weights are swapped per
 candidate so the forward compiles once; corpus vectors are cached per candidate (OUT/vector_cache), so a rerun
 costs no encoding. It writes candidates.tsv, search.json, the chosen config as merge.yaml and the merged model.
 """
@@ -26,9 +26,9 @@ import yaml
 from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.util.errors import ConfigError, InputPathError
 from bmretriever_jax.eval.evaluate import evaluate_retrieval
-from bmretriever_jax.merge.folder import (as_config, flat_to_tree, input_refs, load_flat, merge_flat, merge_to_folder,
+from bmretriever_jax.merging.folder import (as_config, flat_to_tree, input_refs, load_flat, merge_flat, merge_to_folder,
                                           merged_settings, open_inputs, tokenizer_folder)
-from bmretriever_jax.merge.mergekit import MergeConfig
+from bmretriever_jax.merging.mergekit import MergeConfig
 
 SPARSE_METHODS = ("ties", "dare_ties", "dare_linear")
 WEIGHTED_METHODS = ("linear", "task_arithmetic") + SPARSE_METHODS

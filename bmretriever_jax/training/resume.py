@@ -1,5 +1,5 @@
 """Resuming a run: what may change between a run and its resume, the config-change guard, and the metrics log
-cut back to the restored step. (Checkpoints themselves: `bmretriever_jax.train.checkpoint`.)"""
+cut back to the restored step. (Checkpoints themselves: `bmretriever_jax.training.checkpoint`.)"""
 from __future__ import annotations
 
 import json

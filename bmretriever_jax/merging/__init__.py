@@ -34,9 +34,9 @@ Layout: methods.py (per-leaf kernels, the registry), stream.py (the streamed eng
 functions below), mergekit.py (YAML configs), folder.py (`bmr merge` into a model folder, in-memory merges),
 search.py (`bmr merge-search`: grid and CMA-ES over dev NDCG@10); tensor readers and writers: ../weights.py.
 """
-from bmretriever_jax.merge.mergekit import MergeConfig, parse_merge_config, run_merge
-from bmretriever_jax.merge.methods import METHODS
-from bmretriever_jax.merge.stream import (STACKED, dare_linear, dare_ties, leaf_keys, linear, merge_streamed, merge_trees,
+from bmretriever_jax.merging.mergekit import MergeConfig, parse_merge_config, run_merge
+from bmretriever_jax.merging.methods import METHODS
+from bmretriever_jax.merging.stream import (STACKED, dare_linear, dare_ties, leaf_keys, linear, merge_streamed, merge_trees,
                                           model_stock, slerp, task_arithmetic, ties)
 
 __all__ = ["METHODS", "MergeConfig", "STACKED", "dare_linear", "dare_ties", "leaf_keys", "linear", "merge_streamed",

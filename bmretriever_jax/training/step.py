@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bmretriever_jax.data.batches import BATCH_AXES, batch_shards, calibrate_packing, make_tokenize_fn  # noqa: F401 (re-exported)
 from bmretriever_jax.models import lora as lora_lib
 from bmretriever_jax.models.ops import gather_slots
-from bmretriever_jax.train import losses
+from bmretriever_jax.training import losses
 from bmretriever_jax.parallel import sharding
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.config import RunConfig, resolve_mesh_shape

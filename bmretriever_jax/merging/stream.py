@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.util.errors import ConfigError
-from bmretriever_jax.merge.methods import F32, METHODS, resolve_options
+from bmretriever_jax.merging.methods import F32, METHODS, resolve_options
 from bmretriever_jax.convert.weights import DictReader, DictWriter, LeafReader, LeafWriter
 
 

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from bmretriever_jax.train import checkpoint as ckpt
+from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.convert import hub
 from bmretriever_jax.parallel import sharding
 from bmretriever_jax.util import treeutil
@@ -40,8 +40,8 @@ from bmretriever_jax.parallel.distributed import is_host0, preemption_sync_avail
 from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.util.errors import ConfigError, DataFormatError, InputPathError, UserError
 from bmretriever_jax.eval.evaluate import evaluate_retrieval
-from bmretriever_jax.train.resume import check_resume_config, truncate_metrics
-from bmretriever_jax.train.step import (init_state, make_mesh, make_optimizer, make_schedule, merged_params,
+from bmretriever_jax.training.resume import check_resume_config, truncate_metrics
+from bmretriever_jax.training.step import (init_state, make_mesh, make_optimizer, make_schedule, merged_params,
                                         make_train_step, split_params, to_global)
 
 
