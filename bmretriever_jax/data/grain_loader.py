@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from bmretriever_jax.data.loader import check_loader_args
 from bmretriever_jax.data.prepared import Prepared, release_pages
 
 _ITEM_COLUMNS = ("query", "instruction", "task", "positive_title", "positive_text", "negatives_title",
@@ -169,15 +170,7 @@ class GrainPairLoader:
                  negatives: str = "random", short: str = "pad", process_index: int = 0, process_count: int = 1,
                  drop_last: bool = True, tokenize_fn: Optional[Callable[[List[dict]], Dict[str, Any]]] = None,
                  worker_count: int = 0, prefetch: int = 2, data: Optional[Prepared] = None):
-        if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                             f"process_count {process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-        if num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-        if negatives not in ("random", "first") or short not in ("pad", "drop"):
-            raise ValueError(f"negatives must be 'random'|'first' and short 'pad'|'drop', got {negatives!r}, {short!r}")
+        check_loader_args(global_batch_size, num_negatives, negatives, short, process_index, process_count)
         if worker_count < 0 or prefetch < 0:
             raise ValueError(f"worker_count {worker_count} and prefetch {prefetch} must be >= 0")
         self.path = path

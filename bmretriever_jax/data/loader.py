@@ -20,6 +20,20 @@ import numpy as np
 from bmretriever_jax.data.pairs import Pair, as_passage, doc_keys
 
 
+def check_loader_args(global_batch_size: int, num_negatives: int, negatives: str, short: str, process_index: int,
+                      process_count: int) -> None:
+    """The arguments every pair loader (this one, `grain_loader.GrainPairLoader`) takes, checked alike."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                         f"process_count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    if num_negatives < 0:
+        raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+    if negatives not in ("random", "first") or short not in ("pad", "drop"):
+        raise ValueError(f"negatives must be 'random'|'first' and short 'pad'|'drop', got {negatives!r}, {short!r}")
+
+
 class PairLoader:
     """Infinite iterator over per-host batches of training pairs (see the module docstring).
 
@@ -36,15 +50,7 @@ class PairLoader:
     def __init__(self, pairs: Sequence[Pair], global_batch_size: int, *, seed: int, num_negatives: int = 1,
                  negatives: str = "random", short: str = "pad", process_index: int = 0, process_count: int = 1,
                  drop_last: bool = True, tokenize_fn: Callable[[list[dict]], dict[str, Any]] | None = None):
-        if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                             f"process_count {process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-        if num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-        if negatives not in ("random", "first") or short not in ("pad", "drop"):
-            raise ValueError(f"negatives must be 'random'|'first' and short 'pad'|'drop', got {negatives!r}, {short!r}")
+        check_loader_args(global_batch_size, num_negatives, negatives, short, process_index, process_count)
         self.pairs = list(pairs)
         self.dropped = 0
         if short == "drop":
