@@ -5,9 +5,11 @@
 Gemma 3 270M (the packaged GGUF) + LoRA r16, the SciFact training pairs (claim -> abstract, no hard negatives),
 queries cut at 64 tokens, passages at 512, one optimizer step per call on this machine's devices. Both
 contenders see the same batches (the loader's first `rounds` batches); the packed rows are sized from the first
-32 batches as a run sizes them (`train.step.calibrate_packing`), with `data.pack_tail_sigmas=0` (rows for the
-worst of those batches: with 8 texts a batch the 6-sigma room of a pod would ask for as many rows as texts). Reports examples/s of each, their ratio and
-the text share of the computed tokens; writes benchmarks/results/packing.json and the BENCHMARKS.md section.
+32 batches as a run sizes them (`train.step.calibrate_packing`: queries and passages share the rows), with
+`data.pack_tail_sigmas=0` (rows for the worst of those batches: one device with a few dozen texts has a wide
+tail, and the 6-sigma room a pod keeps would ask for nearly as many rows as texts). Reports examples/s of
+each, their ratio and the text share of the computed tokens; writes benchmarks/results/packing.json and the
+BENCHMARKS.md section.
 """
 import argparse
 import os
@@ -33,17 +35,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def share_table() -> str:
     """Text share of the computed tokens, padded vs packed, on the shipped length profiles (no model, seconds):
-    8 batch shards, 16 / 64 / 256 pairs per shard, 512-token rows, at most 16 texts a row."""
-    lines = ["| data (length profile) | pairs per shard | padded | packed | computed tokens, padded / packed |",
-             "|---|---|---|---|---|"]
+    8 batch shards, 4 / 16 / 64 / 256 pairs per shard, 512-token rows, at most 16 texts a row, rows with the
+    default 6-sigma tail room, global batches as sampled or balanced over the shards (`data.pack_balance`)."""
+    lines = ["| data (length profile) | pairs per shard | padded | packed, blocks as sampled | packed, balanced | "
+             "computed tokens, padded / packed balanced |", "|---|---|---|---|---|---|"]
     for name, group in (("pretrain", 1), ("finetune", 2)):
         prof = packing.load_profile(name)
-        for per in (16, 64, 256):
-            r = {p: packing.plan_packing(prof, global_batch=per * 8, group=group, n_shards=8, query_length=512,
-                                         passage_length=512, max_segments=16, packed=p) for p in (False, True)}
+        for per in (4, 16, 64, 256):
+            kw = dict(global_batch=per * 8, group=group, n_shards=8, query_length=512, passage_length=512,
+                      max_segments=16)
+            pad = packing.plan_packing(prof, packed=False, **kw)
+            raw = packing.plan_packing(prof, packed=True, balance=False, **kw)
+            bal = packing.plan_packing(prof, packed=True, **kw)
             lines.append(f"| {name} ({'title -> abstract' if group == 1 else 'query -> positive + 1 negative'}) | "
-                         f"{per} | {r[False]['text_share']:.1%} | {r[True]['text_share']:.1%} | "
-                         f"{r[False]['computed_tokens'] / r[True]['computed_tokens']:.2f}x |")
+                         f"{per} | {pad['text_share']:.1%} | {raw['text_share']:.1%} | {bal['text_share']:.1%} | "
+                         f"{pad['computed_tokens'] / bal['computed_tokens']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -68,16 +74,15 @@ def main():
     cfg, base, tok, _ = hub.load("gemma3-270m", quiet=True)
     mesh = make_mesh(runs["padded"], jax.devices()[:1])
     pairs = builders.build("scifact")
-    loader = PairLoader(pairs, a.batch, seed=0, num_negatives=0)
+    loader = PairLoader(pairs, a.batch, seed=0, num_negatives=0)  # one device: nothing to balance
     batches = [loader.batch_at(0, s) for s in range(max(32, a.rounds + 1))]
     rows = calibrate_packing(tok, runs["packed"], batches[:32], batch_shards(mesh))
     steps, host, shares = {}, {}, {}
     for name, run in runs.items():
         fn = make_tokenize_fn(tok, run, **({"pack_rows": rows, "n_local_shards": 1} if name == "packed" else {}))
         host[name] = [fn(b) for b in batches[: a.rounds + 1]]
-        seg = [h["p_seg" if name == "packed" else "p_mask"] for h in host[name]]
-        qseg = [h["q_seg" if name == "packed" else "q_mask"] for h in host[name]]
-        shares[name] = float(sum((s > 0).sum() for s in seg + qseg) / sum(s.size for s in seg + qseg))
+        seg = [m for h in host[name] for m in ([h["seg"]] if name == "packed" else [h["q_mask"], h["p_mask"]])]
+        shares[name] = float(sum((m > 0).sum() for m in seg) / sum(m.size for m in seg))
         trainable, frozen = split_params(base, run, jax.random.PRNGKey(0))
         opt = optax.adamw(1e-4)
         state = {"s": init_state(run, trainable, opt)}
@@ -97,7 +102,7 @@ def main():
     res = interleaved(steps, a.rounds, log=lambda s: print(s, flush=True))
     ratio = res["padded"]["median_s"] / res["packed"]["median_s"]
     out = {"command": "python benchmarks/packing.py" + (" --quick" if a.quick else ""), "facts": run_facts(),
-           "batch": a.batch, "rounds": a.rounds, "pack_rows": {"query": rows[0], "passage": rows[1]},
+           "batch": a.batch, "rounds": a.rounds, "pack_rows": rows,
            "text_share": shares, "timing": res, "examples_per_s": {k: a.batch / v["median_s"] for k, v in res.items()},
            "packed_over_padded": ratio, "load_before": load_before, "load_after": load_average(),
            "note": "the 2 cores were shared with other processes while this ran: see load_1min"}
@@ -105,7 +110,8 @@ def main():
     write_json(path, out)
     cpu = out["facts"]["cpu"]
     body = (f"Training step on SciFact pairs (Gemma 3 270M + LoRA r16, queries 64 / passages 512 tokens, batch "
-            f"{a.batch}, no hard negatives, dtype {a.dtype}, packed rows for the worst of 32 batches: "
+            f"{a.batch}, no hard negatives, dtype {a.dtype}; packed: queries and passages share {rows} rows of 512, "
+            f"sized for the worst of 32 batches: "
             f"`data.pack_tail_sigmas=0`), packed vs padded rows in the same run "
             f"(`{out['command']}`; {cpu.get('model', '?')}, {cpu.get('logical_cpus', '?')} cores, isa "
             f"{', '.join(cpu.get('isa', []))}; load {load_before[0]}-{out['load_after'][0]}):\n\n"
@@ -113,8 +119,8 @@ def main():
             + "".join(f"| {k} | {shares[k]:.1%} | {res[k]['median_s']:.2f} | {a.batch / res[k]['median_s']:.2f} | "
                       f"{(ratio if k == 'packed' else 1.0):.2f}x |\n" for k in ("padded", "packed")))
     body += ("\nText share of the computed tokens on the shipped data's length profiles (Gemma 3 tokenizer; "
-             "`python benchmarks/packing.py --shares-only`; rows sized as a run sizes them, for the worst of 32 "
-             "sampled batches):\n\n" + share_table())
+             "`python benchmarks/packing.py --shares-only`; rows sized as a run sizes them from 32 sampled "
+             "batches, with the default 6-sigma room for the tail):\n\n" + share_table())
     if not a.quick:
         replace_section(os.path.join(ROOT, "BENCHMARKS.md"), "packing", "## Packed sequences\n\n" + body)
     print(body)

@@ -46,9 +46,13 @@ class DataSection:
     packing: bool = False
     pack_max_segments: int = 16  # texts per packed row at most (GPU attention kernels want a cap)
     pack_calibration_batches: int = 32  # global batches of epoch 0 whose packing sets the row count
-    # rows = max(most needed, mean + this many sd of the calibration needs): room for the tail, so the padded
-    # fallback shape (which may not fit a pod's memory) stays rare; 0 = the most any calibration batch needed
+    # rows = max(most needed, mean load + this many sd of the calibration blocks' loads + the placement's
+    # slack): room for the tail, so the padded fallback shape (which may not fit a pod's memory) stays rare;
+    # 0 = the most any calibration batch needed (data/packing.py choose_rows)
     pack_tail_sigmas: float = 6.0
+    # order each global batch so every device's block holds about the same tokens (packing.balance_order);
+    # off = blocks in the sampled order (more rows for the same data)
+    pack_balance: bool = True
     # token lengths `bmr plan` sizes packed rows and counts text with (data/length_profiles.json: pretrain,
     # finetune; or a .json path); "" = the profile named by train.stage
     length_profile: str = ""

@@ -116,9 +116,11 @@ def test_tokenized_batches_from_workers_equal_pairloader(prepared, tokenizer, pa
     pairs, path = prepared
     run = _tiny_run(path, packing, workers=2)
     loader = training_loader(run, tokenizer, process_index=1, process_count=2, n_shards=4)
-    ref = PairLoader(pairs, 8, seed=4, num_negatives=1, drop_last=False, process_index=1, process_count=2)
+    balance = 4 if packing else 0  # packed: global batches ordered for the 4 blocks (packing.balance_order)
+    ref = PairLoader(pairs, 8, seed=4, num_negatives=1, drop_last=False, process_index=1, process_count=2,
+                     balance_shards=balance)
     if packing:
-        one_host = PairLoader(pairs, 8, seed=4, num_negatives=1, drop_last=False)
+        one_host = PairLoader(pairs, 8, seed=4, num_negatives=1, drop_last=False, balance_shards=balance)
         rows = calibrate_packing(tokenizer, run, calibration_batches(one_host, 3), 4)
         assert loader.pack_rows == rows
         ref.tokenize_fn = make_tokenize_fn(tokenizer, run, pack_rows=rows, n_local_shards=2)
@@ -131,7 +133,7 @@ def test_tokenized_batches_from_workers_equal_pairloader(prepared, tokenizer, pa
             for key in want:
                 np.testing.assert_array_equal(got[key], want[key], err_msg=key)
             if packing:
-                assert "q_seg" in got
+                assert "seg" in got and "q_slot" in got
     finally:
         loader.close()
 

@@ -72,10 +72,47 @@ def test_choose_rows_covers_the_worst_shard_and_the_tail():
     assert packing.choose_rows(lengths, n_shards=2, length=16, max_segments=8, sigmas=0) == 2
     # needs 2, 1, 1, 1: mean 1.25, sd 0.433 -> 6 sigmas: ceil(3.85) = 4, but a shard has only 2 texts
     assert packing.choose_rows(lengths, n_shards=2, length=16, max_segments=8) == 2
-    wide = [[16, 16, 1, 1, 1, 1, 1, 1], [8] * 8]  # one shard of 8: needs 3 and 4 (8 x 8 tokens), mean 3.5, sd 0.5
-    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=8) == 7  # ceil(3.5 + 3)
-    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=8, sigmas=0) == 4
+    # one shard of 16 texts: needs 3 and 4 rows; loads (tokens / 16) 2.375 and 4: mean 3.1875, sd 0.8125;
+    # slack (rows needed beyond the load) 0.625 and 0 -> 1 sigma: ceil(3.1875 + 0.8125 + 0.625) = 5
+    wide = [[16, 16] + [1] * 6 + [0] * 8, [8] * 8 + [0] * 8]
+    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16, sigmas=1) == 5
+    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16, sigmas=0) == 4
+    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16) == 9  # ceil(3.1875 + 4.875 + 0.625)
     assert packing.choose_rows([[4, 4, 4, 4]], n_shards=1, length=16, max_segments=8) == 1
+
+
+def test_balance_order_deals_equal_counts_and_evens_the_loads():
+    rng = np.random.default_rng(5)
+    costs = rng.integers(1, 500, size=64).astype(float)
+    order = packing.balance_order(costs, 8)
+    assert sorted(order.tolist()) == list(range(64))  # the same pairs, another order
+    blocks = order.reshape(8, 8)
+    assert all(np.all(np.diff(b) > 0) for b in blocks)  # batch order inside a block
+    loads, naive = costs[blocks].sum(1), costs.reshape(8, 8).sum(1)
+    assert loads.max() - loads.min() < 0.1 * (naive.max() - naive.min())
+    assert loads.max() - loads.min() <= costs.max()  # greedy's bound
+    np.testing.assert_array_equal(order, packing.balance_order(costs, 8))  # deterministic
+    np.testing.assert_array_equal(packing.balance_order(costs, 1), np.arange(64))
+
+
+def test_pack_pairs_shares_rows_and_maps_both_kinds_back():
+    q, p = _seqs(6, 8, 1, 5), _seqs(7, 16, 4, 16)  # 8 queries, 2 passages each, 2 shards
+    seqs = packing.joint_blocks(q, p, 2)[0]
+    R = max(packing.rows_needed([len(t) for t in seqs[s * 12:(s + 1) * 12]], 16, 6) for s in (0, 1))
+    assert R < 12
+    out = packing.pack_pairs(q, p, n_shards=2, rows=R, length=16, max_segments=6, pad_id=0)
+    assert out["ids"].shape == (2 * R, 16) and out["q_slot"].shape == (8,) and out["p_slot"].shape == (16,)
+    assert int((out["seg"] > 0).sum()) == sum(map(len, q + p))
+    for texts, slots, per in ((q, out["q_slot"], 4), (p, out["p_slot"], 8)):
+        for j, t in enumerate(texts):
+            row, k = divmod(int(slots[j]), 6)
+            r = (j // per) * R + row  # text j stays in its pair's shard
+            assert list(out["ids"][r, out["seg"][r] == k + 1]) == t
+    q_rows = {(j // 4) * R + int(s) // 6 for j, s in enumerate(out["q_slot"])}
+    p_rows = {(j // 8) * R + int(s) // 6 for j, s in enumerate(out["p_slot"])}
+    assert q_rows & p_rows  # some row holds a query and a passage
+    tight = packing.pack_pairs(q, p, n_shards=2, rows=1, length=16, max_segments=6, pad_id=0)
+    assert tight["ids"].shape == (24, 16)  # the fallback: one text per row
 
 
 def test_segment_positions_restart():
@@ -174,9 +211,11 @@ def test_packed_step_equals_padded(model_dir, lora, grad_cache):
     packed = _step(model_dir, packed=True, lora=lora, grad_cache=grad_cache)
     padded = _step(model_dir, packed=False, lora=lora, grad_cache=grad_cache)
     _assert_same(packed, padded)
-    host = packed[2]
-    assert host["p_ids"].shape[0] < 16 and host["q_ids"].shape[0] < 8, (host["p_ids"].shape, host["q_ids"].shape)
-    assert packing.text_share(host["p_seg"]) > (padded[2]["p_mask"] > 0).mean()
+    host, pad = packed[2], padded[2]
+    assert host["ids"].shape[0] < 8 + 16, host["ids"].shape  # fewer rows than 8 queries + 16 passages
+    text = (pad["q_mask"] > 0).sum() + (pad["p_mask"] > 0).sum()
+    assert int((host["seg"] > 0).sum()) == int(text)
+    assert packing.text_share(host["seg"]) > text / (pad["q_mask"].size + pad["p_mask"].size)
 
 
 @pytest.mark.parametrize("mesh_over, grad_cache", [
@@ -201,8 +240,10 @@ def test_plans_count_text_and_packing_computes_less():
     packed = packing.plan_packing(prof, packed=True, **common)
     assert padded["computed_tokens"] == 2 * 256 * 512
     assert padded["text_tokens"] == pytest.approx(packed["text_tokens"])
-    # 64 texts per shard: rows come in whole numbers and must fit the tail of the sampled batches' needs
-    assert padded["text_share"] < 0.4 and packed["text_share"] > 0.65 > 2 * padded["text_share"]
+    # 64 pairs per shard, balanced: whole rows, with room for the tail of the sampled batches' loads
+    assert padded["text_share"] < 0.4 and packed["text_share"] > 0.8
+    unbalanced = packing.plan_packing(prof, packed=True, balance=False, **common)
+    assert unbalanced["text_share"] < packed["text_share"] - 0.05
     cfg = resolve_model_config("pythia-410m")[0]
     over = ["model.name=pythia-410m", "model.max_length=512", "model.query_max_length=512", "lora.enabled=false",
             "train.stage=pretrain", "train.global_batch_size=256", "data.num_negatives=0"]

@@ -26,14 +26,21 @@ def batch_shards(mesh_or_sizes) -> int:
     return math.prod(shape.get(a, 1) for a in BATCH_AXES)
 
 
-def make_tokenize_fn(tokenizer, run: RunConfig, *, pack_rows: Tuple[int, int] | None = None, n_local_shards: int = 1):
+def pack_length(run: RunConfig) -> int:
+    """The length of a packed row: queries and passages share the rows. (Longer rows would only waste more
+    at their ends: a row is the unit the shapes are counted in.)"""
+    return max(run.model.query_max_length, run.model.max_length)
+
+
+def make_tokenize_fn(tokenizer, run: RunConfig, *, pack_rows: int | None = None, n_local_shards: int = 1):
     """Loader items -> fixed-shape int32 arrays. Padded (data.packing off): queries q_ids / q_mask [B, Tq] and
-    passages p_ids / p_mask [B*G, Tp], left padded. Packed: q_ids / q_seg [n_local_shards * Rq, Tq] with
-    q_slot [B] and p_ids / p_seg / p_slot likewise (data/packing.py), Rq, Rp = pack_rows per shard (from
-    `calibrate_packing`); a batch that does not fit them takes the fallback of one text per row."""
+    passages p_ids / p_mask [B*G, Tp], left padded. Packed: queries and passages together in ids / seg
+    [n_local_shards * pack_rows, max(Tq, Tp)] with q_slot [B] and p_slot [B*G] (data/packing.py pack_pairs),
+    pack_rows per shard from `calibrate_packing`; a batch that does not fit them takes the fallback of one
+    text per row."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     Tq, Tp = run.model.query_max_length, run.model.max_length
-    K = run.data.pack_max_segments
+    K, L = run.data.pack_max_segments, pack_length(run)
 
     def fn(items: List[dict]) -> Dict[str, np.ndarray]:
         queries, passages = _texts(items)
@@ -42,28 +49,25 @@ def make_tokenize_fn(tokenizer, run: RunConfig, *, pack_rows: Tuple[int, int] | 
             q_ids, q_mask = pad_left(q_tok, Tq, pad_id)
             p_ids, p_mask = pad_left(p_tok, Tp, pad_id)
             return {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
-        out = {}
-        for name, toks, T, rows in (("q", q_tok, Tq, pack_rows[0]), ("p", p_tok, Tp, pack_rows[1])):
-            packed = packing.pack(toks, n_shards=n_local_shards, rows=rows, length=T, max_segments=K, pad_id=pad_id)
-            if packed is None:  # the fallback shape: one text per row
-                packed = packing.pack(toks, n_shards=n_local_shards, rows=len(toks) // n_local_shards, length=T,
-                                      max_segments=K, pad_id=pad_id)
-            out.update({f"{name}_ids": packed["ids"], f"{name}_seg": packed["seg"], f"{name}_slot": packed["slot"]})
-        return out
+        return packing.pack_pairs(q_tok, p_tok, n_shards=n_local_shards, rows=pack_rows, length=L, max_segments=K,
+                                  pad_id=pad_id)
 
     return fn
 
 
-def calibrate_packing(tokenizer, run: RunConfig, global_batches: List[List[dict]], n_shards: int) -> Tuple[int, int]:
-    """Packed rows per shard (queries, passages) for a run: the most any shard of these global batches needs
-    (a deterministic sample: the first batches of epoch 0, the same on every host)."""
-    K = run.data.pack_max_segments
-    q_lengths, p_lengths = [], []
+def rows_for_lengths(run: RunConfig, batches: List[Tuple[List[int], List[int]]], n_shards: int) -> int:
+    """Packed rows per shard from the (query, passage) token counts of global batches in batch order."""
+    sample = [[int(x) for x in packing.joint_blocks(q, p, n_shards)[0]] for q, p in batches]
+    return packing.choose_rows(sample, n_shards=n_shards, length=pack_length(run),
+                               max_segments=run.data.pack_max_segments, sigmas=run.data.pack_tail_sigmas)
+
+
+def calibrate_packing(tokenizer, run: RunConfig, global_batches: List[List[dict]], n_shards: int) -> int:
+    """Packed rows per shard for a run, from these global batches (a deterministic sample: the first batches
+    of epoch 0, the same on every host), as `packing.choose_rows` sizes them."""
+    lengths = []
     for items in global_batches:
         queries, passages = _texts(items)
-        q_lengths.append([len(t) for t in tokenize(tokenizer, queries, run.model.query_max_length)])
-        p_lengths.append([len(t) for t in tokenize(tokenizer, passages, run.model.max_length)])
-    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K,
-                                sigmas=run.data.pack_tail_sigmas),
-            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K,
-                                sigmas=run.data.pack_tail_sigmas))
+        lengths.append(([len(t) for t in tokenize(tokenizer, queries, run.model.query_max_length)],
+                        [len(t) for t in tokenize(tokenizer, passages, run.model.max_length)]))
+    return rows_for_lengths(run, lengths, n_shards)

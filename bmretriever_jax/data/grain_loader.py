@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from bmretriever_jax.data.loader import check_loader_args
+from bmretriever_jax.data.packing import balance_order
 from bmretriever_jax.data.prepared import Prepared, release_pages
 
 _ITEM_COLUMNS = ("query", "instruction", "task", "positive_title", "positive_text", "negatives_title",
@@ -71,7 +72,7 @@ class HostBatch:
 
     def __init__(self, path: str, *, n: int, global_batch_size: int, seed: int, num_negatives: int, negatives: str,
                  short: str, process_index: int, process_count: int, steps_per_epoch: int,
-                 tokenize_fn: Optional[Callable] = None, kept: Optional[np.ndarray] = None):
+                 tokenize_fn: Optional[Callable] = None, kept: Optional[np.ndarray] = None, balance_shards: int = 0):
         self.path, self.n, self.B, self.seed = path, n, global_batch_size, seed
         self.k, self.negatives, self.short = num_negatives, negatives, short
         self.process_index, self.process_count = process_index, process_count
@@ -79,6 +80,7 @@ class HostBatch:
         self.steps_per_epoch = steps_per_epoch
         self.tokenize_fn = tokenize_fn
         self.kept = kept  # short="drop": the kept pairs' rows (None: every row)
+        self.balance_shards = balance_shards  # > 1: order each global batch with packing.balance_order
         self._data: Optional[Prepared] = None
         self._perm = (None, None)
 
@@ -101,7 +103,27 @@ class HostBatch:
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
         order = self.order(epoch)
         start = step * self.B
-        return order[np.arange(start, start + self.B) % self.n]
+        idx = order[np.arange(start, start + self.B) % self.n]
+        if self.balance_shards > 1:
+            idx = idx[balance_order(self.costs(idx), self.balance_shards)]
+        return idx
+
+    def costs(self, idx: np.ndarray) -> np.ndarray:
+        """What a pair weighs in a packed batch: its tokens (query + positive + num_negatives x its negatives'
+        mean) when the folder is tokenized, else the same in characters (every host reads the global batch's
+        texts then: tokenize the folder for pods)."""
+        rows = [self.row(int(i)) for i in idx]
+        if self.data.tokenizer:
+            got = self.data.rows(rows, ("q_len", "p_len", "n_len"))
+            q, p, n = got["q_len"], got["p_len"], got["n_len"]
+        else:
+            got = self.data.rows(rows, ("query", "positive_title", "positive_text", "negatives_title",
+                                        "negatives_text"))  # as PairLoader weighs its pairs
+            q = [len(x) for x in got["query"]]
+            p = [len(a or "") + len(b or "") for a, b in zip(got["positive_title"], got["positive_text"])]
+            n = [[len(a or "") + len(b or "") for a, b in zip(ts, xs)]
+                 for ts, xs in zip(got["negatives_title"], got["negatives_text"])]
+        return np.asarray([q[j] + p[j] + self.k * (float(np.mean(n[j])) if n[j] else p[j]) for j in range(len(rows))])
 
     def row(self, i: int) -> int:
         return int(self.kept[i]) if self.kept is not None else i
@@ -163,13 +185,14 @@ class GrainPairLoader:
 
     Arguments as PairLoader's (with the folder instead of the pairs), plus worker_count (grain worker
     processes; 0 = build batches in this process, in a background thread) and prefetch (batches each
-    worker keeps ready). tokenize_fn must pickle when worker_count > 0 (it runs in the workers).
+    worker keeps ready), balance_shards (as PairLoader's). tokenize_fn must pickle when worker_count > 0 (it
+    runs in the workers).
     """
 
     def __init__(self, path: str, global_batch_size: int, *, seed: int, num_negatives: int = 1,
                  negatives: str = "random", short: str = "pad", process_index: int = 0, process_count: int = 1,
                  drop_last: bool = True, tokenize_fn: Optional[Callable[[List[dict]], Dict[str, Any]]] = None,
-                 worker_count: int = 0, prefetch: int = 2, data: Optional[Prepared] = None):
+                 worker_count: int = 0, prefetch: int = 2, data: Optional[Prepared] = None, balance_shards: int = 0):
         check_loader_args(global_batch_size, num_negatives, negatives, short, process_index, process_count)
         if worker_count < 0 or prefetch < 0:
             raise ValueError(f"worker_count {worker_count} and prefetch {prefetch} must be >= 0")
@@ -196,7 +219,8 @@ class GrainPairLoader:
         self.worker_count, self.prefetch = worker_count, prefetch
         self.tokenize_fn = tokenize_fn
         self._spec = dict(n=n, global_batch_size=global_batch_size, seed=seed, num_negatives=num_negatives,
-                          negatives=negatives, short=short, steps_per_epoch=self.steps_per_epoch, kept=kept)
+                          negatives=negatives, short=short, steps_per_epoch=self.steps_per_epoch, kept=kept,
+                          balance_shards=balance_shards)
         self._local = None  # HostBatch of this process (global_items, batch_at)
         self._epoch, self._step = 0, 0
         self._it = None

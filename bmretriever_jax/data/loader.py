@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bmretriever_jax.data.packing import balance_order
 from bmretriever_jax.data.pairs import Pair, as_passage, doc_keys
 
 
@@ -45,11 +46,15 @@ class PairLoader:
     drop_last: True drops the incomplete last batch of each epoch; False completes it with the first pairs of
       the same epoch's order, so every pair is seen every epoch and every batch has B rows (fixed shapes).
     tokenize_fn: applied to each host batch (list of items) -> dict of arrays; the iterator then yields that.
+    balance_shards: > 1 orders each global batch with `packing.balance_order` over that many blocks (packed
+      training: every device's block then holds about the same tokens; weights in characters here). The
+      batch holds the same pairs, in another order.
     """
 
     def __init__(self, pairs: Sequence[Pair], global_batch_size: int, *, seed: int, num_negatives: int = 1,
                  negatives: str = "random", short: str = "pad", process_index: int = 0, process_count: int = 1,
-                 drop_last: bool = True, tokenize_fn: Callable[[list[dict]], dict[str, Any]] | None = None):
+                 drop_last: bool = True, tokenize_fn: Callable[[list[dict]], dict[str, Any]] | None = None,
+                 balance_shards: int = 0):
         check_loader_args(global_batch_size, num_negatives, negatives, short, process_index, process_count)
         self.pairs = list(pairs)
         self.dropped = 0
@@ -72,6 +77,8 @@ class PairLoader:
         self.process_count = process_count
         self.drop_last = drop_last
         self.tokenize_fn = tokenize_fn
+        self.balance_shards = balance_shards
+        self._costs: np.ndarray | None = None
         self.steps_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
         self._positive_keys = [doc_keys(p.positive)[0] for p in self.pairs]
         self._query_positives: dict[str, set[str]] = {}  # query text -> keys of all its positives
@@ -111,7 +118,19 @@ class PairLoader:
         order = self.order(epoch)
         start = step * self.global_batch_size
         positions = np.arange(start, start + self.global_batch_size) % len(order)  # wraps only if not drop_last
-        return order[positions]
+        idx = order[positions]
+        if self.balance_shards > 1:
+            if self._costs is None:  # characters of query + positive + num_negatives x the negatives' mean
+                def chars(d):
+                    d = as_passage(d)
+                    return len(d.get("title") or "") + len(d.get("text") or "")
+
+                self._costs = np.asarray([
+                    len(p.query) + chars(p.positive) + self.num_negatives *
+                    (float(np.mean([chars(n) for n in p.negatives])) if p.negatives else chars(p.positive))
+                    for p in self.pairs])
+            idx = idx[balance_order(self._costs[idx], self.balance_shards)]
+        return idx
 
     def batch_at(self, epoch: int, step: int):
         """This host's batch (its slice of the global batch), tokenized if a tokenize_fn was given."""

@@ -1,24 +1,33 @@
 """Packed sequences: the texts of a batch placed several to a row, so a step computes text instead of padding.
 
-A batch of N tokenized texts (queries, or passages) becomes three arrays:
+A training batch of B queries and B*G passages becomes four arrays (`pack_pairs`):
 
-    ids  [S * R, L] int32   token ids, `pad_id` where no text is
-    seg  [S * R, L] int32   segment ids: 0 = padding, 1..K = the texts of the row, each contiguous
-    slot [N]        int32   text j -> its slot in its shard's rows: row * K + (segment - 1)
+    ids    [S * R, L] int32   token ids, `pad_id` where no text is
+    seg    [S * R, L] int32   segment ids: 0 = padding, 1..K = the texts of the row, each contiguous
+    q_slot [B]        int32   query j -> its slot in its shard's rows: row * K + (segment - 1)
+    p_slot [B * G]    int32   passage j -> likewise
 
-The N texts are split into S contiguous blocks (the shards of a batch-sharded array: one per device holding
-a part of the batch), and each block is packed into its own R rows, so a device only ever attends over and
-pools its own texts (`models.ops.gather_slots` puts the vectors back in the original order inside each block).
-Every text keeps exactly the tokens it has unpacked (`embed.tokenize`: cut to L-1 tokens + EOS), and nothing is
-ever dropped: a batch that does not fit the R rows chosen for the run is packed into the fallback shape of one
-text per row, so a run compiles at most two shapes per kind.
+Queries and passages share the rows (L = the longer of the two cut lengths): short queries fill the ends that
+long passages leave. The batch is split into S contiguous blocks (the shards of a batch-sharded array: one per
+device holding a part of the batch); block s holds the queries and passages of pairs [s*B/S, (s+1)*B/S) and is
+packed into its own R rows, so a device only ever attends over and pools its own texts
+(`models.ops.gather_slots` puts the vectors back in the original order inside each block). Every text keeps
+exactly the tokens it has unpacked (`embed.tokenize`: cut to T-1 tokens + EOS, T its kind's cut length), and
+nothing is ever dropped: a batch that does not fit the R rows chosen for the run is packed into the fallback
+shape of one text per row, so a run compiles at most two shapes.
+
+Rows are only well used when every block holds about the same number of tokens: the loaders order each global
+batch with `balance_order` (pairs dealt to the blocks longest first, each to the least loaded block), which
+changes which device holds a pair, never which pairs form the batch (the contrastive loss over the whole batch
+does not depend on the order).
 
 Placement is first-fit decreasing (longest first, ties by position), deterministic, so a batch is a pure
 function of its texts.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import heapq
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -87,22 +96,75 @@ def pack(seqs: Sequence[Sequence[int]], *, n_shards: int, rows: int, length: int
     return {"ids": ids, "seg": seg, "slot": slot}
 
 
+def balance_order(costs: Sequence[float], n_shards: int) -> np.ndarray:
+    """A permutation of a global batch's B pairs that gives each of the n_shards contiguous blocks B/n_shards
+    pairs of about equal total cost (tokens): pairs are dealt longest first (ties by position) to the least
+    loaded block that still has room; each block keeps its pairs in batch order. Deterministic."""
+    B = len(costs)
+    if n_shards <= 1 or B % n_shards:
+        return np.arange(B)
+    per = B // n_shards
+    heap = [(0.0, s) for s in range(n_shards)]
+    members: List[List[int]] = [[] for _ in range(n_shards)]
+    for i in sorted(range(B), key=lambda i: (-float(costs[i]), i)):
+        load, s = heapq.heappop(heap)
+        members[s].append(i)
+        if len(members[s]) < per:
+            heapq.heappush(heap, (load + float(costs[i]), s))
+    return np.concatenate([np.sort(m) for m in members]).astype(np.int64)
+
+
+def joint_blocks(q: Sequence, p: Sequence, n_shards: int) -> Tuple[list, np.ndarray, np.ndarray]:
+    """Queries [B] and passages [B*G] -> (the texts in block order: block s = its queries, then its passages;
+    each query's and each passage's position in that list)."""
+    B, BG = len(q), len(p)
+    if B % n_shards or BG % n_shards:
+        raise ValueError(f"{B} queries / {BG} passages cannot be split into {n_shards} equal shards")
+    bq, bp = B // n_shards, BG // n_shards
+    seqs: list = []
+    q_pos, p_pos = np.zeros(B, np.int64), np.zeros(BG, np.int64)
+    for s in range(n_shards):
+        q_pos[s * bq:(s + 1) * bq] = np.arange(len(seqs), len(seqs) + bq)
+        seqs += list(q[s * bq:(s + 1) * bq])
+        p_pos[s * bp:(s + 1) * bp] = np.arange(len(seqs), len(seqs) + bp)
+        seqs += list(p[s * bp:(s + 1) * bp])
+    return seqs, q_pos, p_pos
+
+
+def pack_pairs(q_tok: Sequence[Sequence[int]], p_tok: Sequence[Sequence[int]], *, n_shards: int, rows: int,
+               length: int, max_segments: int, pad_id: int) -> Dict[str, np.ndarray]:
+    """A training batch's tokenized queries and passages -> {ids, seg, q_slot, p_slot} (module docstring),
+    in `rows` rows per shard, or in the fallback shape (one text per row) when they do not fit."""
+    seqs, q_pos, p_pos = joint_blocks(q_tok, p_tok, n_shards)
+    out = pack(seqs, n_shards=n_shards, rows=rows, length=length, max_segments=max_segments, pad_id=pad_id)
+    if out is None:
+        out = pack(seqs, n_shards=n_shards, rows=len(seqs) // n_shards, length=length, max_segments=max_segments,
+                   pad_id=pad_id)
+    return {"ids": out["ids"], "seg": out["seg"], "q_slot": out["slot"][q_pos], "p_slot": out["slot"][p_pos]}
+
+
 def choose_rows(batches_lengths: Sequence[Sequence[int]], *, n_shards: int, length: int, max_segments: int,
                 sigmas: float = 6.0) -> int:
     """The packed row count per shard for a run, from the token counts of sampled global batches (in batch
-    order): the rows each shard of each sample needs, and then room for the tail: max(the most needed, mean +
-    `sigmas` standard deviations). A batch beyond it takes the fallback shape (one text per row), which on a pod
-    may not fit where the packed step does; 6 sigmas makes that about a one-in-a-billion event per shard and
-    step for a normal tail (the needs of many small texts add up to a sum of many independent lengths);
+    order, split into n_shards contiguous blocks). Each sampled block needs some rows (first-fit decreasing);
+    the rows a block needs beyond its tokens / length are the placement's slack. Rows = the most any block
+    needed, or room for the tail of the load if more: mean load + `sigmas` standard deviations of the blocks'
+    loads (tokens / length) + the largest slack seen. A batch beyond it takes the fallback shape (one text per
+    row), which on a pod may not fit where the packed step does; 6 sigmas makes that about a
+    one-in-a-billion event per block and step for a normal tail (a block's load is a sum of many lengths);
     `sigmas` 0 = the most any sample needed. Never more rows than a shard has texts (the padded shape)."""
-    needs, per = [], 1
+    needs, loads, per = [], [], 1
     for lengths in batches_lengths:
         per = len(lengths) // n_shards
-        needs += [rows_needed(lengths[s * per:(s + 1) * per], length, max_segments) for s in range(n_shards)]
+        for s in range(n_shards):
+            block = list(lengths[s * per:(s + 1) * per])
+            needs.append(rows_needed(block, length, max_segments))
+            loads.append(sum(block) / length)
     if not needs:
         return 1
-    tail = float(np.mean(needs) + sigmas * np.std(needs))
-    return min(max(per, 1), max(1, max(needs), int(np.ceil(tail - 1e-9))))
+    needs_a, loads_a = np.asarray(needs, float), np.asarray(loads, float)
+    tail = loads_a.mean() + sigmas * loads_a.std() + float((needs_a - loads_a).max()) if sigmas > 0 else 0.0
+    return min(max(per, 1), max(1, int(needs_a.max()), int(np.ceil(tail - 1e-9))))
 
 
 def text_share(seg: np.ndarray) -> float:
@@ -141,23 +203,31 @@ def load_profile(name: str) -> Dict[str, List[int]]:
 
 def plan_packing(profile: Dict[str, List[int]], *, global_batch: int, group: int, n_shards: int, query_length: int,
                  passage_length: int, max_segments: int, packed: bool, batches: int = 32, seed: int = 0,
-                 sigmas: float = 6.0) -> Dict:
-    """What a run's step computes on data of this profile: rows per shard (packed: the most any shard of
-    `batches` seeded sample batches needs, as `train.step.calibrate_packing` picks them; padded: one text per
-    row), computed and text tokens per step (text: the profile's mean lengths cut at the row lengths)."""
+                 sigmas: float = 6.0, balance: bool = True) -> Dict:
+    """What a run's step computes on data of this profile. "row_groups": [(rows, length)] over all shards:
+    padded, B query rows of query_length and B*G passage rows of passage_length; packed, the S*R shared rows
+    of max(query_length, passage_length) tokens that `choose_rows` picks from `batches` seeded sample batches
+    (ordered by `balance_order` when `balance`, as the loaders do), as a run calibrates them. Computed and
+    text tokens per step (text: the profile's mean lengths cut at each kind's cut length)."""
     rng = np.random.default_rng(seed)
-    out = {"packed": packed}
-    for kind, n, T in (("query", global_batch, query_length), ("passage", global_batch * group, passage_length)):
-        lengths = np.minimum(np.asarray(profile[kind]), T)
-        text = float(lengths.mean()) * n
-        if packed:
-            sample = [list(rng.choice(lengths, size=n)) for _ in range(batches)]
-            rows = choose_rows(sample, n_shards=n_shards, length=T, max_segments=max_segments, sigmas=sigmas)
-        else:
-            rows = n // n_shards
-        out[kind] = {"rows_per_shard": int(rows), "rows": int(rows * n_shards), "length": T,
-                     "computed_tokens": int(rows * n_shards * T), "text_tokens": text}
-    out["computed_tokens"] = out["query"]["computed_tokens"] + out["passage"]["computed_tokens"]
-    out["text_tokens"] = out["query"]["text_tokens"] + out["passage"]["text_tokens"]
-    out["text_share"] = out["text_tokens"] / out["computed_tokens"]
+    B, BG = global_batch, global_batch * group
+    q_len = np.minimum(np.asarray(profile["query"]), query_length)
+    p_len = np.minimum(np.asarray(profile["passage"]), passage_length)
+    text = float(q_len.mean()) * B + float(p_len.mean()) * BG
+    out: Dict = {"packed": packed, "text_tokens": text}
+    if packed:
+        L = max(query_length, passage_length)
+        sample = []
+        for _ in range(batches):
+            q, p = rng.choice(q_len, size=B), rng.choice(p_len, size=(B, group))
+            if balance:
+                o = balance_order(q + p.sum(1), n_shards)
+                q, p = q[o], p[o]
+            sample.append([int(x) for x in joint_blocks(list(q), list(p.reshape(-1)), n_shards)[0]])
+        rows = choose_rows(sample, n_shards=n_shards, length=L, max_segments=max_segments, sigmas=sigmas)
+        out.update(rows_per_shard=int(rows), row_groups=[(int(rows * n_shards), L)])
+    else:
+        out["row_groups"] = [(B, query_length), (BG, passage_length)]
+    out["computed_tokens"] = int(sum(n * T for n, T in out["row_groups"]))
+    out["text_share"] = text / out["computed_tokens"]
     return out

@@ -2,7 +2,7 @@
 prepared folder (`data.prepared`), with packing calibrated on global batches so every host compiles the
 same shapes.
 
-    make_loader(run, tokenize_fn, process_index, process_count, pairs=None)  -> the loader
+    make_loader(run, tokenize_fn, process_index, process_count, pairs=None, n_shards=1)  -> the loader
     training_loader(run, tokenizer, pairs=None)                               -> the loader the loop uses
 """
 from __future__ import annotations
@@ -13,12 +13,15 @@ from bmretriever_jax.data.loader import PairLoader
 
 
 def make_loader(run, tokenize_fn: Optional[Callable], process_index: int, process_count: int, pairs=None,
-                prepared=None):
+                prepared=None, n_shards: int = 1):
     """PairLoader over `pairs`, or (run.data.prepared set) GrainPairLoader over the prepared folder
-    (`prepared`: an already opened `Prepared` of it). Both: drop_last=False, state {"epoch", "step"}."""
+    (`prepared`: an already opened `Prepared` of it). Both: drop_last=False, state {"epoch", "step"}; packed
+    with data.pack_balance, each global batch ordered for its `n_shards` blocks (packing.balance_order)."""
     d, t = run.data, run.train
+    balance = n_shards if d.packing and d.pack_balance else 0
     common = dict(seed=t.seed, num_negatives=d.num_negatives, negatives=d.negatives, short=d.short,
-                  process_index=process_index, process_count=process_count, drop_last=False, tokenize_fn=tokenize_fn)
+                  process_index=process_index, process_count=process_count, drop_last=False, tokenize_fn=tokenize_fn,
+                  balance_shards=balance)
     if d.prepared:
         from bmretriever_jax.data.grain_loader import GrainPairLoader
 
@@ -45,16 +48,14 @@ def calibration_batches(loader, count: int) -> List[List[dict]]:
 def pack_rows_from_lengths(prepared, loader, run, n_shards: int, count: int):
     """`calibrate_packing` from the prepared token lengths (no tokenizing): the same rows when the folder
     was tokenized with the run's tokenizer and cut lengths and every pair has its hard negatives (no padding)."""
-    from bmretriever_jax.data import packing
+    from bmretriever_jax.data.batches import rows_for_lengths
 
-    K = run.data.pack_max_segments
-    q_lengths, p_lengths = [], []
+    lengths = []
     hb = loader._host_batch(False, 0, 1)
     hb._data = prepared
     for s in range(min(count, loader.steps_per_epoch)):
         idx = hb.global_indices(0, s)
         rows = prepared.rows([hb.row(int(i)) for i in idx], ("q_len", "p_len", "n_len"))
-        q_lengths.append(rows["q_len"])
         p = []
         for j, i in enumerate(idx):
             negs = rows["n_len"][j]
@@ -69,11 +70,8 @@ def pack_rows_from_lengths(prepared, loader, run, n_shards: int, count: int):
                     rng = np.random.default_rng([run.train.seed, 0, int(i), 1])
                     negs = [negs[m] for m in np.sort(rng.choice(len(negs), run.data.num_negatives, replace=False))]
             p += [rows["p_len"][j]] + list(negs)
-        p_lengths.append(p)
-    return (packing.choose_rows(q_lengths, n_shards=n_shards, length=run.model.query_max_length, max_segments=K,
-                                sigmas=run.data.pack_tail_sigmas),
-            packing.choose_rows(p_lengths, n_shards=n_shards, length=run.model.max_length, max_segments=K,
-                                sigmas=run.data.pack_tail_sigmas))
+        lengths.append((list(rows["q_len"]), p))
+    return rows_for_lengths(run, lengths, n_shards)
 
 
 def training_loader(run, tokenizer, pairs=None, prepared=None, *, process_index=None,
@@ -99,7 +97,7 @@ def training_loader(run, tokenizer, pairs=None, prepared=None, *, process_index=
         from bmretriever_jax.data.prepared import open_for_run
 
         prepared = open_for_run(run, tokenizer)
-    loader = make_loader(run, None, pi, pc, pairs=pairs, prepared=prepared)
+    loader = make_loader(run, None, pi, pc, pairs=pairs, prepared=prepared, n_shards=n_shards)
     if not run.data.packing:
         loader.tokenize_fn = make_tokenize_fn(tokenizer, run)
         return _started(loader)

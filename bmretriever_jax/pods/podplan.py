@@ -41,7 +41,7 @@ def step_flops(cfg, run: RunConfig, n_shards: int = 1) -> Dict[str, float]:
 
     forward: the weight matmuls of every layer (q, k, v, o, MLP; LoRA's x @ A and (x A) @ B) and attention's
       QK^T and PV over the full row T x T (the mask does not skip work), for every computed token: padded,
-      B query rows and B*G passage rows; packed (data.packing), the rows the data's length profile needs
+      B query rows and B*G passage rows; packed (data.packing), the shared rows the data's length profile needs
       (`stepcompile.packing_plan`, with n_shards batch shards, as on the mesh); embedding lookups and norms
       are not counted (no multiply-adds of consequence).
     backward: gradients w.r.t. activations for every matmul (1x its forward) plus gradients w.r.t. weights
@@ -73,9 +73,8 @@ def step_flops(cfg, run: RunConfig, n_shards: int = 1) -> Dict[str, float]:
             if any(re.search(rx, path) for rx in run.lora.targets):
                 lora += 2 * run.lora.rank * (a + b)
     pp = packing_plan(run, n_shards)
-    rows_q, rows_p = pp["query"]["rows"], pp["passage"]["rows"]
-    tokens = rows_q * m.query_max_length + rows_p * m.max_length
-    attn = sum(n * 4 * T * T * q for n, T in ((rows_q, m.query_max_length), (rows_p, m.max_length)))  # QK^T + PV
+    tokens = pp["computed_tokens"]
+    attn = sum(n * 4 * T * T * q for n, T in pp["row_groups"])  # QK^T + PV
     fwd_base, fwd_lora, fwd_attn = L * tokens * base, L * tokens * lora, L * attn
     forward = fwd_base + fwd_lora + fwd_attn
     if run.lora.enabled:
@@ -375,8 +374,8 @@ def format_report(res: dict, run: RunConfig, target: Target, cfg=None) -> List[s
     from bmretriever_jax.pods.stepcompile import packing_plan
 
     pp = packing_plan(run, d * f)
-    how = (f"packed: {pp['query']['rows']:,} rows x {run.model.query_max_length} for {B} queries + "
-           f"{pp['passage']['rows']:,} rows x {run.model.max_length} for {B * G} passages"
+    how = (f"packed: {pp['row_groups'][0][0]:,} rows x {pp['row_groups'][0][1]} for {B} queries and "
+           f"{B * G} passages"
            if run.data.packing else f"padded: {B} queries x {run.model.query_max_length} + {B * G} passages x "
            f"{run.model.max_length}")
     lines.append(f"tokens     {fl['tokens']:,.0f} computed per step ({how}); text {fl['text_tokens']:,.0f} "

@@ -43,7 +43,8 @@ def packing_plan(run: RunConfig, n_shards: int) -> Dict:
     return packing.plan_packing(profile, global_batch=run.train.global_batch_size, group=1 + run.data.num_negatives,
                                 n_shards=n_shards, query_length=run.model.query_max_length,
                                 passage_length=run.model.max_length, max_segments=run.data.pack_max_segments,
-                                packed=run.data.packing, sigmas=run.data.pack_tail_sigmas)
+                                packed=run.data.packing, sigmas=run.data.pack_tail_sigmas,
+                                balance=run.data.pack_balance)
 
 
 def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
@@ -77,9 +78,8 @@ def abstract_inputs(model_cfg: ModelConfig, run: RunConfig, mesh):
         from bmretriever_jax.training.step import batch_shards
 
         pp = packing_plan(run, batch_shards(mesh))
-        Rq, Rp = pp["query"]["rows"], pp["passage"]["rows"]
-        batch = {"q_ids": (Rq, Tq), "q_seg": (Rq, Tq), "q_slot": (B,),
-                 "p_ids": (Rp, Tp), "p_seg": (Rp, Tp), "p_slot": (B * G,)}
+        (R, L), = pp["row_groups"]
+        batch = {"ids": (R, L), "seg": (R, L), "q_slot": (B,), "p_slot": (B * G,)}
     else:
         batch = {"q_ids": (B, Tq), "q_mask": (B, Tq), "p_ids": (B * G, Tp), "p_mask": (B * G, Tp)}
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rows) for k, s in batch.items()}

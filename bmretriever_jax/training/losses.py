@@ -212,7 +212,8 @@ class _Chunking:
         return y.reshape((self.n,) + rest)
 
 
-def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_batch: PyTree, p_batch: PyTree,
+def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_batch: PyTree,
+               p_batch: Optional[PyTree],
                *, chunk_size: int, loss_fn: Callable[..., Tuple[Array, Dict[str, Array]]],
                mesh: Optional[Mesh] = None, axis: AxisName = "data",
                loss_params: Optional[PyTree] = None, q_select: Optional[Callable[[Array], Array]] = None,
@@ -247,7 +248,8 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
       loss_params: optional pytree of extra loss parameters, differentiated too.
       q_select, p_select: packed rows (data/packing.py): embed_fn returns one vector per segment slot of a row
         ([rows, K, d]), and these map all rows' slot vectors to the texts' vectors ([B, d], [B*G, d]) before
-        the loss (`models.ops.gather_slots`); q_batch / p_batch are then rows, in any number.
+        the loss (`models.ops.gather_slots`); q_batch / p_batch are then rows, in any number. p_batch None:
+        queries and passages share the rows of q_batch, and both selections read its vectors.
     Returns:
       (loss, metrics, grads): grads has the structure of `params` (and dtype of each leaf; accumulated in
       float32), or is (param_grads, loss_param_grads) when `loss_params` is given.
@@ -256,9 +258,13 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     axes = _axes_tuple(axis)
     n_shards = 1 if mesh is None else _num_shards(mesh, axes)
-    n_q, n_p = _leading_dim(q_batch, "q_batch"), _leading_dim(p_batch, "p_batch")
     if (q_select is None) != (p_select is None):
         raise ValueError("give both q_select and p_select (packed rows), or neither")
+    joint = p_batch is None
+    if joint and q_select is None:
+        raise ValueError("p_batch None (shared packed rows) needs q_select and p_select")
+    n_q = _leading_dim(q_batch, "q_batch")
+    n_p = n_q if joint else _leading_dim(p_batch, "p_batch")
     if q_select is None and n_p % n_q:
         raise ValueError(f"p_batch has {n_p} rows, not a multiple of the {n_q} queries")
     q_cut = _Chunking(n_q, n_shards, chunk_size, "q_batch")
@@ -272,7 +278,8 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
     def split(tree: PyTree, cut: _Chunking, pad: str) -> PyTree:
         return jax.tree.map(lambda x: constrain(cut.split(x, pad), chunked_spec), tree)
 
-    q_chunks, p_chunks = split(q_batch, q_cut, "repeat"), split(p_batch, p_cut, "repeat")
+    q_chunks = split(q_batch, q_cut, "repeat")
+    p_chunks = None if joint else split(p_batch, p_cut, "repeat")
 
     # -- 1. vectors, without activations (stop_gradient keeps an outer jax.grad from storing them) --
     frozen = jax.lax.stop_gradient(params)
@@ -281,8 +288,8 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
         out = jax.lax.map(lambda c: constrain(embed_fn(frozen, c), row_spec), chunks)
         return constrain(cut.merge(constrain(out, chunked_spec)), row_spec)
 
-    q_vec = embed_all(q_chunks, q_cut)  # [B, d]
-    p_vec = embed_all(p_chunks, p_cut)  # [B*G, d]
+    q_vec = embed_all(q_chunks, q_cut)  # [B, d] (joint: all rows' slot vectors)
+    p_vec = q_vec if joint else embed_all(p_chunks, p_cut)  # [B*G, d]
 
     # -- 2. loss and its gradient w.r.t. the vectors --
     def loss_of_vectors(qv, pv, *extra):
@@ -291,9 +298,15 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
         return loss_fn(qv, pv.reshape((qv.shape[0], pv.shape[0] // qv.shape[0]) + pv.shape[1:]), *extra)
 
     extra = () if loss_params is None else (loss_params,)
-    argnums = tuple(range(2 + len(extra)))
-    (loss, metrics), vec_grads = jax.value_and_grad(loss_of_vectors, argnums=argnums, has_aux=True)(
-        q_vec, p_vec, *extra)
+    if joint:  # one set of vectors, read by both selections: its cotangent sums both
+        f = lambda v, *e: loss_of_vectors(v, v, *e)  # noqa: E731
+        argnums = tuple(range(1 + len(extra)))
+        (loss, metrics), g = jax.value_and_grad(f, argnums=argnums, has_aux=True)(q_vec, *extra)
+        vec_grads = (g[0], None) + tuple(g[1:])
+    else:
+        argnums = tuple(range(2 + len(extra)))
+        (loss, metrics), vec_grads = jax.value_and_grad(loss_of_vectors, argnums=argnums, has_aux=True)(
+            q_vec, p_vec, *extra)
     q_cot, p_cot = vec_grads[0], vec_grads[1]
 
     # -- 3. re-embed chunk by chunk and pull the cotangents back to the parameters --
@@ -311,7 +324,8 @@ def grad_cache(embed_fn: Callable[[PyTree, PyTree], Array], params: PyTree, q_ba
 
     acc = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), params)
     acc = accumulate(acc, q_chunks, q_cot, q_cut)
-    acc = accumulate(acc, p_chunks, p_cot, p_cut)
+    if not joint:
+        acc = accumulate(acc, p_chunks, p_cot, p_cut)
     grads = jax.tree.map(lambda a, x: a.astype(x.dtype), acc, params)
     if loss_params is not None:
         return loss, metrics, (grads, vec_grads[2])

@@ -134,18 +134,17 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
     n_shards = batch_shards(mesh) if sharded else 1
     K = run.data.pack_max_segments
 
-    def texts(slots, slot_index):  # packed slot vectors [R, K, D] -> the texts' vectors [N, D] in batch order
+    def texts(slots, slot_index):  # packed slot vectors [R, K, D] -> those texts' vectors [N, D] in batch order
         v = gather_slots(slots, slot_index, n_shards)
         return v if act is None else jax.lax.with_sharding_constraint(v, NamedSharding(mesh, P(BATCH_AXES, None)))
 
     def plain_loss(trainable, frozen, batch, key):
         params = assemble(run, trainable["model"], frozen)
         kq, kp = jax.random.split(key)
-        if "q_seg" in batch:  # packed rows
-            q = texts(embed_batch(model_cfg, params, batch["q_ids"], batch["q_seg"], dropout=dropout, dropout_key=kq,
-                                  activation_sharding=act, max_segments=K, **embed_kw), batch["q_slot"])
-            p = texts(embed_batch(model_cfg, params, batch["p_ids"], batch["p_seg"], dropout=dropout, dropout_key=kp,
-                                  activation_sharding=act, max_segments=K, **embed_kw), batch["p_slot"])
+        if "seg" in batch:  # packed: queries and passages share the rows
+            v = embed_batch(model_cfg, params, batch["ids"], batch["seg"], dropout=dropout, dropout_key=kp,
+                            activation_sharding=act, max_segments=K, **embed_kw)
+            q, p = texts(v, batch["q_slot"]), texts(v, batch["p_slot"])
         else:
             q = embed_batch(model_cfg, params, batch["q_ids"], batch["q_mask"], dropout=dropout, dropout_key=kq,
                             activation_sharding=act, **embed_kw)
@@ -155,19 +154,20 @@ def make_train_step(model_cfg: ModelConfig, run: RunConfig, optimizer, mesh: Mes
         return loss_fn(q, p, scale=scale_of(trainable))
 
     def cached_loss_and_grads(trainable, frozen, batch):
-        packed = "q_seg" in batch
-        mask_key = "seg" if packed else "mask"
+        packed = "seg" in batch
 
         def embed_fn(model_tree, chunk):
             params = assemble(run, model_tree, frozen)
             return embed_batch(model_cfg, params, chunk["ids"], chunk["mask"], activation_sharding=act,
                                **(dict(embed_kw, max_segments=K) if packed else embed_kw))
 
-        qb = {"ids": batch["q_ids"], "mask": batch[f"q_{mask_key}"]}
-        pb = {"ids": batch["p_ids"], "mask": batch[f"p_{mask_key}"]}
-        select = {}
-        if packed:
+        if packed:  # one set of rows; the loss selects the queries' and passages' slots from its vectors
+            qb, pb = {"ids": batch["ids"], "mask": batch["seg"]}, None
             select = dict(q_select=lambda v: texts(v, batch["q_slot"]), p_select=lambda v: texts(v, batch["p_slot"]))
+        else:
+            qb = {"ids": batch["q_ids"], "mask": batch["q_mask"]}
+            pb = {"ids": batch["p_ids"], "mask": batch["p_mask"]}
+            select = {}
         if t.learn_temperature:
             lf = lambda q, p, s: loss_fn(q, p, scale=s)  # noqa: E731
             loss, metrics, (g_model, g_scale) = losses.grad_cache(
