@@ -1,5 +1,5 @@
 """Loader items -> the fixed-shape arrays a train step takes: padded rows, or packed rows (`data/packing.py`)
-with their calibration. No jax here beyond what `embed` imports: this runs in the input pipeline's workers."""
+with their calibration. No jax here (`text`, not `embed`): this runs in the input pipeline's workers."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 
 from bmretriever_jax.config import RunConfig
 from bmretriever_jax.data import packing
-from bmretriever_jax.embed import format_passage, format_query, instruction_for, pad_left, tokenize
+from bmretriever_jax.text import format_passage, format_query, instruction_for, pad_left, tokenize
 
 BATCH_AXES = ("data", "fsdp")
 
