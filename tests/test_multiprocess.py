@@ -1,5 +1,7 @@
 """Two local processes with jax.distributed (CPU collectives) train to the same parameters as one process
-with 2 fake devices, and their checkpoint restores in a single process."""
+with 2 fake devices, score the dev split on both processes' devices with the same numbers, and their
+checkpoint restores in a single process."""
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +12,7 @@ import numpy as np
 from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.data.pairs import write_pairs
-from hf_tiny import tiny_model_dir, tiny_pairs
+from hf_tiny import tiny_beir, tiny_model_dir, tiny_pairs
 
 HERE = os.path.dirname(__file__)
 
@@ -21,10 +23,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _args(model, pairs, out, steps=4):
+def _args(model, pairs, out, steps=4, dev=None):
     return ["-q", "train", "/dev/null", f"model.name={model}", f"data.train=[{pairs}]", f"out={out}",
             "model.max_length=16", "model.query_max_length=8", "model.dtype=float32", "train.global_batch_size=8",
-            f"train.steps={steps}", "train.save_every=2", "train.log_every=1", "train.lr=1e-3", "mesh.data=2"]
+            f"train.steps={steps}", "train.save_every=2", "train.log_every=1", "train.lr=1e-3", "mesh.data=2"] + \
+        ([f"data.dev={dev}", "data.dev_split=dev", "train.eval_every=2"] if dev else [])
 
 
 def _env(devices, **extra):
@@ -40,13 +43,15 @@ def test_two_processes_equal_one(tmp_path):
     model = tiny_model_dir(str(tmp_path / "model"), family="llama")
     pairs = str(tmp_path / "pairs.jsonl")
     write_pairs(pairs, tiny_pairs(32))
+    dev = tiny_beir(str(tmp_path / "beir"))
     cmd = [sys.executable, "-m", "bmretriever_jax.cli"]
     # one process, 2 fake devices
-    r = subprocess.run(cmd + _args(model, pairs, tmp_path / "one"), env=_env(2), capture_output=True, timeout=600)
+    r = subprocess.run(cmd + _args(model, pairs, tmp_path / "one", dev=dev), env=_env(2), capture_output=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     # two processes, 1 device each
     port = _free_port()
-    procs = [subprocess.Popen(cmd + _args(model, pairs, tmp_path / "two"), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(cmd + _args(model, pairs, tmp_path / "two", dev=dev), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE,
                               env=_env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2",
                                        BMR_PROCESS_ID=str(i)))
@@ -61,6 +66,12 @@ def test_two_processes_equal_one(tmp_path):
     assert fa.keys() == fb.keys() and meta["config"]["mesh"]["data"] == 2
     for k in fa:
         np.testing.assert_allclose(np.asarray(fb[k]), np.asarray(fa[k]), rtol=1e-5, atol=1e-7, err_msg=k)
-    # only host 0 wrote the exported model and the metrics log
+    # only host 0 wrote the exported model and the metrics log: 4 steps + dev at steps 0, 2, 4
     assert os.path.exists(tmp_path / "two" / "model" / "model.safetensors")
-    assert len(open(tmp_path / "two" / "metrics.jsonl").readlines()) == 4
+    rows = {n: [json.loads(x) for x in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two")}
+    assert len(rows["two"]) == 7
+    dev_rows = {n: [r for r in rs if "dev_ndcg@10" in r] for n, rs in rows.items()}
+    assert [r["step"] for r in dev_rows["two"]] == [0, 2, 4]
+    for a_row, b_row in zip(dev_rows["one"], dev_rows["two"]):  # both processes encoded their rows
+        for k in ("dev_ndcg@10", "dev_recall@100"):
+            assert abs(a_row[k] - b_row[k]) <= 1e-6, (k, a_row, b_row)

@@ -145,13 +145,16 @@ def test_malformed_pairs_file(tmp_path):
         train(cfg, quiet=True)
 
 
-def test_dev_metrics_before_during_and_after_training(tmp_path):
+@pytest.mark.parametrize("mesh", [("mesh.data=1", "mesh.fsdp=1"), ("mesh.data=2", "mesh.fsdp=4")],
+                         ids=["1-device", "data2-fsdp4"])
+def test_dev_metrics_before_during_and_after_training(tmp_path, mesh):
     """data.dev + train.eval_every: the untrained model is scored at step 0 (the baseline), then every
-    eval_every steps and at the end; the final numbers come back from train()."""
+    eval_every steps and at the end; the final numbers come back from train(). Encoded on the training mesh
+    (training/deveval.py), they equal the host Encoder's on the same weights (untrained; exported)."""
     model, pairs = _setup(tmp_path)
     dev = tiny_beir(str(tmp_path / "beir"))
     res = train(_run_cfg(tmp_path, model, pairs, "train.steps=4", "train.save_every=4", "train.eval_every=2",
-                         f"data.dev={dev}", "data.dev_split=dev", "model.dtype=float32"), quiet=True)
+                         f"data.dev={dev}", "data.dev_split=dev", "model.dtype=float32", *mesh), quiet=True)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     dev_rows = [r for r in rows if "dev_ndcg@10" in r]
     assert [r["step"] for r in dev_rows] == [0, 2, 4]
@@ -164,3 +167,7 @@ def test_dev_metrics_before_during_and_after_training(tmp_path):
     enc = Encoder.load(model, max_length=16, dtype="float32", quiet=True)
     base = evaluate_retrieval(enc, dev, "dev", instruction_for(None))["ndcg@10"]  # no data.dev_task, no task name
     assert dev_rows[0]["dev_ndcg@10"] == pytest.approx(base, abs=1e-6)
+    trained = Encoder.load(str(tmp_path / "run" / "model"), max_length=16, dtype="float32", quiet=True)
+    final = evaluate_retrieval(trained, dev, "dev", instruction_for(None))
+    for k in ("ndcg@10", "recall@100"):
+        assert res[f"dev_{k}"] == pytest.approx(final[k], abs=1e-6), k

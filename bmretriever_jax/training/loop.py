@@ -37,9 +37,8 @@ from bmretriever_jax.convert.hf import copy_tokenizer, load_hf, save_hf
 from bmretriever_jax.data import builders
 from bmretriever_jax.data.pairs import read_pairs
 from bmretriever_jax.parallel.distributed import is_host0, preemption_sync_available
-from bmretriever_jax.embed import Encoder, default_task, instruction_for
 from bmretriever_jax.util.errors import ConfigError, DataFormatError, InputPathError, UserError
-from bmretriever_jax.eval.evaluate import evaluate_retrieval
+from bmretriever_jax.training.deveval import MeshEncoder, dev_eval
 from bmretriever_jax.training.resume import check_resume_config, truncate_metrics
 from bmretriever_jax.training.step import (init_state, make_mesh, make_optimizer, make_schedule, merged_params,
                                         make_train_step, split_params, to_global)
@@ -330,13 +329,14 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     bar = tqdm(total=total_micro // accum, initial=micro // accum, desc="train", disable=quiet or not is_host0(),
                unit="step")
     prefetch = None
+    dev_encoder = MeshEncoder(run, model_cfg, tokenizer, mesh) if run.data.dev else None
     try:
         with PreemptionWatch(mngr) as watch:
             if run.data.dev and run.train.eval_every and micro == 0 and stop_at > 0:
                 # the untrained model's dev metrics: the baseline every later evaluation is read against
-                params, _ = host_params(run, state, frozen)
+                ev = dev_eval(run, dev_encoder.bind(state, frozen, 0))
                 if is_host0():
-                    _log(log_path, {"step": 0, **dev_eval(run, model_cfg, params, tokenizer)})
+                    _log(log_path, {"step": 0, **ev})
             prefetch = BatchPrefetcher(loader, lambda b: to_global(b, mesh)) if micro < stop_at else None
             while micro < stop_at:
                 batch, data_state = prefetch.next()
@@ -369,9 +369,9 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                 if run.data.dev and run.train.eval_every and boundary and step % run.train.eval_every == 0 \
                         and micro < total_micro:
                     read_log()
-                    params, _ = host_params(run, state, frozen)  # every process takes part in the gather
+                    ev = dev_eval(run, dev_encoder.bind(state, frozen, step))  # on every device of the mesh
                     if is_host0():
-                        _log(log_path, {"step": step, **dev_eval(run, model_cfg, params, tokenizer)})
+                        _log(log_path, {"step": step, **ev})
             read_log()
             check_finite()
             mngr.wait_until_finished()
@@ -382,13 +382,14 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
         mngr.close()
     result = dict(last)
     if micro == total_micro:
+        if run.data.dev:
+            ev = dev_eval(run, dev_encoder.bind(state, frozen, micro // accum))
+            result.update(ev)
+            if is_host0():
+                _log(log_path, {"step": micro // accum, **ev})
         params, trainable = host_params(run, state, frozen)
         if is_host0():
             export_model(run, model_cfg, params, trainable, folder, os.path.join(run.out, "model"))
-            if run.data.dev:
-                ev = dev_eval(run, model_cfg, params, tokenizer)
-                _log(log_path, {"step": micro // accum, **ev})
-                result.update(ev)
     return result
 
 
@@ -415,16 +416,6 @@ def host_params(run: RunConfig, state, frozen) -> Tuple[dict, dict]:
     frozen = multihost_utils.process_allgather(frozen, tiled=True)
     merged = jax.tree.map(lambda x: np.asarray(x, np.float32), merged_params(run, trainable, frozen))
     return merged, trainable
-
-
-def dev_eval(run: RunConfig, model_cfg, params, tokenizer) -> dict:
-    """NDCG@10 etc. on the dev split of data.dev with the given (merged) weights."""
-    enc = Encoder(model_cfg, params, tokenizer, max_length=run.model.max_length, pooling=run.model.pooling,
-                  normalize=run.model.normalize, dtype=run.model.dtype, bidirectional=run.model.bidirectional)
-    task = run.data.dev_task or default_task(run.data.dev)  # data/scifact -> scifact's instruction
-    res = evaluate_retrieval(enc, run.data.dev, run.data.dev_split, instruction_for(task),
-                             cache_dir=os.path.join(run.out, "vector_cache"), progress=False)  # inside the train bar
-    return {f"dev_{k}": v for k, v in res.items() if isinstance(v, (int, float))}
 
 
 def export_model(run: RunConfig, model_cfg, params, trainable, source_folder: str, out: str) -> str:

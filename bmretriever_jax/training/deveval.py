@@ -1,0 +1,99 @@
+"""Dev evaluation inside training, on every device: the dev corpus and queries are encoded with the training
+state where it lies (sharded over the mesh, LoRA applied in the layers as in the step), each batch split over
+the batch axes (data x fsdp) so every chip encodes its rows; only the vectors [n, D] travel to the hosts.
+No parameter is gathered to host 0 and no host waits while another encodes.
+
+    MeshEncoder(run, model_cfg, tokenizer, mesh)  -> .bind(state, frozen) -> encode_queries / encode_passages
+    dev_eval(run, encoder)                          -> {"dev_ndcg@10": ...}; a collective (every process calls it)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bmretriever_jax.config import RunConfig
+from bmretriever_jax.embed import TASK_INSTRUCTIONS, Encoder, _bucket, embed_batch
+from bmretriever_jax.text import default_task, instruction_for, pad_left, tokenize
+from bmretriever_jax.util.precision import resolve_dtype
+
+
+class MeshEncoder(Encoder):
+    """The `Encoder` API over the training state on its mesh (see the module docstring). Every process must
+    make the same calls with the same texts (each reads the small dev split itself)."""
+
+    def __init__(self, run: RunConfig, model_cfg, tokenizer, mesh, *, rows_per_shard: int = 8):
+        from bmretriever_jax.training.step import BATCH_AXES, assemble, batch_shards
+
+        m = run.model
+        self.cfg, self.tokenizer, self.mesh = model_cfg, tokenizer, mesh
+        self.max_length, self.pooling, self.normalize = m.max_length, m.pooling, m.normalize
+        self.dtype, self.bidirectional = resolve_dtype(m.dtype), m.bidirectional
+        self.instructions, self.source = dict(TASK_INSTRUCTIONS), ""
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        shards = batch_shards(mesh) if mesh.size > 1 else 1
+        self.rows = shards * rows_per_shard * max(1, jax.process_count() // shards)
+        self.rows_sharding = NamedSharding(mesh, P(BATCH_AXES))
+        act = NamedSharding(mesh, P(BATCH_AXES, None, None)) if mesh.size > 1 else None
+        out = NamedSharding(mesh, P(BATCH_AXES, None))
+
+        def fn(trainable_model, frozen, ids, mask):
+            return embed_batch(model_cfg, assemble(run, trainable_model, frozen), ids, mask, pooling=m.pooling,
+                               normalize=m.normalize, dtype=self.dtype, bidirectional=m.bidirectional,
+                               activation_sharding=act)
+
+        self._fn = jax.jit(fn, out_shardings=out)
+        self._state = None
+        self._fingerprint = "unbound"
+
+    def bind(self, state: dict, frozen: dict, step: int) -> "MeshEncoder":
+        """Encode with these (sharded) weights from now on."""
+        self._state = (state["trainable"]["model"], frozen)
+        self._fingerprint = f"training-step-{step}"  # never cached: dev_eval passes no cache folder
+        return self
+
+    @property
+    def params(self):  # the Encoder API's plain params would need a gather: not offered here
+        raise AttributeError("MeshEncoder encodes with the sharded training state; it has no host params")
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False,
+                     desc: str = "encoding") -> np.ndarray:
+        """Raw texts -> [n, d] float32 in input order; batches of `self.rows` rows split over the mesh."""
+        if self._state is None:
+            raise RuntimeError("MeshEncoder.bind(state, frozen, step) first")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        seqs = tokenize(self.tokenizer, texts, self.max_length)
+        order = np.argsort([-len(s) for s in seqs], kind="stable")
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), self.rows):
+            idx = order[start:start + self.rows]
+            batch = [seqs[i] for i in idx]
+            T = _bucket(max(len(s) for s in batch), self.max_length)
+            ids, mask = pad_left(batch, T, self.pad_id, rows=self.rows)  # every host holds the whole batch
+            g_ids, g_mask = (jax.make_array_from_callback(a.shape, self.rows_sharding, functools.partial(_take, a))
+                             for a in (ids, mask))
+            vecs = self._fn(*self._state, g_ids, g_mask)
+            vecs = multihost_utils.process_allgather(vecs, tiled=True) if jax.process_count() > 1 else vecs
+            out[idx] = np.asarray(vecs, np.float32)[: len(idx)]
+        return out
+
+
+def _take(a: np.ndarray, index) -> np.ndarray:
+    return a[index]
+
+
+def dev_eval(run: RunConfig, encoder: MeshEncoder, cache_dir: Optional[str] = None) -> dict:
+    """NDCG@10 etc. on the dev split of data.dev with the encoder's bound weights; every process calls it
+    (and gets the same numbers)."""
+    from bmretriever_jax.eval.evaluate import evaluate_retrieval
+
+    task = run.data.dev_task or default_task(run.data.dev)  # data/scifact -> scifact's instruction
+    res = evaluate_retrieval(encoder, run.data.dev, run.data.dev_split, instruction_for(task), cache_dir=cache_dir,
+                             progress=False)  # inside the train bar
+    return {f"dev_{k}": v for k, v in res.items() if isinstance(v, (int, float))}
