@@ -124,14 +124,14 @@ def child(args) -> None:
     from bmretriever_jax.training.step import make_tokenize_fn
 
     proc = psutil.Process()
-    rows = tuple(json.loads(args.pack_rows))
+    rows = int(json.loads(args.pack_rows))
     run = _run_config(args.child, PRETRAIN, packing=True, num_negatives=0, workers=args.workers)
     t0 = time.time()
     tok = _tokenizer()
     fn = make_tokenize_fn(tok, run, pack_rows=rows, n_local_shards=PRETRAIN["chips"] // PRETRAIN["hosts"])
     loader = GrainPairLoader(args.child, PRETRAIN["global_batch"], seed=0, num_negatives=0, drop_last=False,
                              process_index=0, process_count=PRETRAIN["hosts"], tokenize_fn=fn,
-                             worker_count=args.workers, prefetch=2)
+                             worker_count=args.workers, prefetch=2, balance_shards=PRETRAIN["chips"])
     batch = next(loader)
     first = time.time() - t0
 
@@ -148,7 +148,7 @@ def child(args) -> None:
         return {"processes": len(procs), "rss_mb": round(rss / 2**20, 1), "private_mb": round(anon / 2**20, 1)}
 
     def text(b):
-        return int((b["q_seg"] > 0).sum() + (b["p_seg"] > 0).sum())
+        return int((b["seg"] > 0).sum())
 
     # the rate is timed after `warm` batches: by then the batches the workers made while the first one was
     # awaited are used up, and what arrives is what the workers make
@@ -179,7 +179,7 @@ def child(args) -> None:
 def run_child(path: str, workers: int, batches: int, pack_rows) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path, "--workers", str(workers),
-                          "--batches", str(batches), "--pack-rows", json.dumps(list(pack_rows))],
+                          "--batches", str(batches), "--pack-rows", json.dumps(pack_rows)],
                          env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -206,7 +206,7 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     n_shards, hosts = cfg["chips"], cfg["hosts"]
     packed_run = _run_config(path, cfg, packing=True, num_negatives=num_negatives)
     padded_run = _run_config(path, cfg, packing=False, num_negatives=num_negatives)
-    probe = make_loader(packed_run, None, 0, 1, prepared=data)
+    probe = make_loader(packed_run, None, 0, 1, prepared=data, n_shards=n_shards)  # balanced global batches
     rows = pack_rows_from_lengths(data, probe, packed_run, n_shards, 32)
     calibration = "the first 32 global batches, from the stored token lengths"
     if rows is None:  # padded negatives: calibrate on items (tokenizing: fewer batches to stay bounded)
@@ -216,27 +216,27 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
         rows = calibrate_packing(tok, packed_run, calibration_batches(probe, 8), n_shards)
         calibration = CALIBRATION_TOKENIZED
     local_shards = n_shards // hosts
-    out = {"pairs": m["count"], "prepare_s": round(prep_s, 1), "pack_rows_per_device": list(rows),
+    out = {"pairs": m["count"], "prepare_s": round(prep_s, 1), "pack_rows_per_device": rows,
            "global_batch": cfg["global_batch"], "devices": n_shards, "hosts": hosts, "max_length": cfg["max_length"],
            "query_max_length": cfg["query_max_length"], "num_negatives": num_negatives,
            "token_stats": {k: m["stats"][k] for k in ("query_tokens", "passage_tokens")}, "calibration": calibration}
-    counts = {f"{mode}_{kind}": [0, 0] for mode in ("padded", "packed") for kind in ("queries", "passages")}
+    # padded: queries and passages in rows of their own; packed: both share the rows (packing.pack_pairs)
+    counts = {k: [0, 0] for k in ("padded_queries", "padded_passages", "packed")}
     for mode, run in (("padded", padded_run), ("packed", packed_run)):
         fn = make_tokenize_fn(tok, run, pack_rows=rows if mode == "packed" else None, n_local_shards=local_shards)
         for b in range(host_batches):
             host, step = b % hosts, b // hosts
-            loader = make_loader(run, fn, host, hosts, prepared=data)
+            loader = make_loader(run, fn, host, hosts, prepared=data, n_shards=n_shards)
             batch = loader.batch_at(0, step % loader.steps_per_epoch)
-            for kind, key in (("queries", "q"), ("passages", "p")):
-                k = f"{key}_mask" if mode == "padded" else f"{key}_seg"
-                counts[f"{mode}_{kind}"][0] += int((batch[k] > 0).sum())
-                counts[f"{mode}_{kind}"][1] += int(batch[k].size)
-    for mode in ("padded", "packed"):
-        txt = sum(counts[f"{mode}_{kind}"][0] for kind in ("queries", "passages"))
-        total = sum(counts[f"{mode}_{kind}"][1] for kind in ("queries", "passages"))
-        out[mode] = round(txt / total, 4)
-        for kind in ("queries", "passages"):
-            out[f"{mode}_{kind}"] = round(counts[f"{mode}_{kind}"][0] / counts[f"{mode}_{kind}"][1], 4)
+            keys = (("packed", "seg"),) if mode == "packed" else (("padded_queries", "q_mask"),
+                                                                  ("padded_passages", "p_mask"))
+            for name, k in keys:
+                counts[name][0] += int((batch[k] > 0).sum())
+                counts[name][1] += int(batch[k].size)
+    out["padded"] = round((counts["padded_queries"][0] + counts["padded_passages"][0]) /
+                          (counts["padded_queries"][1] + counts["padded_passages"][1]), 4)
+    for k, (txt, total) in counts.items():
+        out[k] = round(txt / total, 4)
     out["pack_max_segments"] = packed_run.data.pack_max_segments
     out["host_batches_measured"] = host_batches
     return out
@@ -320,15 +320,16 @@ def render(res: dict) -> str:
                          f"{w['workers_needed']:.2f} |")
     lines += ["", "**Text share** of the tokens the step computes (the rest is padding), on "
               f"{share['pretrain']['host_batches_measured']} host batches each (several hosts and steps), at most "
-              f"{share['pretrain'].get('pack_max_segments', 16)} texts a row; the rows per device are the most any "
-              "device needed in the calibration batches (the shape the run compiles):", "",
-              "| data | config split | padded | packed | packed queries | packed passages | rows / device (q, p) | "
-              "calibrated on |", "|---|---|---:|---:|---:|---:|---|---|"]
+              f"{share['pretrain'].get('pack_max_segments', 16)} texts a row. Packed, queries and passages share "
+              "the rows and each global batch is balanced over the devices (`data.pack_balance`); the rows per "
+              "device are what `choose_rows` picks from the calibration batches with the default 6-sigma tail room "
+              "(the shape the run compiles):", "",
+              "| data | config split | padded | packed | rows / device | calibrated on |", "|---|---|---:|---:|---:|---|"]
     names = {"pretrain": "pre-training: SciFact titles -> abstracts", "finetune": "fine-tune: scifact + pubmedqa + medquad, 1 negative"}
     for k, v in share.items():
         lines.append(f"| {names[k]} | {v['global_batch']} pairs over {v['devices']} devices, {v['hosts']} hosts, "
-                     f"max_length {v['max_length']} | {v['padded']:.1%} | {v['packed']:.1%} | {v['packed_queries']:.1%} | "
-                     f"{v['packed_passages']:.1%} | {tuple(v['pack_rows_per_device'])} | "
+                     f"max_length {v['max_length']} | {v['padded']:.1%} | {v['packed']:.1%} | "
+                     f"{v['pack_rows_per_device']} | "
                      f"{v.get('calibration') or (CALIBRATION_TOKENIZED if v['num_negatives'] else 'the first 32 global batches, from the stored token lengths')} |")
     return "\n".join(lines)
 

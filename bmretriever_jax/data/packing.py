@@ -12,7 +12,7 @@ long passages leave. The batch is split into S contiguous blocks (the shards of 
 device holding a part of the batch); block s holds the queries and passages of pairs [s*B/S, (s+1)*B/S) and is
 packed into its own R rows, so a device only ever attends over and pools its own texts
 (`models.ops.gather_slots` puts the vectors back in the original order inside each block). Every text keeps
-exactly the tokens it has unpacked (`embed.tokenize`: cut to T-1 tokens + EOS, T its kind's cut length), and
+exactly the tokens it has unpacked (`text.tokenize`: cut to T-1 tokens + EOS, T its kind's cut length), and
 nothing is ever dropped: a batch that does not fit the R rows chosen for the run is packed into the fallback
 shape of one text per row, so a run compiles at most two shapes.
 

@@ -11,7 +11,7 @@ One row per pair, in source order: query, instruction, task, id, positive_title 
 negatives_title / negatives_text (lists), n_neg, pos_key (64-bit hash of the positive's text key,
 `pairs.doc_keys`), query_key (hash of the query text). With `--tokenizer MODEL` also the token ids a training
 run computes: q_ids (the query with its instruction template, as `train.step._texts` formats it, cut to
-query_max_length as `embed.tokenize` cuts), p_ids, n_ids and their lengths q_len, p_len, n_len.
+query_max_length as `text.tokenize` cuts), p_ids, n_ids and their lengths q_len, p_len, n_len.
 
 `Prepared(DIR)` opens a folder (checking the manifest, every shard's files and sizes and the Arrow schema
 first: a one-line `PreparedDataError` naming the file otherwise) and gives rows by index through
