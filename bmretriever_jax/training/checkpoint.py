@@ -11,9 +11,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-from bmretriever_jax.util import treeutil
+from bmretriever_jax.util import remote, treeutil
 from bmretriever_jax.util.errors import ConfigError, UserError
 
 
@@ -26,8 +27,9 @@ class NoUsableCheckpoint(UserError):
 
 
 def manager(directory: str, *, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
+    """Orbax's manager of a run's checkpoints: a local folder, or a URL Orbax writes itself (gs://, ...)."""
     return ocp.CheckpointManager(
-        os.path.abspath(directory),
+        directory if remote.is_url(directory) else os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
@@ -108,14 +110,17 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: List[int]) -> None:
     """Move damaged step folders out of the manager's directory (so later saves of those steps do not collide)."""
-    root = os.fspath(mngr.directory)
+    root = epath.Path(mngr.directory)  # a local folder or a URL
     if jax.process_index() == 0:  # one process moves them; the others wait for it (a shared file system)
-        aside = root + "-damaged"
-        os.makedirs(aside, exist_ok=True)
+        aside = root.parent / (root.name + "-damaged")
+        aside.mkdir(parents=True, exist_ok=True)
         for s in steps:
-            src = os.path.join(root, str(s))
-            if os.path.exists(src):
-                shutil.move(src, os.path.join(aside, f"{s}-{int(time.time())}"))
+            src = root / str(s)
+            if src.exists():
+                if remote.is_url(str(root)):
+                    src.rename(aside / f"{s}-{int(time.time())}")
+                else:
+                    shutil.move(os.fspath(src), os.fspath(aside / f"{s}-{int(time.time())}"))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bmr-checkpoint-set-aside")
     mngr.reload()

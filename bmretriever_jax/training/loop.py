@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.convert import hub
 from bmretriever_jax.parallel import sharding
-from bmretriever_jax.util import treeutil
+from bmretriever_jax.util import remote, treeutil
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
 from bmretriever_jax.convert.hf import copy_tokenizer, load_hf, save_hf
 from bmretriever_jax.data import builders
@@ -51,6 +51,22 @@ class NonFiniteLoss(UserError, RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
+def _local_paths(run: RunConfig) -> RunConfig:
+    """A copy of the config whose model / data paths are local: URLs fetched (util/remote.fetch), others kept."""
+    def entry(e: str) -> str:
+        if e.startswith("pretrain:"):
+            return "pretrain:" + remote.fetch(e.split(":", 1)[1])
+        return remote.fetch(e)
+
+    local = copy.deepcopy(run)
+    local.model.name = remote.fetch(run.model.name)
+    local.data.train = [entry(e) for e in run.data.train]
+    for key in ("dev", "prepared"):
+        if getattr(run.data, key):
+            setattr(local.data, key, remote.fetch(getattr(run.data, key)))
+    return local
+
+
 def load_training_pairs(run: RunConfig):
     """data.train entries: pairs JSONL files, or builder names (scifact, pubmedqa, medquad, pretrain:PATH)."""
     if run.data.prepared:  # a `bmr prepare` folder instead: opened and checked (files, tokenizer), not loaded
@@ -222,6 +238,10 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     (a SystemExit with PREEMPTED_EXIT_CODE). The checkpoint restores on any mesh / process count that splits
     the same global batch (arrays resharded by Orbax; the data position is global).
     """
+    # URLs (gs://, ...) in the model, data and out paths: local copies to read, a staging folder to write
+    # (util/remote.py); `given` is the config as written, kept in config.yaml and the checkpoints
+    given, run, folder_out = run, _local_paths(run), remote.RunFolder(run.out)
+    run.out = folder_out.local
     # everything a user can get wrong fails here, in a second, before the model loads
     pairs = load_training_pairs(run)
     if run.data.dev and not os.path.isdir(run.data.dev):
@@ -231,6 +251,8 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
         raise ConfigError(f"train.global_batch_size {run.train.global_batch_size}: the mesh (data {data} x fsdp {fsdp} "
                           f"on {jax.device_count()} devices) splits a batch {data * fsdp} ways; allowed: a multiple "
                           f"of {data * fsdp}, or a smaller mesh.data / mesh.fsdp")
+    if is_host0():
+        folder_out.pull()  # a resumed run's metrics.jsonl and config.yaml, when out: is a URL
     os.makedirs(run.out, exist_ok=True)
     folder = hub.resolve(run.model.name, quiet=quiet)
     model_cfg, base = load_hf(folder, dtype=np.dtype(run.model.param_dtype) if run.model.param_dtype != "bfloat16"
@@ -249,10 +271,10 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
 
     loader = make_loader(run, pairs, tokenizer)
 
-    ck_dir = os.path.join(run.out, "checkpoints")
+    ck_dir = folder_out.checkpoints
     mngr = ckpt.manager(ck_dir, keep=run.train.keep)
     topology = _topology(mesh)
-    meta = {"config": to_dict(run), "model_folder": folder, "model_config": model_cfg.to_dict(), "topology": topology}
+    meta = {"config": to_dict(given), "model_folder": folder, "model_config": model_cfg.to_dict(), "topology": topology}
     say = (lambda msg: print(msg, flush=True)) if is_host0() else (lambda msg: None)
     # the target carries this run's shardings: Orbax reads each device's slices of a checkpoint written on
     # any other mesh or process count
@@ -260,7 +282,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     log_path = os.path.join(run.out, "metrics.jsonl")
     if restored is not None:
         step0, state, data_state, saved_meta = restored
-        changes = check_resume_config(saved_meta.get("config", {}), run, allow_config_change, ck_dir)
+        changes = check_resume_config(saved_meta.get("config", {}), given, allow_config_change, ck_dir)
         state = jax.device_put(state, state_shardings)  # (already there: a no-op unless a leaf came back elsewhere)
         saved_batch = saved_meta.get("config", {}).get("train", {}).get("global_batch_size",
                                                                           run.train.global_batch_size)
@@ -277,7 +299,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
             say(f"resumed from step {step0} ({ck_dir}){moved}")
     if is_host0():
         with open(os.path.join(run.out, "config.yaml"), "w") as f:
-            f.write(dump(run))
+            f.write(dump(given))
 
     train_step = make_train_step(model_cfg, run, optimizer, mesh, state_shardings)
     accum = run.train.grad_accum
@@ -355,6 +377,8 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                     read_log()
                     check_finite()  # a checkpoint never holds a state after a NaN
                     ckpt.save(mngr, micro, state, data_state, meta)
+                    if is_host0():
+                        folder_out.push()  # out: a URL: metrics.jsonl and config.yaml beside the checkpoints
                 if preempted:
                     read_log()
                     mngr.wait_until_finished()
@@ -380,6 +404,8 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
             prefetch.close()
         bar.close()
         mngr.close()
+        if is_host0():
+            folder_out.push()
     result = dict(last)
     if micro == total_micro:
         if run.data.dev:
@@ -390,6 +416,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
         params, trainable = host_params(run, state, frozen)
         if is_host0():
             export_model(run, model_cfg, params, trainable, folder, os.path.join(run.out, "model"))
+            folder_out.push()
     return result
 
 
