@@ -3,7 +3,6 @@ with 2 fake devices, score the dev split on both processes' devices with the sam
 checkpoint restores in a single process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,14 +12,9 @@ from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.util import treeutil
 from bmretriever_jax.data.pairs import write_pairs
 from hf_tiny import tiny_beir, tiny_model_dir, tiny_pairs
+from procs import child_env, free_port
 
-HERE = os.path.dirname(__file__)
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(model, pairs, out, steps=4, dev=None):
@@ -30,14 +24,6 @@ def _args(model, pairs, out, steps=4, dev=None):
         ([f"data.dev={dev}", "data.dev_split=dev", "train.eval_every=2"] if dev else [])
 
 
-def _env(devices, **extra):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    for k in ("BMR_COORDINATOR", "BMR_NUM_PROCESSES", "BMR_PROCESS_ID"):
-        if k not in extra:
-            env.pop(k, None)
-    return env
-
 
 def test_two_processes_equal_one(tmp_path):
     model = tiny_model_dir(str(tmp_path / "model"), family="llama")
@@ -46,14 +32,14 @@ def test_two_processes_equal_one(tmp_path):
     dev = tiny_beir(str(tmp_path / "beir"))
     cmd = [sys.executable, "-m", "bmretriever_jax.cli"]
     # one process, 2 fake devices
-    r = subprocess.run(cmd + _args(model, pairs, tmp_path / "one", dev=dev), env=_env(2), capture_output=True,
+    r = subprocess.run(cmd + _args(model, pairs, tmp_path / "one", dev=dev), env=child_env(2), capture_output=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     # two processes, 1 device each
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(cmd + _args(model, pairs, tmp_path / "two", dev=dev), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE,
-                              env=_env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2",
+                              env=child_env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2",
                                        BMR_PROCESS_ID=str(i)))
              for i in range(2)]
     for p in procs:

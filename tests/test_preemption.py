@@ -4,9 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,8 +16,8 @@ from bmretriever_jax.training import train
 from bmretriever_jax.training.loop import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from bmretriever_jax.util import treeutil
 from hf_tiny import tiny_model_dir, tiny_pairs
+from procs import bmr_train, child_env, free_port
 
-HERE = os.path.dirname(__file__)
 STEPS = 24
 COMMON = ["model.max_length=16", "model.query_max_length=8", "model.dtype=float32", "train.global_batch_size=8",
           f"train.steps={STEPS}", "train.save_every=100", "train.log_every=1", "train.warmup_steps=2",
@@ -41,25 +38,7 @@ def _overrides(setup, out, *extra):
     return [f"model.name={model}", f"data.train=[{pairs}]", f"out={out}", *COMMON, *extra]
 
 
-def _env(devices=None, **extra):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]), **extra)
-    if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    for k in ("BMR_COORDINATOR", "BMR_NUM_PROCESSES", "BMR_PROCESS_ID"):
-        if k not in extra:
-            env.pop(k, None)
-    return env
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bmr(args, env):
-    return subprocess.Popen([sys.executable, "-m", "bmretriever_jax.cli", "-q", "train", "/dev/null", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _logged_steps(run_dir):
@@ -129,7 +108,7 @@ def test_one_process_sigterm_at_a_random_step_saves_and_resumes_bit_identical(se
     ref = tmp_path / "ref"
     train(load_config(None, _overrides(setup, ref)), quiet=True)
     run = tmp_path / "run"
-    proc = _bmr(_overrides(setup, run), _env())
+    proc = bmr_train(_overrides(setup, run), child_env())
     _wait_for_step([proc], run, at)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
@@ -155,9 +134,9 @@ def test_two_processes_one_signalled_both_save_the_same_step(setup, tmp_path):
     the same step (a save needs both: each writes its own OCDBT part of that step), exit 143, and the rerun on
     2 processes finishes bit-identical to an uninterrupted 2-process run."""
     def launch(out):
-        port = _free_port()
-        return [_bmr(_overrides(setup, out, "mesh.data=2"),
-                     _env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2", BMR_PROCESS_ID=str(i)))
+        port = free_port()
+        return [bmr_train(_overrides(setup, out, "mesh.data=2"),
+                     child_env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2", BMR_PROCESS_ID=str(i)))
                 for i in range(2)]
 
     def finish(procs, code):
@@ -191,8 +170,8 @@ def test_dress_rehearsal_4_processes_then_2(setup, tmp_path):
     all 4 save the same step and exit 143; the same command restarts on 2 processes (mesh.data=-1 -> 2 devices)
     and finishes with the final metrics of an uninterrupted 4-process run."""
     def launch(out, n):
-        port = _free_port()
-        return [_bmr(_overrides(setup, out), _env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES=str(n),
+        port = free_port()
+        return [bmr_train(_overrides(setup, out), child_env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES=str(n),
                                                 BMR_PROCESS_ID=str(i)))
                 for i in range(n)]
 

@@ -20,6 +20,7 @@ from bmretriever_jax.training import train
 from bmretriever_jax.util import remote, treeutil
 from bmretriever_jax.util.errors import InputPathError
 from hf_tiny import tiny_model_dir, tiny_pairs
+from procs import free_port
 
 BUCKET = "bmr-test"
 # The emulator answers a download without the x-goog-generation header real GCS sends (tensorstore reads it:
@@ -48,16 +49,11 @@ create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket=sys.
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """A GCS emulator on a free port; the env vars gcsfs and tensorstore read to talk to it."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", EMULATOR, str(port), BUCKET], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

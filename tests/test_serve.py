@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from hf_tiny import tiny_model_dir
+from procs import free_port
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+import openai  # noqa: E402  (the test extra has it: a missing package fails, never skips)
+import uvicorn  # noqa: E402
 
 from bmretriever_jax.serve.app import ServedModel, ServerState, ServeSettings, create_app, load_models  # noqa: E402
 from bmretriever_jax.serve.metrics import CompileCounter  # noqa: E402
@@ -430,15 +431,9 @@ def test_cli_errors_are_one_line(capsys):
 # ----------------------------------------------------------------------------------------------------
 # SIGTERM: a real `bmr serve` process
 # ----------------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_finishes_in_flight_and_exits_0(tmp_path):
     model = tiny_model_dir(str(tmp_path / "m"), "gpt_neox")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "bmretriever_jax.cli", "serve", model, "--port", str(port),
                              "--max-length", "16", "--seq-buckets", "16", "--batch-sizes", "1,8", "--dtype", "float32",

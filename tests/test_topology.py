@@ -4,9 +4,6 @@ global, and the continued losses equal the uninterrupted run's. Another global b
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,8 +15,8 @@ from bmretriever_jax.parallel import sharding
 from bmretriever_jax.training import make_mesh, train
 from bmretriever_jax.util import treeutil
 from hf_tiny import tiny_model_dir, tiny_pairs
+from procs import bmr_train, child_env, free_port
 
-HERE = os.path.dirname(__file__)
 STEPS, FIRST = 10, 5  # (train.save_every=FIRST)
 # a constant schedule: a first run of FIRST steps (train.steps=FIRST on the command line) is the first FIRST
 # steps of a STEPS run
@@ -47,24 +44,11 @@ def _overrides(setup, out, *extra):
     return [f"model.name={model}", f"data.train=[{pairs}]", f"out={out}", *COMMON, *extra]
 
 
-def _env(devices, **extra):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    for k in ("BMR_COORDINATOR", "BMR_NUM_PROCESSES", "BMR_PROCESS_ID"):
-        if k not in extra:
-            env.pop(k, None)
-    return env
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _bmr(args, env):
-    return subprocess.Popen([sys.executable, "-m", "bmretriever_jax.cli", "train", "/dev/null", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _bmr(args, env):  # not quiet: the tests read the resume message
+    return bmr_train(args, env, quiet=False)
 
 
 def _finish(procs):
@@ -136,7 +120,7 @@ def test_eight_devices_4x2_restore_on_four_devices_2x2(setup, tmp_path):
     assert rec["changes"] == ["train.global_batch_size: 8 -> 16"]
     # a process with 4 devices, mesh (2, 2, 1): the mesh change needs no flag
     (out,) = _finish([_bmr(_overrides(setup, run, f"train.steps={STEPS}", *mesh8[2:], "mesh.data=2", "mesh.fsdp=2"),
-                           _env(4))])
+                           child_env(4))])
     assert (f"resumed from step {FIRST} ({run}/checkpoints) (written on 8 devices, mesh (4, 2, 1), 1 process; "
             "now 4 devices, mesh (2, 2, 1), 1 process)") in out
     meta = _assert_continues_like(ref, run, LOSS_TOL["new mesh"])
@@ -149,9 +133,9 @@ def test_two_processes_restore_in_one(setup, tmp_path):
     ref = tmp_path / "ref"
     train(load_config(None, _overrides(setup, ref, f"train.steps={STEPS}", "mesh.data=2")), quiet=True)
     run = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     _finish([_bmr(_overrides(setup, run, f"train.steps={FIRST}", "mesh.data=2"),
-                  _env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2", BMR_PROCESS_ID=str(i)))
+                  child_env(1, BMR_COORDINATOR=f"127.0.0.1:{port}", BMR_NUM_PROCESSES="2", BMR_PROCESS_ID=str(i)))
              for i in range(2)])
     _, meta = _trainable(run)
     assert meta["topology"] == {"processes": 2, "devices": 2, "mesh": [2, 1, 1]}
