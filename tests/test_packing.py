@@ -112,7 +112,13 @@ def test_pack_pairs_shares_rows_and_maps_both_kinds_back():
     p_rows = {(j // 8) * R + int(s) // 6 for j, s in enumerate(out["p_slot"])}
     assert q_rows & p_rows  # some row holds a query and a passage
     tight = packing.pack_pairs(q, p, n_shards=2, rows=1, length=16, max_segments=6, pad_id=0)
-    assert tight["ids"].shape == (24, 16)  # the fallback: one text per row
+    assert tight["ids"].shape == (24, 16) and packing.is_fallback(tight)  # one text per row
+    assert not packing.is_fallback(out)
+    # another host fell back: this packed batch is re-packed into the fallback shape, the same texts
+    again = packing.to_fallback(out, n_shards=2, max_segments=6, pad_id=0)
+    assert again.keys() == tight.keys()
+    for k in tight:
+        np.testing.assert_array_equal(again[k], tight[k], err_msg=k)
 
 
 def test_segment_positions_restart():

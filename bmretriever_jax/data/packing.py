@@ -134,13 +134,41 @@ def joint_blocks(q: Sequence, p: Sequence, n_shards: int) -> Tuple[list, np.ndar
 def pack_pairs(q_tok: Sequence[Sequence[int]], p_tok: Sequence[Sequence[int]], *, n_shards: int, rows: int,
                length: int, max_segments: int, pad_id: int) -> Dict[str, np.ndarray]:
     """A training batch's tokenized queries and passages -> {ids, seg, q_slot, p_slot} (module docstring),
-    in `rows` rows per shard, or in the fallback shape (one text per row) when they do not fit."""
+    in `rows` rows per shard, or in the fallback shape (one text per row) when they do not fit (rows 0: always)."""
     seqs, q_pos, p_pos = joint_blocks(q_tok, p_tok, n_shards)
-    out = pack(seqs, n_shards=n_shards, rows=rows, length=length, max_segments=max_segments, pad_id=pad_id)
+    out = pack(seqs, n_shards=n_shards, rows=rows, length=length, max_segments=max_segments,
+               pad_id=pad_id) if rows > 0 else None
     if out is None:
         out = pack(seqs, n_shards=n_shards, rows=len(seqs) // n_shards, length=length, max_segments=max_segments,
                    pad_id=pad_id)
     return {"ids": out["ids"], "seg": out["seg"], "q_slot": out["slot"][q_pos], "p_slot": out["slot"][p_pos]}
+
+
+def is_fallback(batch: Dict[str, np.ndarray]) -> bool:
+    """Whether a `pack_pairs` batch took the fallback shape (one text per row)."""
+    return batch["ids"].shape[0] == len(batch["q_slot"]) + len(batch["p_slot"])
+
+
+def to_fallback(batch: Dict[str, np.ndarray], *, n_shards: int, max_segments: int,
+                pad_id: int) -> Dict[str, np.ndarray]:
+    """A packed batch re-packed into the fallback shape, the same texts (read back from the rows by their slots).
+    On several hosts, one host's fallback makes every host's batch take it: shapes must agree."""
+    if is_fallback(batch):
+        return batch
+    ids, seg = batch["ids"], batch["seg"]
+    R = ids.shape[0] // n_shards
+
+    def texts(slots):
+        per = len(slots) // n_shards
+        out = []
+        for j, slot in enumerate(slots):
+            row, k = divmod(int(slot), max_segments)
+            r = (j // per) * R + row
+            out.append(ids[r][seg[r] == k + 1].tolist())
+        return out
+
+    return pack_pairs(texts(batch["q_slot"]), texts(batch["p_slot"]), n_shards=n_shards, rows=0,
+                      length=ids.shape[1], max_segments=max_segments, pad_id=pad_id)
 
 
 def choose_rows(batches_lengths: Sequence[Sequence[int]], *, n_shards: int, length: int, max_segments: int,

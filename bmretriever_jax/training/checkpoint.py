@@ -11,7 +11,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
 from bmretriever_jax.util import remote, treeutil
@@ -110,17 +109,21 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: List[int]) -> None:
     """Move damaged step folders out of the manager's directory (so later saves of those steps do not collide)."""
-    root = epath.Path(mngr.directory)  # a local folder or a URL
+    root = os.fspath(mngr.directory)  # a local folder or a URL
     if jax.process_index() == 0:  # one process moves them; the others wait for it (a shared file system)
-        aside = root.parent / (root.name + "-damaged")
-        aside.mkdir(parents=True, exist_ok=True)
-        for s in steps:
-            src = root / str(s)
-            if src.exists():
-                if remote.is_url(str(root)):
-                    src.rename(aside / f"{s}-{int(time.time())}")
-                else:
-                    shutil.move(os.fspath(src), os.fspath(aside / f"{s}-{int(time.time())}"))
+        aside = root.rstrip("/") + "-damaged"
+        if remote.is_url(root):  # object stores have no folders to create or rename: move the objects
+            fs, base = remote.filesystem(root)
+            for s in steps:
+                src = f"{base.rstrip('/')}/{s}"
+                if fs.exists(src):
+                    fs.mv(src, f"{remote.filesystem(aside)[1]}/{s}-{int(time.time())}", recursive=True)
+        else:
+            os.makedirs(aside, exist_ok=True)
+            for s in steps:
+                src = os.path.join(root, str(s))
+                if os.path.exists(src):
+                    shutil.move(src, os.path.join(aside, f"{s}-{int(time.time())}"))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bmr-checkpoint-set-aside")
     mngr.reload()

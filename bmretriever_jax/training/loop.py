@@ -40,8 +40,8 @@ from bmretriever_jax.parallel.distributed import is_host0, preemption_sync_avail
 from bmretriever_jax.util.errors import ConfigError, DataFormatError, InputPathError, UserError
 from bmretriever_jax.training.deveval import MeshEncoder, dev_eval
 from bmretriever_jax.training.resume import check_resume_config, truncate_metrics
-from bmretriever_jax.training.step import (init_state, make_mesh, make_optimizer, make_schedule, merged_params,
-                                        make_train_step, split_params, to_global)
+from bmretriever_jax.training.step import (batch_shards, init_state, make_mesh, make_optimizer, make_schedule,
+                                        make_train_step, merged_params, split_params, to_global)
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -59,7 +59,7 @@ def _local_paths(run: RunConfig) -> RunConfig:
         return remote.fetch(e)
 
     local = copy.deepcopy(run)
-    local.model.name = remote.fetch(run.model.name)
+    local.model.name = remote.fetch(run.model.name, quiet=False)
     local.data.train = [entry(e) for e in run.data.train]
     for key in ("dev", "prepared"):
         if getattr(run.data, key):
@@ -120,6 +120,40 @@ def make_loader(run: RunConfig, pairs, tokenizer):
     from bmretriever_jax.data.pipeline import training_loader
 
     return training_loader(run, tokenizer, pairs)
+
+
+class PackedShapeAgreement:
+    """Packed batches on several processes: a host whose texts do not fit the calibrated rows packs them in the
+    fallback shape (one text per row), and then every host must (global arrays are made of equal local
+    shapes). Each host posts whether it fell back for the n-th batch in jax.distributed's key-value store (host
+    RPCs, no device collective, so safe in the prefetch thread) and reads everyone's; a packed batch is
+    re-packed into the fallback shape when another host fell back (`packing.to_fallback`, same texts)."""
+
+    def __init__(self, n_local_shards: int, max_segments: int, pad_id: int):
+        self.n_local_shards, self.max_segments, self.pad_id = n_local_shards, max_segments, pad_id
+        self.count = 0
+
+    def __call__(self, batch: dict) -> dict:
+        from bmretriever_jax.data import packing
+
+        if "seg" not in batch:
+            return batch
+        mine = packing.is_fallback(batch)
+        if jax.process_count() > 1:
+            from jax._src import distributed as _dist  # the client jax.distributed.initialize made
+
+            client, pi = _dist.global_state.client, jax.process_index()
+            key = f"bmr/packed-fallback/{self.count}"
+            client.key_value_set(f"{key}/{pi}", "1" if mine else "0")
+            anyone = any(client.blocking_key_value_get(f"{key}/{p}", 600_000) == "1"
+                         for p in range(jax.process_count()))
+            if self.count >= 2:  # every process has read batch count-2's keys: it posted count-1's since
+                client.key_value_delete(f"bmr/packed-fallback/{self.count - 2}/{pi}")
+            if anyone and not mine:
+                batch = packing.to_fallback(batch, n_shards=self.n_local_shards, max_segments=self.max_segments,
+                                            pad_id=self.pad_id)
+        self.count += 1
+        return batch
 
 
 class BatchPrefetcher:
@@ -351,6 +385,10 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
     bar = tqdm(total=total_micro // accum, initial=micro // accum, desc="train", disable=quiet or not is_host0(),
                unit="step")
     prefetch = None
+    agree = PackedShapeAgreement(max(1, batch_shards(mesh) // jax.process_count()), run.data.pack_max_segments,
+                                 tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                 else tokenizer.eos_token_id)
+    fallbacks = trained = 0  # packed batches trained in the fallback shape (one text per row), of all
     dev_encoder = MeshEncoder(run, model_cfg, tokenizer, mesh) if run.data.dev else None
     try:
         with PreemptionWatch(mngr) as watch:
@@ -359,9 +397,12 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                 ev = dev_eval(run, dev_encoder.bind(state, frozen, 0))
                 if is_host0():
                     _log(log_path, {"step": 0, **ev})
-            prefetch = BatchPrefetcher(loader, lambda b: to_global(b, mesh)) if micro < stop_at else None
+            prefetch = BatchPrefetcher(loader, lambda b: to_global(agree(b), mesh)) if micro < stop_at else None
             while micro < stop_at:
                 batch, data_state = prefetch.next()
+                if "seg" in batch:
+                    trained += 1
+                    fallbacks += batch["ids"].shape[0] == batch["q_slot"].shape[0] + batch["p_slot"].shape[0]
                 state, metrics = train_step(state, frozen, batch)  # dispatched: runs while the host goes on
                 micro += 1
                 unchecked.append((micro, metrics["loss"]))
@@ -405,7 +446,14 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
         bar.close()
         mngr.close()
         if is_host0():
-            folder_out.push()
+            try:
+                folder_out.push()
+            except Exception as e:  # noqa: BLE001 - never hide the error that ended the loop
+                print(f"bmr train: uploading the run's files to {given.out} failed: {e}", flush=True)
+    if fallbacks:  # every process says it: they must agree (the global shapes are the same everywhere)
+        print(f"bmr train: process {jax.process_index()}: {fallbacks} of {trained} packed batches took the fallback "
+              "shape (one text per row); a larger data.pack_tail_sigmas or data.pack_calibration_batches sizes "
+              "the rows for them", flush=True)
     result = dict(last)
     if micro == total_micro:
         if run.data.dev:

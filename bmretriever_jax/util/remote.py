@@ -59,15 +59,22 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
-def _listing(fs, p: str) -> Tuple[bool, Dict[str, int]]:
-    """(is a folder, {relative name: size}) of a remote file or folder."""
+def _version(info: dict) -> list:
+    """What identifies an object's content: size + the store's generation / hash / modification time."""
+    tag = next((info[k] for k in ("generation", "md5Hash", "ETag", "etag", "mtime", "updated", "LastModified")
+                if info.get(k) is not None), "")
+    return [int(info.get("size") or 0), str(tag)]
+
+
+def _listing(fs, p: str) -> Tuple[bool, Dict[str, list]]:
+    """(is a folder, {relative name: version}) of a remote file or folder; FileNotFoundError if neither."""
     if fs.isdir(p):
         files = fs.find(p, detail=True)
         root = p.rstrip("/") + "/"
-        return True, {k[len(root):] if k.startswith(root) else k: int(v.get("size") or 0) for k, v in files.items()}
+        return True, {k[len(root):] if k.startswith(root) else k: _version(v) for k, v in files.items()}
     if not fs.exists(p):
-        raise InputPathError(f"{p}: no such file or folder")
-    return False, {os.path.basename(p): int(fs.info(p).get("size") or 0)}
+        raise FileNotFoundError(p)
+    return False, {os.path.basename(p): _version(fs.info(p))}
 
 
 def fetch(path: str, quiet: bool = True) -> str:
@@ -86,31 +93,39 @@ def fetch(path: str, quiet: bool = True) -> str:
     dest_root = os.path.join(cache_root(), "remote", key)
     dest = os.path.join(dest_root, name)
     stamp = os.path.join(dest_root, ".listing.json")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f) == listing and os.path.exists(dest):
-                return dest
-    if not quiet:
-        print(f"fetching {path} ({sum(listing.values()) / 2**20:.1f} MB) into {dest_root}", flush=True)
+    os.makedirs(os.path.dirname(dest_root), exist_ok=True)
+    import fcntl
     import shutil
+    import socket
+    import uuid
 
-    tmp = f"{dest_root}.tmp{os.getpid()}"  # filled, then renamed: a reader never sees half a copy
-    shutil.rmtree(tmp, ignore_errors=True)
-    target = os.path.join(tmp, name)
-    if is_dir:
-        for rel in listing:
-            os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
-            fs.get(p.rstrip("/") + "/" + rel, os.path.join(target, rel))
-    else:
-        os.makedirs(tmp, exist_ok=True)
-        fs.get(p, target)
-    with open(os.path.join(tmp, ".listing.json"), "w") as f:
-        json.dump(listing, f)
-    shutil.rmtree(dest_root, ignore_errors=True)
-    try:
-        os.replace(tmp, dest_root)
-    except OSError:  # another process on this host finished the same copy first
-        shutil.rmtree(tmp, ignore_errors=True)
+    # one copy at a time per cache entry (processes on one host, or hosts sharing a home folder): the others
+    # wait, then find the copy current
+    with open(dest_root + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                if json.load(f) == listing and os.path.exists(dest):
+                    return dest
+        if not quiet:
+            size = sum(v[0] for v in listing.values())
+            print(f"fetching {path} ({size / 2**20:.1f} MB) into {dest_root}", flush=True)
+        tmp = f"{dest_root}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:  # filled, then renamed: a reader never sees half a copy
+            target = os.path.join(tmp, name)
+            if is_dir:
+                for rel in listing:
+                    os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+                    fs.get(p.rstrip("/") + "/" + rel, os.path.join(target, rel))
+            else:
+                os.makedirs(tmp, exist_ok=True)
+                fs.get(p, target)
+            with open(os.path.join(tmp, ".listing.json"), "w") as f:
+                json.dump(listing, f)
+            shutil.rmtree(dest_root, ignore_errors=True)  # an outdated copy (nobody else holds the lock)
+            os.replace(tmp, dest_root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -133,17 +148,23 @@ class RunFolder:
         return join(self.url, "checkpoints") if self.url else os.path.join(self.local, "checkpoints")
 
     def pull(self) -> None:
-        """Copy the run's own files (not the checkpoints) from the URL into the staging folder."""
-        os.makedirs(self.local, exist_ok=True)
+        """Make the staging folder what the URL holds of the run's own files: emptied, then the small files
+        (metrics.jsonl, config.yaml, ...) copied down; not the checkpoints, not an exported model/."""
         if self.url is None:
+            os.makedirs(self.local, exist_ok=True)
             return
+        import shutil
+
+        shutil.rmtree(self.local, ignore_errors=True)  # nothing of an earlier run at another state survives
+        os.makedirs(self.local, exist_ok=True)
+        self._pushed.clear()
         fs, p = filesystem(self.url)
         if not fs.exists(p):
             return
         root = p.rstrip("/") + "/"
         for name, info in fs.find(p, detail=True).items():
             rel = name[len(root):] if name.startswith(root) else name
-            if rel.startswith("checkpoints/"):
+            if rel.startswith(("checkpoints/", "checkpoints-damaged/", "model/")):
                 continue
             dest = os.path.join(self.local, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
