@@ -29,7 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-CALIBRATION_TOKENIZED = "the first 8 global batches, tokenized (padded negatives are other pairs' positives)"
 PRETRAIN = dict(global_batch=4096, hosts=16, chips=64, max_length=512, query_max_length=512)  # 410M pre-training
 FINETUNE = dict(global_batch=512, hosts=4, chips=16, max_length=512, query_max_length=512)  # 410M fine-tune, v5e-16
 
@@ -117,7 +116,6 @@ def _du(path: str) -> int:
 # ---------------------------------------------------------------------------------------------- child: one host
 def child(args) -> None:
     """One host (process 0 of 16) iterating a prepared folder; prints JSON (memory, first batch, tokens/s)."""
-    import numpy as np
     import psutil
 
     from bmretriever_jax.data.grain_loader import GrainPairLoader
@@ -190,7 +188,6 @@ def run_child(path: str, workers: int, batches: int, pack_rows) -> dict:
 def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int, host_batches: int) -> dict:
     """Calibrate packing on global batches (from the prepared token lengths), then count text vs computed tokens
     of `host_batches` host batches (several hosts, several steps) padded and packed."""
-    import numpy as np
 
     from bmretriever_jax.data.pipeline import make_loader, pack_rows_from_lengths
     from bmretriever_jax.data.prepared import Prepared, prepare
@@ -209,12 +206,6 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     probe = make_loader(packed_run, None, 0, 1, prepared=data, n_shards=n_shards)  # balanced global batches
     rows = pack_rows_from_lengths(data, probe, packed_run, n_shards, 32)
     calibration = "the first 32 global batches, from the stored token lengths"
-    if rows is None:  # padded negatives: calibrate on items (tokenizing: fewer batches to stay bounded)
-        from bmretriever_jax.data.pipeline import calibration_batches
-        from bmretriever_jax.training.step import calibrate_packing
-
-        rows = calibrate_packing(tok, packed_run, calibration_batches(probe, 8), n_shards)
-        calibration = CALIBRATION_TOKENIZED
     local_shards = n_shards // hosts
     out = {"pairs": m["count"], "prepare_s": round(prep_s, 1), "pack_rows_per_device": rows,
            "global_batch": cfg["global_batch"], "devices": n_shards, "hosts": hosts, "max_length": cfg["max_length"],
@@ -330,7 +321,7 @@ def render(res: dict) -> str:
         lines.append(f"| {names[k]} | {v['global_batch']} pairs over {v['devices']} devices, {v['hosts']} hosts, "
                      f"max_length {v['max_length']} | {v['padded']:.1%} | {v['packed']:.1%} | "
                      f"{v['pack_rows_per_device']} | "
-                     f"{v.get('calibration') or (CALIBRATION_TOKENIZED if v['num_negatives'] else 'the first 32 global batches, from the stored token lengths')} |")
+                     f"{v.get('calibration') or 'the first 32 global batches, from the stored token lengths'} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,9 @@ from bmretriever_jax.config import load_config
 from bmretriever_jax.data.grain_loader import GrainPairLoader
 from bmretriever_jax.data.loader import PairLoader
 from bmretriever_jax.data.pairs import Pair
+from bmretriever_jax.data.batches import _texts
 from bmretriever_jax.data.pipeline import calibration_batches, pack_rows_from_lengths, training_loader
+from bmretriever_jax.text import tokenize
 from bmretriever_jax.data.prepared import Prepared, write_prepared
 from bmretriever_jax.training.step import calibrate_packing, make_tokenize_fn
 from hf_tiny import WORDS, save_tiny_tokenizer
@@ -138,10 +140,13 @@ def test_tokenized_batches_from_workers_equal_pairloader(prepared, tokenizer, pa
         loader.close()
 
 
-def test_pack_rows_from_prepared_lengths(prepared, tokenizer, tmp_path):
-    """Calibrating from the stored token lengths (no tokenizing) picks calibrate_packing's rows."""
+@pytest.mark.parametrize("padded", [False, True], ids=["own-negatives", "some-padded-with-other-positives"])
+def test_pack_rows_from_prepared_lengths(prepared, tokenizer, tmp_path, padded):
+    """Calibrating from the stored token lengths (no tokenizing) picks calibrate_packing's rows, and a tokenized
+    folder's balanced order (weights from those lengths, negatives as chosen) matches the tokenized texts."""
     pairs, _ = prepared
-    full = [p for p in pairs if len(p.negatives) >= 2]
+    full = pairs if padded else [p for p in pairs if len(p.negatives) >= 2]
+    assert padded == any(len(p.negatives) < 2 for p in full)
     path = str(tmp_path / "tok")
     write_prepared(path, full, sources=[], tokenizer=tokenizer, tokenizer_name="tiny", max_length=12,
                    query_max_length=8)
@@ -149,9 +154,17 @@ def test_pack_rows_from_prepared_lengths(prepared, tokenizer, tmp_path):
         run = load_config(None, ["model.name=tiny", f"data.prepared={path}", "data.packing=true", "data.num_negatives=2",
                                  f"data.negatives={negatives}", "model.max_length=12", "model.query_max_length=8",
                                  "train.global_batch_size=8", "data.pack_max_segments=3"])
-        loader = GrainPairLoader(path, 8, seed=0, num_negatives=2, negatives=negatives, drop_last=False)
+        loader = GrainPairLoader(path, 8, seed=0, num_negatives=2, negatives=negatives, drop_last=False,
+                                 balance_shards=2)
         rows = pack_rows_from_lengths(Prepared(path), loader, run, 2, 5)
         assert rows == calibrate_packing(tokenizer, run, calibration_batches(loader, 5), 2)
+        hb = loader._host_batch(False, 0, 1)
+        for step in range(3):  # the stored lengths are the tokenized items' lengths
+            idx = hb.global_indices(0, step)
+            q, p = _texts(hb.items_at(0, idx))
+            want = [len(t) for t in tokenize(tokenizer, q, 8)], [len(t) for t in tokenize(tokenizer, p, 12)]
+            got = hb.token_lengths(idx, 0)
+            assert ([x for x, _ in got], [y for _, ys in got for y in ys]) == want
 
 
 KILL_SCRIPT = textwrap.dedent("""

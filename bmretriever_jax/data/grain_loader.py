@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from bmretriever_jax.data.loader import check_loader_args
+from bmretriever_jax.data.loader import check_loader_args, item_chars
 from bmretriever_jax.data.packing import balance_order
 from bmretriever_jax.data.prepared import Prepared, release_pages
 
@@ -105,45 +105,59 @@ class HostBatch:
         start = step * self.B
         idx = order[np.arange(start, start + self.B) % self.n]
         if self.balance_shards > 1:
-            idx = idx[balance_order(self.costs(idx), self.balance_shards)]
+            idx = idx[balance_order(self.costs(idx, epoch), self.balance_shards)]
         return idx
 
-    def costs(self, idx: np.ndarray) -> np.ndarray:
-        """What a pair weighs in a packed batch: its tokens (query + positive + num_negatives x its negatives'
-        mean) when the folder is tokenized, else the same in characters (every host reads the global batch's
-        texts then: tokenize the folder for pods)."""
-        rows = [self.row(int(i)) for i in idx]
-        if self.data.tokenizer:
-            got = self.data.rows(rows, ("q_len", "p_len", "n_len"))
-            q, p, n = got["q_len"], got["p_len"], got["n_len"]
-        else:
-            got = self.data.rows(rows, ("query", "positive_title", "positive_text", "negatives_title",
-                                        "negatives_text"))  # as PairLoader weighs its pairs
-            q = [len(x) for x in got["query"]]
-            p = [len(a or "") + len(b or "") for a, b in zip(got["positive_title"], got["positive_text"])]
-            n = [[len(a or "") + len(b or "") for a, b in zip(ts, xs)]
-                 for ts, xs in zip(got["negatives_title"], got["negatives_text"])]
-        return np.asarray([q[j] + p[j] + self.k * (float(np.mean(n[j])) if n[j] else p[j]) for j in range(len(rows))])
+    def costs(self, idx: np.ndarray, epoch: int) -> np.ndarray:
+        """What each pair weighs in a packed batch, its negatives as `items` chooses them: tokens (query +
+        positive + negatives) when the folder is tokenized, else `loader.item_chars` of its item, as PairLoader
+        weighs it (every host then reads the global batch's texts: tokenize the folder for pods)."""
+        if not self.data.tokenizer:
+            return np.asarray([item_chars(it) for it in self.items_at(epoch, idx)], float)
+        return np.asarray([q + sum(ps) for q, ps in self.token_lengths(idx, epoch)], float)
+
+    def token_lengths(self, idx, epoch: int) -> List[tuple]:
+        """Per pair (in this order): (query tokens, [positive, negatives...] tokens) from a tokenized folder's
+        stored lengths, the negatives as `items_at` chooses them (no text read)."""
+        got = self.data.rows([self.row(int(i)) for i in idx], ("q_len", "p_len", "n_len", "query_key", "pos_key"))
+        picks = [self._choose_negatives(int(i), epoch, len(got["n_len"][j]), got["query_key"][j], got["pos_key"][j])
+                 for j, i in enumerate(idx)]
+        pads = sorted({p for _, ps in picks for p in ps})
+        pad_len = dict(zip(pads, self.data.rows([self.row(p) for p in pads], ("p_len",))["p_len"])) if pads else {}
+        return [(got["q_len"][j], [got["p_len"][j]] + [got["n_len"][j][m] for m in keep] + [pad_len[p] for p in ps])
+                for j, (keep, ps) in enumerate(picks)]
 
     def row(self, i: int) -> int:
         return int(self.kept[i]) if self.kept is not None else i
 
+    def _choose_negatives(self, i: int, epoch: int, n_own: int, query_key: int, pos_key: int):
+        """(positions of the pair's own negatives it keeps, pairs whose positives pad the rest): PairLoader._item's
+        choice, from the same generator."""
+        rng = np.random.default_rng([self.seed, epoch, i, 1])  # PairLoader._item's generator
+        keep = list(range(n_own))
+        if n_own > self.k:
+            keep = [int(m) for m in np.sort(rng.choice(n_own, self.k, replace=False))] \
+                if self.negatives == "random" else keep[:self.k]
+        pads: List[int] = []
+        if len(keep) < self.k:
+            taken = self.data.query_positives(query_key, pos_key)
+            while len(keep) + len(pads) < self.k:
+                pads.append(self._random_other(i, taken, rng))
+        return keep, pads
+
     def items(self, epoch: int, step: int, lo: int, hi: int) -> List[dict]:
-        idx = self.global_indices(epoch, step)[lo:hi]
+        return self.items_at(epoch, self.global_indices(epoch, step)[lo:hi])
+
+    def items_at(self, epoch: int, idx) -> List[dict]:
+        """The items of these pair indices (in this order) in an epoch."""
         rows = self.data.rows([self.row(int(i)) for i in idx], _ITEM_COLUMNS)
         out = []
         for j, i in enumerate(idx):
             i = int(i)
-            rng = np.random.default_rng([self.seed, epoch, i, 1])  # PairLoader._item's generator
-            negs = [{"title": t, "text": x} for t, x in zip(rows["negatives_title"][j], rows["negatives_text"][j])]
-            if len(negs) > self.k:
-                negs = [negs[m] for m in np.sort(rng.choice(len(negs), self.k, replace=False))] \
-                    if self.negatives == "random" else negs[:self.k]
-            if len(negs) < self.k:
-                taken = self.data.query_positives(rows["query_key"][j], rows["pos_key"][j])
-                pads = []
-                while len(negs) + len(pads) < self.k:
-                    pads.append(self._random_other(i, taken, rng))
+            own = [{"title": t, "text": x} for t, x in zip(rows["negatives_title"][j], rows["negatives_text"][j])]
+            keep, pads = self._choose_negatives(i, epoch, len(own), rows["query_key"][j], rows["pos_key"][j])
+            negs = [own[m] for m in keep]
+            if pads:
                 got = self.data.rows([self.row(p) for p in pads], ("positive_title", "positive_text"))
                 negs += [{"title": t, "text": x} for t, x in zip(got["positive_title"], got["positive_text"])]
             out.append({"query": rows["query"][j], "instruction": rows["instruction"][j], "task": rows["task"][j],

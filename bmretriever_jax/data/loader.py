@@ -35,6 +35,13 @@ def check_loader_args(global_batch_size: int, num_negatives: int, negatives: str
         raise ValueError(f"negatives must be 'random'|'first' and short 'pad'|'drop', got {negatives!r}, {short!r}")
 
 
+def item_chars(item: dict) -> int:
+    """What an item weighs when global batches are balanced over devices (packed training), without a
+    tokenizer: the characters of its query, positive and negatives. Both loaders weigh alike."""
+    docs = [item["positive"]] + list(item["negatives"])
+    return len(item["query"] or "") + sum(len(d.get("title") or "") + len(d.get("text") or "") for d in docs)
+
+
 class PairLoader:
     """Infinite iterator over per-host batches of training pairs (see the module docstring).
 
@@ -47,8 +54,8 @@ class PairLoader:
       the same epoch's order, so every pair is seen every epoch and every batch has B rows (fixed shapes).
     tokenize_fn: applied to each host batch (list of items) -> dict of arrays; the iterator then yields that.
     balance_shards: > 1 orders each global batch with `packing.balance_order` over that many blocks (packed
-      training: every device's block then holds about the same tokens; weights in characters here). The
-      batch holds the same pairs, in another order.
+      training: every device's block then holds about the same tokens; weights: `item_chars`). The batch
+      holds the same pairs, in another order.
     """
 
     def __init__(self, pairs: Sequence[Pair], global_batch_size: int, *, seed: int, num_negatives: int = 1,
@@ -78,7 +85,6 @@ class PairLoader:
         self.drop_last = drop_last
         self.tokenize_fn = tokenize_fn
         self.balance_shards = balance_shards
-        self._costs: np.ndarray | None = None
         self.steps_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
         self._positive_keys = [doc_keys(p.positive)[0] for p in self.pairs]
         self._query_positives: dict[str, set[str]] = {}  # query text -> keys of all its positives
@@ -119,17 +125,8 @@ class PairLoader:
         start = step * self.global_batch_size
         positions = np.arange(start, start + self.global_batch_size) % len(order)  # wraps only if not drop_last
         idx = order[positions]
-        if self.balance_shards > 1:
-            if self._costs is None:  # characters of query + positive + num_negatives x the negatives' mean
-                def chars(d):
-                    d = as_passage(d)
-                    return len(d.get("title") or "") + len(d.get("text") or "")
-
-                self._costs = np.asarray([
-                    len(p.query) + chars(p.positive) + self.num_negatives *
-                    (float(np.mean([chars(n) for n in p.negatives])) if p.negatives else chars(p.positive))
-                    for p in self.pairs])
-            idx = idx[balance_order(self._costs[idx], self.balance_shards)]
+        if self.balance_shards > 1:  # weights: the characters of each item (its negatives as chosen)
+            idx = idx[balance_order([item_chars(self._item(int(i), epoch)) for i in idx], self.balance_shards)]
         return idx
 
     def batch_at(self, epoch: int, step: int):

@@ -47,30 +47,15 @@ def calibration_batches(loader, count: int) -> List[List[dict]]:
 
 def pack_rows_from_lengths(prepared, loader, run, n_shards: int, count: int):
     """`calibrate_packing` from the prepared token lengths (no tokenizing): the same rows when the folder
-    was tokenized with the run's tokenizer and cut lengths and every pair has its hard negatives (no padding)."""
+    was tokenized with the run's tokenizer and cut lengths (negatives chosen as the loader chooses them)."""
     from bmretriever_jax.data.batches import rows_for_lengths
 
-    lengths = []
     hb = loader._host_batch(False, 0, 1)
     hb._data = prepared
+    lengths = []
     for s in range(min(count, loader.steps_per_epoch)):
-        idx = hb.global_indices(0, s)
-        rows = prepared.rows([hb.row(int(i)) for i in idx], ("q_len", "p_len", "n_len"))
-        p = []
-        for j, i in enumerate(idx):
-            negs = rows["n_len"][j]
-            if len(negs) < run.data.num_negatives:
-                return None  # padded negatives: take the item path
-            if len(negs) > run.data.num_negatives:
-                if run.data.negatives == "first":
-                    negs = negs[:run.data.num_negatives]
-                else:
-                    import numpy as np
-
-                    rng = np.random.default_rng([run.train.seed, 0, int(i), 1])
-                    negs = [negs[m] for m in np.sort(rng.choice(len(negs), run.data.num_negatives, replace=False))]
-            p += [rows["p_len"][j]] + list(negs)
-        lengths.append((list(rows["q_len"]), p))
+        per_pair = hb.token_lengths(hb.global_indices(0, s), 0)
+        lengths.append(([int(q) for q, _ in per_pair], [int(x) for _, ps in per_pair for x in ps]))
     return rows_for_lengths(run, lengths, n_shards)
 
 
