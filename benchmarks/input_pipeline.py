@@ -71,7 +71,7 @@ def ensure_synthetic(work: str, n: int, copy_from: str | None = None) -> dict:
 
     from bmretriever_jax.data.prepared import MANIFEST, write_prepared
 
-    path = os.path.join(work, f"synthetic-{n}" + ("-copies" if copy_from else ""))
+    path = os.path.join(work, f"synthetic-tok-{n}" + ("-copies" if copy_from else ""))
     mpath = os.path.join(path, MANIFEST)
     if os.path.exists(mpath):
         m = json.load(open(mpath))
@@ -98,12 +98,14 @@ def ensure_synthetic(work: str, n: int, copy_from: str | None = None) -> dict:
         json.dump(m, open(os.path.join(tmp, MANIFEST), "w"), indent=1)
         os.replace(tmp, path)
     else:
+        # tokenized as a pod's data is prepared (`bmr prepare --tokenizer`): balancing reads the stored lengths
         write_prepared(path, synthetic_pairs(n), sources=[{"entry": "synthetic", "path": "data/scifact/corpus.jsonl"}],
-                       overwrite=True, progress=False)
+                       tokenizer=_tokenizer(), tokenizer_name="gemma3-270m", max_length=PRETRAIN["max_length"],
+                       query_max_length=PRETRAIN["query_max_length"], overwrite=True, progress=False)
     took = round(time.time() - t, 1)
     m = json.load(open(mpath))
     m["bench_prepare_s"] = took
-    m.setdefault("bench_made_by", "write_prepared of n synthetic pairs (new ids)")
+    m.setdefault("bench_made_by", "write_prepared of n synthetic pairs (new ids), tokenized")
     json.dump(m, open(mpath, "w"), indent=1)
     return {"path": path, "pairs": n, "prepare_s": took, "reused": False, "made_by": m["bench_made_by"],
             "bytes": _du(path)}

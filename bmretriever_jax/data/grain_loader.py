@@ -119,8 +119,12 @@ class HostBatch:
     def token_lengths(self, idx, epoch: int) -> List[tuple]:
         """Per pair (in this order): (query tokens, [positive, negatives...] tokens) from a tokenized folder's
         stored lengths, the negatives as `items_at` chooses them (no text read)."""
-        got = self.data.rows([self.row(int(i)) for i in idx], ("q_len", "p_len", "n_len", "query_key", "pos_key"))
-        picks = [self._choose_negatives(int(i), epoch, len(got["n_len"][j]), got["query_key"][j], got["pos_key"][j])
+        rows = [self.row(int(i)) for i in idx]
+        got = self.data.rows(rows, ("q_len", "p_len", "n_len"))
+        short = [j for j in range(len(rows)) if len(got["n_len"][j]) < self.k]  # their negatives are padded
+        keys = self.data.rows([rows[j] for j in short], ("query_key", "pos_key")) if short else {}
+        key_of = {j: (keys["query_key"][m], keys["pos_key"][m]) for m, j in enumerate(short)}
+        picks = [self._choose_negatives(int(i), epoch, len(got["n_len"][j]), *key_of.get(j, (None, None)))
                  for j, i in enumerate(idx)]
         pads = sorted({p for _, ps in picks for p in ps})
         pad_len = dict(zip(pads, self.data.rows([self.row(p) for p in pads], ("p_len",))["p_len"])) if pads else {}
