@@ -241,9 +241,8 @@ HOSTS = {"v5e-64": 16, "v5e-16": 4, "v4-32": 4, "v5p-64": 8, "v5p-128": 16, "v6e
 
 def workers_needed(res: dict) -> list:
     """Per paper config on its target: text tokens a host must deliver per second for the compiled step at 40%
-    utilisation (benchmarks/results/plan_pods.json: padded step time), and the grain workers that takes at the
-    measured rate of one worker. Packed, the step computes the same text in ~padded/packed share of the time
-    (an estimate: the step time scaled by the measured text shares), so the rate needed grows by that factor."""
+    utilisation (benchmarks/results/plan_pods.json: the configs' packed step, compiled), and the grain workers
+    that takes at the measured rate of one worker."""
     path = os.path.join(HERE, "results", "plan_pods.json")
     if not os.path.exists(path):
         return []
@@ -258,13 +257,11 @@ def workers_needed(res: dict) -> list:
         st = share[kind]["token_stats"]
         group = 1 + share[kind]["num_negatives"] if kind == "pretrain" else 2  # the paper fine-tunes: 1 negative
         text = plan["global_batch_size"] / HOSTS[target] * (st["query_tokens"]["mean"] + group * st["passage_tokens"]["mean"])
-        padded_step = plan["at_40pct"]["step_s"]
-        speedup = share[kind]["packed"] / share[kind]["padded"]
-        need = text / padded_step * speedup
+        step = plan["at_40pct"]["step_s"]
+        need = text / step
         rows.append({"config": plan["config"], "target": target, "hosts": HOSTS[target],
-                     "host_text_tokens_per_step": round(text), "padded_step_s_at_40pct": round(padded_step, 3),
-                     "packed_step_s_estimate": round(padded_step / speedup, 3), "text_tokens_per_s_needed": round(need),
-                     "workers_needed": round(need / per_worker, 2)})
+                     "host_text_tokens_per_step": round(text), "packed_step_s_at_40pct": round(step, 3),
+                     "text_tokens_per_s_needed": round(need), "workers_needed": round(need / per_worker, 2)})
     return rows
 
 
@@ -301,16 +298,14 @@ def render(res: dict) -> str:
                      f"{run['first_batch_s']:.1f} s |")
     need = workers_needed(res)
     if need:
-        lines += ["", "**Workers a host needs** for each paper config's compiled step at 40% utilisation "
-                  "(`bmr plan --target`, benchmarks/results/plan_pods.json), packed: an estimate, the padded step "
-                  "time scaled by the measured padded / packed text shares, at the rate of one worker above:", "",
-                  "| config | target (hosts) | host text tokens / step | step (padded -> packed est.) | "
+        lines += ["", "**Workers a host needs** for each paper config's compiled (packed) step at 40% utilisation "
+                  "(`bmr plan --target`, benchmarks/results/plan_pods.json), at the rate of one worker above:", "",
+                  "| config | target (hosts) | host text tokens / step | packed step at 40% | "
                   "text tokens / s needed | workers |", "|---|---|---:|---:|---:|---:|"]
         for w in need:
             lines.append(f"| {os.path.basename(w['config'])} | {w['target']} ({w['hosts']}) | "
-                         f"{w['host_text_tokens_per_step']:,} | {w['padded_step_s_at_40pct']:.2f} s -> "
-                         f"{w['packed_step_s_estimate']:.2f} s | {w['text_tokens_per_s_needed']:,} | "
-                         f"{w['workers_needed']:.2f} |")
+                         f"{w['host_text_tokens_per_step']:,} | {w['packed_step_s_at_40pct']:.2f} s | "
+                         f"{w['text_tokens_per_s_needed']:,} | {w['workers_needed']:.2f} |")
     lines += ["", "**Text share** of the tokens the step computes (the rest is padding), on "
               f"{share['pretrain']['host_batches_measured']} host batches each (several hosts and steps), at most "
               f"{share['pretrain'].get('pack_max_segments', 16)} texts a row. Packed, queries and passages share "
