@@ -449,7 +449,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
             try:
                 folder_out.push()
             except Exception as e:  # noqa: BLE001 - never hide the error that ended the loop
-                print(f"bmr train: uploading the run's files to {given.out} failed: {e}", flush=True)
+                print(f"uploading the run's files to {given.out} failed: {e}", flush=True)
     if fallbacks:  # every process says it: they must agree (the global shapes are the same everywhere)
         print(f"bmr train: process {jax.process_index()}: {fallbacks} of {trained} packed batches took the fallback "
               "shape (one text per row); a larger data.pack_tail_sigmas or data.pack_calibration_batches sizes "
