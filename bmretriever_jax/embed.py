@@ -119,16 +119,24 @@ class Encoder:
         seqs = tokenize(self.tokenizer, texts, self.max_length)
         order = np.argsort([-len(s) for s in seqs], kind="stable")
         out = np.zeros((len(texts), self.dim), np.float32)
+        rows = self._batch_rows(batch_size)
         with tqdm(total=len(texts), desc=desc, disable=not progress, unit="text") as bar:
-            for start in range(0, len(texts), batch_size):
-                idx = order[start:start + batch_size]
+            for start in range(0, len(texts), rows):
+                idx = order[start:start + rows]
                 batch = [seqs[i] for i in idx]
                 T = _bucket(max(len(s) for s in batch), self.max_length)
-                ids, mask = pad_left(batch, T, self.pad_id, rows=batch_size)  # fixed rows: one compile per T
-                vecs = self._fn(self.params, ids, mask)
-                out[idx] = np.asarray(vecs[: len(idx)], np.float32)
+                ids, mask = pad_left(batch, T, self.pad_id, rows=rows)  # fixed rows: one compile per T
+                out[idx] = self._vectors(ids, mask)[: len(idx)]
                 bar.update(len(idx))
         return out
+
+    def _batch_rows(self, batch_size: int) -> int:
+        """Rows of every encoded batch (the last one padded to it)."""
+        return batch_size
+
+    def _vectors(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Padded ids / mask [rows, T] -> vectors [rows, d] float32 on the host."""
+        return np.asarray(self._fn(self.params, ids, mask), np.float32)
 
     def encode_queries(self, queries: Sequence[str], instruction: Optional[str] = None, batch_size: int = 32,
                        progress: bool = False, *, task: Optional[str] = None) -> np.ndarray:

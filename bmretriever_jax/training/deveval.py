@@ -9,7 +9,7 @@ No parameter is gathered to host 0 and no host waits while another encodes.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import numpy as np
@@ -17,8 +17,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bmretriever_jax.config import RunConfig
-from bmretriever_jax.embed import TASK_INSTRUCTIONS, Encoder, _bucket, embed_batch
-from bmretriever_jax.text import default_task, instruction_for, pad_left, tokenize
+from bmretriever_jax.embed import TASK_INSTRUCTIONS, Encoder, embed_batch
+from bmretriever_jax.text import default_task, instruction_for
 from bmretriever_jax.util.precision import resolve_dtype
 
 
@@ -60,28 +60,18 @@ class MeshEncoder(Encoder):
     def params(self):  # the Encoder API's plain params would need a gather: not offered here
         raise AttributeError("MeshEncoder encodes with the sharded training state; it has no host params")
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False,
-                     desc: str = "encoding") -> np.ndarray:
-        """Raw texts -> [n, d] float32 in input order; batches of `self.rows` rows split over the mesh."""
+    def _batch_rows(self, batch_size: int) -> int:  # a multiple of the batch shards and processes
+        return self.rows
+
+    def _vectors(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Every host holds the whole padded batch; each device encodes its rows; the vectors come back to all."""
         if self._state is None:
             raise RuntimeError("MeshEncoder.bind(state, frozen, step) first")
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        seqs = tokenize(self.tokenizer, texts, self.max_length)
-        order = np.argsort([-len(s) for s in seqs], kind="stable")
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for start in range(0, len(texts), self.rows):
-            idx = order[start:start + self.rows]
-            batch = [seqs[i] for i in idx]
-            T = _bucket(max(len(s) for s in batch), self.max_length)
-            ids, mask = pad_left(batch, T, self.pad_id, rows=self.rows)  # every host holds the whole batch
-            g_ids, g_mask = (jax.make_array_from_callback(a.shape, self.rows_sharding, functools.partial(_take, a))
-                             for a in (ids, mask))
-            vecs = self._fn(*self._state, g_ids, g_mask)
-            vecs = multihost_utils.process_allgather(vecs, tiled=True) if jax.process_count() > 1 else vecs
-            out[idx] = np.asarray(vecs, np.float32)[: len(idx)]
-        return out
+        g_ids, g_mask = (jax.make_array_from_callback(a.shape, self.rows_sharding, functools.partial(_take, a))
+                         for a in (ids, mask))
+        vecs = self._fn(*self._state, g_ids, g_mask)
+        vecs = multihost_utils.process_allgather(vecs, tiled=True) if jax.process_count() > 1 else vecs
+        return np.asarray(vecs, np.float32)
 
 
 def _take(a: np.ndarray, index) -> np.ndarray:

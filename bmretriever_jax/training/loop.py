@@ -34,7 +34,7 @@ from bmretriever_jax.parallel import sharding
 from bmretriever_jax.util import remote, treeutil
 from bmretriever_jax.config import RunConfig, dump, resolve_mesh_shape, to_dict
 from bmretriever_jax.convert.hf import copy_tokenizer, load_hf, save_hf
-from bmretriever_jax.data import builders
+from bmretriever_jax.data import builders, packing
 from bmretriever_jax.data.pairs import read_pairs
 from bmretriever_jax.parallel.distributed import is_host0, preemption_sync_available
 from bmretriever_jax.util.errors import ConfigError, DataFormatError, InputPathError, UserError
@@ -134,8 +134,6 @@ class PackedShapeAgreement:
         self.count = 0
 
     def __call__(self, batch: dict) -> dict:
-        from bmretriever_jax.data import packing
-
         if "seg" not in batch:
             return batch
         mine = packing.is_fallback(batch)
@@ -402,7 +400,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
                 batch, data_state = prefetch.next()
                 if "seg" in batch:
                     trained += 1
-                    fallbacks += batch["ids"].shape[0] == batch["q_slot"].shape[0] + batch["p_slot"].shape[0]
+                    fallbacks += packing.is_fallback(batch)
                 state, metrics = train_step(state, frozen, batch)  # dispatched: runs while the host goes on
                 micro += 1
                 unchecked.append((micro, metrics["loss"]))
