@@ -129,9 +129,24 @@ class PackedShapeAgreement:
     RPCs, no device collective, so safe in the prefetch thread) and reads everyone's; a packed batch is
     re-packed into the fallback shape when another host fell back (`packing.to_fallback`, same texts)."""
 
-    def __init__(self, n_local_shards: int, max_segments: int, pad_id: int):
+    def __init__(self, n_local_shards: int, max_segments: int, pad_id: int, timeout_s: float = 600.0):
         self.n_local_shards, self.max_segments, self.pad_id = n_local_shards, max_segments, pad_id
         self.count = 0
+        self.timeout_s = timeout_s
+        # set when training stops: a batch built ahead that another process will never build must not keep
+        # this process waiting for its key (the prefetch thread is joined on close)
+        self.stop = threading.Event()
+
+    def _get(self, client, key: str) -> str:
+        deadline = time.time() + self.timeout_s
+        while True:
+            if self.stop.is_set():
+                raise RuntimeError("training stopped while a batch built ahead waited for the other processes")
+            try:
+                return client.blocking_key_value_get(key, 500)
+            except Exception as e:  # noqa: BLE001 - jax raises its runtime error on a deadline
+                if "DEADLINE" not in str(e).upper() or time.time() > deadline:
+                    raise
 
     def __call__(self, batch: dict) -> dict:
         if "seg" not in batch:
@@ -143,8 +158,7 @@ class PackedShapeAgreement:
             client, pi = _dist.global_state.client, jax.process_index()
             key = f"bmr/packed-fallback/{self.count}"
             client.key_value_set(f"{key}/{pi}", "1" if mine else "0")
-            anyone = any(client.blocking_key_value_get(f"{key}/{p}", 600_000) == "1"
-                         for p in range(jax.process_count()))
+            anyone = any(self._get(client, f"{key}/{p}") == "1" for p in range(jax.process_count()))
             if self.count >= 2:  # every process has read batch count-2's keys: it posted count-1's since
                 client.key_value_delete(f"bmr/packed-fallback/{self.count - 2}/{pi}")
             if anyone and not mine:
@@ -439,6 +453,7 @@ def train(run: RunConfig, *, quiet: bool = False, max_steps_this_run: Optional[i
             check_finite()
             mngr.wait_until_finished()
     finally:
+        agree.stop.set()
         if prefetch is not None:
             prefetch.close()
         bar.close()
