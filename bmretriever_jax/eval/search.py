@@ -143,10 +143,13 @@ def _iter_blocks(corpus, block_size: int) -> Iterator:
 
 
 def default_mesh() -> Mesh | None:
-    """A 1-D mesh over all devices when there is more than one, else None (single-device path)."""
-    if jax.device_count() == 1:
+    """A 1-D mesh over this process's devices when it has more than one, else None (single-device path). Local
+    devices only: in a multi-process job a search is called by one process (or by each on its own copy), and a
+    mesh over every process's devices would make it a collective that a lone caller waits on forever."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
         return None
-    return jax.make_mesh((jax.device_count(),), ("corpus",), axis_types=(jax.sharding.AxisType.Auto,))
+    return Mesh(np.asarray(devices), ("corpus",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def topk_search(query_vecs, corpus: "np.ndarray | jax.Array | Iterable[np.ndarray]", k: int, *,
