@@ -109,6 +109,48 @@ def test_warmup_compiles_every_shape_and_requests_compile_nothing(family_server)
     assert CompileCounter.count() > before
 
 
+def test_packed_batches_fill_rows_and_never_compute_more_than_padded(family_server):
+    """A batch's texts are packed into the compiled (rows, length) shape that computes the fewest tokens: each text
+    keeps its own tokens in one segment of one row, and no batch computes more tokens than one text per row."""
+    b = family_server.state.models["gemma3"].backend  # lengths 16, 32; rows 1, 4
+    assert b.pack
+    seqs = [[5 + i] * 7 for i in range(8)]
+    chunks = b._packed_chunks(seqs)
+    assert [c[0] for c in chunks] == [(4, 16)]  # 2 a row; padded: 8 rows of 16, two batches of 4
+    (_, ids, seg, (members, slots)), = chunks
+    assert sorted(members.tolist()) == list(range(8))
+    for j, i in enumerate(members):
+        r, k = divmod(int(slots[j]), b.max_segments)
+        assert ids[r][seg[r] == k + 1].tolist() == seqs[i]
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        seqs = [[1] * int(n) for n in rng.integers(1, MAX_LENGTH + 1, size=rng.integers(1, 20))]
+        packed = sum(r * T for (r, T), *_ in b._packed_chunks(seqs))
+        T = b._fit(max(len(t) for t in seqs))
+        assert packed <= sum(r for r, _ in b.plan(len(seqs), T)) * T
+
+
+def test_unpacked_backend_gives_the_same_vectors(tmp_path):
+    """`bmr serve --no-pack`: one text per row, padded to its length bucket; the same vectors as packed rows."""
+    from bmretriever_jax.serve.batcher import Job
+
+    spec = f"m={tiny_model_dir(str(tmp_path / 'm'), 'llama', seed=3)}"
+    padded, packed = (load_models([spec], max_length=MAX_LENGTH, dtype="float32", batch_sizes=[1, 4],
+                                  seq_buckets=[16], pack=p)[0].backend for p in (False, True))
+    assert not padded.pack and packed.pack
+    texts = DOCS + QUERIES
+    out = []
+    for b in (padded, packed):
+        b.warmup()
+        jobs = [Job(ids, t, None, None) for ids, t in zip(b.tokenize(texts), texts)]
+        prepared = b.prepare(jobs)
+        out.append(b.finish(b.launch(prepared), len(jobs)))
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-5)
+    ref = padded.encoder.encode_texts(texts)
+    cos = (out[0] * ref).sum(-1) / np.linalg.norm(out[0], axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert 1 - cos.min() <= 1e-6
+
+
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_served_vectors_equal_encoder(family_server, fam):
     """OpenAI (base64 default and float) and TEI answers == Encoder.encode_queries / encode_passages (fp32)."""

@@ -39,8 +39,8 @@ def cmd_serve(a):
     from bmretriever_jax.serve.app import ServerState, ServeSettings, load_models, run
 
     models = load_models(a.models, max_length=a.max_length, dtype=a.dtype, instruction=a.instruction,
-                         seq_buckets=seq, batch_sizes=rows, max_batch_tokens=a.max_batch_tokens, backend=a.backend,
-                         quiet=a.quiet)
+                         seq_buckets=seq, batch_sizes=rows, max_batch_tokens=a.max_batch_tokens, pack=a.pack,
+                         backend=a.backend, quiet=a.quiet)
     settings = ServeSettings(max_inputs=a.max_inputs, max_input_chars=a.max_input_chars, max_queue=a.max_queue,
                              max_wait_ms=a.max_wait_ms, request_timeout=a.request_timeout, api_key=api_key,
                              drain_timeout=a.timeout_graceful_shutdown or 60.0)
@@ -68,6 +68,8 @@ def add_commands(sub) -> None:
     s.add_argument("--batch-sizes", default="1,4,8,16,32", help="padded batch rows compiled at start-up, per length "
                    "(default 1,4,8,16,32; a shape over --max-batch-tokens is skipped)")
     s.add_argument("--max-batch-tokens", type=int, default=16384, help="rows x padded length of one batch, at most")
+    s.add_argument("--no-pack", dest="pack", action="store_false", help="one text per row (padded), instead of "
+                   "packing a batch's texts several to a row in the compiled shape that computes the fewest tokens")
     s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long an idle batcher gathers texts")
     s.add_argument("--max-queue", type=int, default=1024, help="texts waiting; more -> 429 with Retry-After")
     s.add_argument("--max-inputs", type=int, default=512, help="texts per request; more -> 413")

@@ -521,7 +521,8 @@ def info(state: ServerState) -> Dict:
         b = mdl.backend
         models.append({"id": name, "source": mdl.source, "backend": b.kind, "dim": b.dim, "max_input_length": b.max_length,
                        "query_instruction": mdl.instruction, "seq_buckets": list(b.seq_buckets),
-                       "batch_sizes": {str(T): r for T, r in b.rows.items()}, "shapes": len(b.shapes())})
+                       "batch_sizes": {str(T): r for T, r in b.rows.items()}, "shapes": len(b.shapes()),
+                       "packed": bool(getattr(b, "pack", False))})
     return {"models": models, "ready": state.ready, "warmup_seconds": state.warmup_seconds,
             "max_inputs": s.max_inputs, "max_input_chars": s.max_input_chars, "max_queue": s.max_queue,
             "max_wait_ms": s.max_wait_ms, "request_timeout": s.request_timeout, "auth": bool(s.api_key),
@@ -549,7 +550,7 @@ def model_name(spec: str) -> (str, str):
 
 def load_models(specs: Sequence[str], *, max_length: Optional[int] = None, dtype: str = "auto",
                 instruction: Optional[str] = None, seq_buckets=None, batch_sizes=None, max_batch_tokens: int = 16384,
-                backend: str = "jax", quiet: bool = True) -> List[ServedModel]:
+                pack: bool = True, backend: str = "jax", quiet: bool = True) -> List[ServedModel]:
     from bmretriever_jax.convert.export import DEFAULT_INSTRUCTION
     from bmretriever_jax.embed import TASK_INSTRUCTIONS
     from bmretriever_jax.serve.batcher import (DEFAULT_BATCH_SIZES, DEFAULT_SEQ_BUCKETS, JaxBackend,
@@ -568,7 +569,8 @@ def load_models(specs: Sequence[str], *, max_length: Optional[int] = None, dtype
             from bmretriever_jax.embed import Encoder
 
             enc = Encoder.load(path, max_length=max_length, dtype=dtype, quiet=quiet)
-            b = JaxBackend(enc, seq_buckets=seq_buckets, batch_sizes=batch_sizes, max_batch_tokens=max_batch_tokens)
+            b = JaxBackend(enc, seq_buckets=seq_buckets, batch_sizes=batch_sizes, max_batch_tokens=max_batch_tokens,
+                           pack=pack)
             settings = hub.retriever_settings(hub.resolve(path, quiet=True))
             instructions = enc.instructions
         instr = instruction or settings.get("instruction") or DEFAULT_INSTRUCTION

@@ -1,9 +1,10 @@
 """One queue, one device thread: requests' texts -> batches in precompiled (rows, length) buckets -> vectors.
 
 A backend turns texts into token ids (`tokenize`, called off the event loop by the HTTP handlers) and runs a batch
-(`prepare` pads it on the host, `launch` dispatches it, `finish` waits for the result). `JaxBackend` wraps an `Encoder`: every (rows, length) shape it
-will ever run is compiled by `warmup()` before the server reports ready, and batches are padded to one of those
-shapes, so no XLA compile happens on the request path. `SentenceTransformerBackend` runs an exported
+(`prepare` lays it out on the host, `launch` dispatches it, `finish` waits for the result). `JaxBackend` wraps an
+`Encoder`: every (rows, length) shape it will ever run is compiled by `warmup()` before the server reports ready,
+and a batch is packed (several texts a row, segment ids) or padded (one a row) into one of those shapes, so no XLA
+compile happens on the request path. `SentenceTransformerBackend` runs an exported
 sentence-transformers folder (the load test's anchor behind the same HTTP layer).
 
 `Batcher` owns one thread. Handlers `submit` jobs (one per text, each with an asyncio future); a full queue raises
@@ -68,12 +69,17 @@ class JaxBackend:
     normalized = False
 
     def __init__(self, encoder, *, seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
-                 batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, max_batch_tokens: int = 16384):
+                 batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, max_batch_tokens: int = 16384,
+                 pack: bool = True, max_segments: int = 16):
         import jax
 
         from bmretriever_jax.embed import embed_batch
 
         self.encoder = enc = encoder
+        # pack: a batch's texts are placed several to a row (segment ids; attention, positions and pooling per
+        # text, as in packed training) in whichever compiled (rows, length) shape computes the fewest tokens, so
+        # short texts fill rows instead of padding them; the vectors equal the padded path's (tests/test_serve.py)
+        self.pack, self.max_segments = bool(pack), int(max_segments)
         self.max_length, self.dim, self.tokenizer = enc.max_length, enc.dim, enc.tokenizer
         self.normalize_default = enc.normalize
         self.seq_buckets = sorted({b for b in seq_buckets if 0 < b < enc.max_length} | {enc.max_length})
@@ -83,7 +89,8 @@ class JaxBackend:
         self.rows = {T: ([r for r in sizes if r * T <= max_batch_tokens] or sizes[:1]) for T in self.seq_buckets}
         self.max_rows_any = max(max(r) for r in self.rows.values())
         self._jit = jax.jit(functools.partial(embed_batch, enc.cfg, pooling=enc.pooling, normalize=False,
-                                              dtype=enc.dtype, bidirectional=enc.bidirectional))
+                                              dtype=enc.dtype, bidirectional=enc.bidirectional,
+                                              **({"max_segments": self.max_segments} if self.pack else {})))
         self._compiled: Dict[Tuple[int, int], Callable] = {}
         self.shapes_used: collections.Counter = collections.Counter()  # (rows, length) -> batches run
 
@@ -101,6 +108,8 @@ class JaxBackend:
             spec = jax.ShapeDtypeStruct((r, T), jnp.int32)
             fn = self._jit.lower(self.encoder.params, spec, spec).compile()
             ids, mask = pad_left([[self.encoder.pad_id]], T, self.encoder.pad_id, rows=r)
+            if self.pack:  # the mask holds segment ids: one text, segment 1
+                mask = (mask > 0).astype(np.int32)
             np.asarray(fn(self.encoder.params, ids, mask))  # run once: nothing is left to do on the first request
             self._compiled[(r, T)] = fn
             if progress:
@@ -118,13 +127,20 @@ class JaxBackend:
         return [len(s) for s in tokenize(self.tokenizer, texts, self.max_length + 1)]
 
     def bucket(self, n_tokens: int) -> int:
+        """The batcher groups jobs by bucket: packed, every length goes together (`prepare` picks the shape)."""
+        if self.pack:
+            return self.seq_buckets[-1]
+        return self._fit(n_tokens)
+
+    def _fit(self, n_tokens: int) -> int:
         for T in self.seq_buckets:
             if n_tokens <= T:
                 return T
         return self.seq_buckets[-1]
 
     def max_rows(self, T: int) -> int:
-        return self.rows[T][-1]
+        """Texts per batch: the largest compiled row count (packed: 4 texts a row, e.g. short queries)."""
+        return self.max_rows_any * 4 if self.pack else self.rows[T][-1]
 
     def plan(self, n: int, T: int) -> List[Tuple[int, int]]:
         """n texts of bucket T -> [(compiled rows, texts)]: one padded batch, unless padding would cost more than
@@ -142,10 +158,46 @@ class JaxBackend:
             n -= take
         return out
 
+    def _packed_chunks(self, seqs: Sequence[Sequence[int]]):
+        """Texts -> chunks ((rows, T), ids, segment ids, (texts, their slots)): the compiled length T whose rows hold them
+        in the fewest computed tokens (first-fit decreasing, `data.packing`), split as `plan` splits rows."""
+        from bmretriever_jax.data.packing import _first_fit
+
+        lengths = [len(t) for t in seqs]
+        best = None
+        for T in self.seq_buckets:
+            if T < max(lengths):
+                continue
+            row, sid, n_rows = _first_fit(lengths, T, self.max_segments, None)
+            cost = sum(r for r, _ in self.plan(n_rows, T)) * T
+            if best is None or cost < best[0]:
+                best = (cost, T, row, sid, n_rows)
+        _, T, row, sid, n_rows = best
+        chunks, first = [], 0
+        K = self.max_segments
+        for rows, take in self.plan(n_rows, T):
+            members = [i for i in range(len(seqs)) if first <= row[i] < first + take]
+            ids = np.full((rows, T), self.encoder.pad_id, np.int32)
+            seg = np.zeros((rows, T), np.int32)
+            fill = [0] * rows
+            slots = np.zeros(len(members), np.int64)
+            for j, i in enumerate(members):  # text order, so segments ascend along each row
+                r, a = row[i] - first, fill[row[i] - first]
+                ids[r, a:a + lengths[i]] = seqs[i]
+                seg[r, a:a + lengths[i]] = sid[i]
+                fill[r] = a + lengths[i]
+                slots[j] = r * K + sid[i] - 1
+            chunks.append(((rows, T), ids, seg, (np.asarray(members, np.int64), slots)))
+            first += take
+        return chunks
+
     def prepare(self, jobs: Sequence[Job]):
         """Host side of a batch: pad each chunk of `plan` to its compiled shape (while the previous batch runs)."""
         from bmretriever_jax.embed import pad_left
 
+        if self.pack:
+            chunks = self._packed_chunks([j.ids for j in jobs])
+            return chunks, sum(rows * T for (rows, T), *_ in chunks)
         T = self.bucket(max(len(j.ids) for j in jobs))
         chunks, i = [], 0
         for rows, take in self.plan(len(jobs), T):
@@ -159,7 +211,7 @@ class JaxBackend:
         running (dispatched), so the batcher forms the next batch meanwhile."""
         chunks, _ = prepared
         handles = []
-        for n, (shape, ids, mask, take) in enumerate(chunks):
+        for shape, ids, mask, take in chunks:  # packed: mask = segment ids, take = (texts, their slots)
             if handles:
                 handles[-1][0].block_until_ready()
             self.shapes_used[shape] += 1
@@ -168,6 +220,11 @@ class JaxBackend:
 
     def finish(self, handles, n: int) -> np.ndarray:
         # host copies + numpy slices: no jax op, so no compile
+        if self.pack:  # slot vectors [rows, K, D] -> each text's vector, in job order
+            out = np.zeros((n, self.dim), np.float32)
+            for h, (members, slots) in handles:
+                out[members] = np.asarray(h, np.float32).reshape(-1, self.dim)[slots]
+            return out
         return np.concatenate([np.asarray(h, np.float32)[:take] for h, take in handles])[:n]
 
 
