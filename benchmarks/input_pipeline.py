@@ -29,8 +29,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-PRETRAIN = dict(global_batch=4096, hosts=16, chips=64, max_length=512, query_max_length=512)  # 410M pre-training
-FINETUNE = dict(global_batch=512, hosts=4, chips=16, max_length=512, query_max_length=512)  # 410M fine-tune, v5e-16
+PRETRAIN = dict(global_batch=4096, hosts=16, chips=64, max_length=512, query_max_length=512,
+                config="bmretriever-410m-pretrain.yaml")  # 410M pre-training, v5e-64
+FINETUNE = dict(global_batch=512, hosts=4, chips=16, max_length=512, query_max_length=512,
+                config="bmretriever-410m-finetune.yaml")  # 410M fine-tune, v5e-16
+
+
+def _tail_sigmas(cfg: dict) -> float:
+    """The packing tail room (data.pack_tail_sigmas) the paper config this benchmark stands for trains with."""
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "papers", cfg["config"]), encoding="utf-8") as f:
+        data = yaml.safe_load(f).get("data") or {}
+    return float(data.get("pack_tail_sigmas", 6.0))
 
 
 def _run_config(prepared: str, cfg: dict, *, packing: bool, num_negatives: int, workers: int = 0):
@@ -39,7 +50,8 @@ def _run_config(prepared: str, cfg: dict, *, packing: bool, num_negatives: int, 
     return load_config(None, ["model.name=gemma3-270m", f"data.prepared={prepared}", f"data.packing={str(packing).lower()}",
                               f"data.num_negatives={num_negatives}", f"data.workers={workers}",
                               f"model.max_length={cfg['max_length']}", f"model.query_max_length={cfg['query_max_length']}",
-                              f"train.global_batch_size={cfg['global_batch']}", "data.pack_calibration_batches=32"])
+                              f"train.global_batch_size={cfg['global_batch']}", "data.pack_calibration_batches=32",
+                              f"data.pack_tail_sigmas={_tail_sigmas(cfg)}"])
 
 
 def _tokenizer():
@@ -208,11 +220,13 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     probe = make_loader(packed_run, None, 0, 1, prepared=data, n_shards=n_shards)  # balanced global batches
     rows = pack_rows_from_lengths(data, probe, packed_run, n_shards, 32)
     calibration = "the first 32 global batches, from the stored token lengths"
+    over, checked = fallback_steps(data, probe, packed_run, n_shards, rows)
     local_shards = n_shards // hosts
-    out = {"pairs": m["count"], "prepare_s": round(prep_s, 1), "pack_rows_per_device": rows,
+    out = {"fallback_steps": over, "fallback_checked": checked, "pairs": m["count"], "prepare_s": round(prep_s, 1), "pack_rows_per_device": rows,
            "global_batch": cfg["global_batch"], "devices": n_shards, "hosts": hosts, "max_length": cfg["max_length"],
            "query_max_length": cfg["query_max_length"], "num_negatives": num_negatives,
-           "token_stats": {k: m["stats"][k] for k in ("query_tokens", "passage_tokens")}, "calibration": calibration}
+           "token_stats": {k: m["stats"][k] for k in ("query_tokens", "passage_tokens")}, "calibration": calibration,
+           "tail_sigmas": packed_run.data.pack_tail_sigmas, "config": cfg["config"]}
     # padded: queries and passages in rows of their own; packed: both share the rows (packing.pack_pairs)
     counts = {k: [0, 0] for k in ("padded_queries", "padded_passages", "packed")}
     for mode, run in (("padded", padded_run), ("packed", packed_run)):
@@ -233,6 +247,36 @@ def text_share(tok, work: str, name: str, entries, cfg: dict, num_negatives: int
     out["pack_max_segments"] = packed_run.data.pack_max_segments
     out["host_batches_measured"] = host_batches
     return out
+
+
+def fallback_steps(data, loader, run, n_shards: int, rows: int, limit: int = 400):
+    """(steps whose batch some device cannot pack into `rows` rows, steps checked): `limit` global batches
+    after the calibration's first 32 of epoch 0 (out of sample; later epochs, reshuffled, as a longer run
+    meets them), from the stored token lengths; such a step runs the padded shape."""
+    from bmretriever_jax.data import packing
+    from bmretriever_jax.data.batches import pack_length
+
+    hb = loader._host_batch(False, 0, 1)
+    hb._data = data
+    per_epoch = loader.steps_per_epoch
+    steps = [(e, s) for e in range(1 + limit // per_epoch + 1) for s in range(per_epoch) if e or s >= 32][:limit]
+    over = 0
+    for e, s in steps:
+        per_pair = hb.token_lengths(hb.global_indices(e, s), e)
+        blocks = packing.joint_blocks([int(q) for q, _ in per_pair], [int(x) for _, ps in per_pair for x in ps],
+                                      n_shards)[0]
+        t = len(blocks) // n_shards
+        over += any(packing.rows_needed(blocks[i * t:(i + 1) * t], pack_length(run), run.data.pack_max_segments)
+                    > rows for i in range(n_shards))
+    return over, len(steps)
+
+
+def text_shares(args, tok) -> dict:
+    share = {"pretrain": text_share(tok, args.work, "pretrain",
+                                    ["pretrain:" + os.path.join(ROOT, "data/scifact/corpus.jsonl")], PRETRAIN, 0, 8),
+             "finetune": text_share(tok, args.work, "finetune", ["scifact", "pubmedqa", "medquad"], FINETUNE, 1, 8)}
+    print("text share:", json.dumps({k: (v["padded"], v["packed"]) for k, v in share.items()}), flush=True)
+    return share
 
 
 # ---------------------------------------------------------------------------------------------- workers needed
@@ -310,14 +354,16 @@ def render(res: dict) -> str:
               f"{share['pretrain']['host_batches_measured']} host batches each (several hosts and steps), at most "
               f"{share['pretrain'].get('pack_max_segments', 16)} texts a row. Packed, queries and passages share "
               "the rows and each global batch is balanced over the devices (`data.pack_balance`); the rows per "
-              "device are what `choose_rows` picks from the calibration batches with the default 6-sigma tail room "
-              "(the shape the run compiles):", "",
-              "| data | config split | padded | packed | rows / device | calibrated on |", "|---|---|---:|---:|---:|---|"]
+              "device are what `choose_rows` picks from the calibration batches with the tail room "
+              "(`data.pack_tail_sigmas`) of the paper config the row stands for (the shape the run compiles):", "",
+              "| data | config split | padded | packed | rows / device | tail room | padded fallback | calibrated on |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     names = {"pretrain": "pre-training: SciFact titles -> abstracts", "finetune": "fine-tune: scifact + pubmedqa + medquad, 1 negative"}
     for k, v in share.items():
         lines.append(f"| {names[k]} | {v['global_batch']} pairs over {v['devices']} devices, {v['hosts']} hosts, "
                      f"max_length {v['max_length']} | {v['padded']:.1%} | {v['packed']:.1%} | "
-                     f"{v['pack_rows_per_device']} | "
+                     f"{v['pack_rows_per_device']} | {v.get('tail_sigmas', 6.0):g} sigmas ({v.get('config', '')}) | "
+                     f"{v.get('fallback_steps', '?')} of {v.get('fallback_checked', '?')} later steps | "
                      f"{v.get('calibration') or 'the first 32 global batches, from the stored token lengths'} |")
     return "\n".join(lines)
 
@@ -345,6 +391,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results", "input_pipeline.json"))
     ap.add_argument("--report", action="store_true", help="only rewrite the BENCHMARKS.md section from --out")
     ap.add_argument("--only-throughput", action="store_true", help="rerun the throughput part into --out")
+    ap.add_argument("--only-text-share", action="store_true", help="rerun the text-share part into --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--pack-rows", help=argparse.SUPPRESS)
@@ -371,6 +418,14 @@ def main():
     from bmretriever_jax.util.machine import cpu_info, versions
 
     os.makedirs(args.work, exist_ok=True)
+    if args.only_text_share:
+        res = json.load(open(args.out))
+        res["text_share"] = text_shares(args, _tokenizer())
+        res["text_share_run"] = {"command": "benchmarks/input_pipeline.py " + " ".join(sys.argv[1:]),
+                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_info()}
+        json.dump(res, open(args.out, "w"), indent=1)
+        write_section(res)
+        return None
     t_start = time.time()
     res = {"command": "benchmarks/input_pipeline.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_info(),
@@ -382,12 +437,7 @@ def main():
     tok = _tokenizer()
 
     # 3. text share (also gives the pre-training config's packed rows for the host runs below)
-    share = {}
-    share["pretrain"] = text_share(tok, args.work, "pretrain", ["pretrain:" + os.path.join(ROOT, "data/scifact/corpus.jsonl")],
-                                   PRETRAIN, 0, 8)
-    share["finetune"] = text_share(tok, args.work, "finetune", ["scifact", "pubmedqa", "medquad"], FINETUNE, 1, 8)
-    res["text_share"] = share
-    print("text share:", json.dumps({k: (v["padded"], v["packed"]) for k, v in share.items()}), flush=True)
+    share = res["text_share"] = text_shares(args, tok)
     rows = share["pretrain"]["pack_rows_per_device"]
 
     # 1. memory: small vs big corpus, 1 worker (the training process + its grain worker)

@@ -73,11 +73,14 @@ def test_choose_rows_covers_the_worst_shard_and_the_tail():
     # needs 2, 1, 1, 1: mean 1.25, sd 0.433 -> 6 sigmas: ceil(3.85) = 4, but a shard has only 2 texts
     assert packing.choose_rows(lengths, n_shards=2, length=16, max_segments=8) == 2
     # one shard of 16 texts: needs 3 and 4 rows; loads (tokens / 16) 2.375 and 4: mean 3.1875, sd 0.8125;
-    # slack (rows needed beyond the load) 0.625 and 0 -> 1 sigma: ceil(3.1875 + 0.8125 + 0.625) = 5
+    # overhead (whole rows needed beyond the load rounded up) 0 and 0 -> 1 sigma: ceil(3.1875 + 0.8125) = 4
     wide = [[16, 16] + [1] * 6 + [0] * 8, [8] * 8 + [0] * 8]
-    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16, sigmas=1) == 5
+    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16, sigmas=1) == 4
     assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16, sigmas=0) == 4
-    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16) == 9  # ceil(3.1875 + 4.875 + 0.625)
+    assert packing.choose_rows(wide, n_shards=1, length=16, max_segments=16) == 9  # ceil(3.1875 + 4.875)
+    # a placement overhead counts on top of the rounded tail: 3 texts of 9 need 3 rows of 16 for a load of 1.69
+    odd = [[9, 9, 9, 0], [9, 9, 9, 0]]
+    assert packing.choose_rows(odd, n_shards=1, length=16, max_segments=16, sigmas=1) == 3  # ceil(1.6875) + 1
     assert packing.choose_rows([[4, 4, 4, 4]], n_shards=1, length=16, max_segments=8) == 1
 
 

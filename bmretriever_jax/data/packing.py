@@ -174,13 +174,14 @@ def to_fallback(batch: Dict[str, np.ndarray], *, n_shards: int, max_segments: in
 def choose_rows(batches_lengths: Sequence[Sequence[int]], *, n_shards: int, length: int, max_segments: int,
                 sigmas: float = 6.0) -> int:
     """The packed row count per shard for a run, from the token counts of sampled global batches (in batch
-    order, split into n_shards contiguous blocks). Each sampled block needs some rows (first-fit decreasing);
-    the rows a block needs beyond its tokens / length are the placement's slack. Rows = the most any block
-    needed, or room for the tail of the load if more: mean load + `sigmas` standard deviations of the blocks'
-    loads (tokens / length) + the largest slack seen. A batch beyond it takes the fallback shape (one text per
-    row), which on a pod may not fit where the packed step does; 6 sigmas makes that about a
-    one-in-a-billion event per block and step for a normal tail (a block's load is a sum of many lengths);
-    `sigmas` 0 = the most any sample needed. Never more rows than a shard has texts (the padded shape)."""
+    order, split into n_shards contiguous blocks). Each sampled block needs some rows (first-fit decreasing):
+    at least its load (tokens / length) rounded up, plus the placement's overhead, the whole rows it needs
+    beyond that. Rows = the most any block needed, or room for the tail of the load if more: the load's mean +
+    `sigmas` standard deviations, rounded up, + the largest overhead seen. A batch beyond it takes the
+    fallback shape (one text per row), which on a pod may not fit where the packed step does; 6 sigmas makes
+    that about a one-in-a-billion event per block and step for a normal tail (a block's load is a sum of many
+    lengths); `sigmas` 0 = the most any sample needed. Never more rows than a shard has texts (the padded
+    shape)."""
     needs, loads, per = [], [], 1
     for lengths in batches_lengths:
         per = len(lengths) // n_shards
@@ -191,8 +192,11 @@ def choose_rows(batches_lengths: Sequence[Sequence[int]], *, n_shards: int, leng
     if not needs:
         return 1
     needs_a, loads_a = np.asarray(needs, float), np.asarray(loads, float)
-    tail = loads_a.mean() + sigmas * loads_a.std() + float((needs_a - loads_a).max()) if sigmas > 0 else 0.0
-    return min(max(per, 1), max(1, int(needs_a.max()), int(np.ceil(tail - 1e-9))))
+    tail = 0
+    if sigmas > 0:
+        overhead = float((needs_a - np.ceil(loads_a - 1e-9)).max())
+        tail = int(np.ceil(loads_a.mean() + sigmas * loads_a.std() - 1e-9) + overhead)
+    return min(max(per, 1), max(1, int(needs_a.max()), tail))
 
 
 def text_share(seg: np.ndarray) -> float:
@@ -259,3 +263,4 @@ def plan_packing(profile: Dict[str, List[int]], *, global_batch: int, group: int
     out["computed_tokens"] = int(sum(n * T for n, T in out["row_groups"]))
     out["text_share"] = text / out["computed_tokens"]
     return out
+
