@@ -63,6 +63,12 @@ def _first_fit(lengths: Sequence[int], length: int, max_segments: int, max_rows:
     return row, seg, len(free)
 
 
+def place(lengths: Sequence[int], length: int, max_segments: int) -> Tuple[List[int], List[int], int]:
+    """Texts of these token counts -> (row of each text, segment (1-based) of each text, rows used):
+    first-fit decreasing into as many rows as it takes."""
+    return _first_fit(lengths, length, max_segments, None)
+
+
 def rows_needed(lengths: Sequence[int], length: int, max_segments: int) -> int:
     """Rows that first-fit decreasing needs for texts of these token counts."""
     return _first_fit(lengths, length, max_segments, None)[2]

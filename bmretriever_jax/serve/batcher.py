@@ -161,14 +161,14 @@ class JaxBackend:
     def _packed_chunks(self, seqs: Sequence[Sequence[int]]):
         """Texts -> chunks ((rows, T), ids, segment ids, (texts, their slots)): the compiled length T whose rows hold them
         in the fewest computed tokens (first-fit decreasing, `data.packing`), split as `plan` splits rows."""
-        from bmretriever_jax.data.packing import _first_fit
+        from bmretriever_jax.data.packing import place
 
         lengths = [len(t) for t in seqs]
         best = None
         for T in self.seq_buckets:
             if T < max(lengths):
                 continue
-            row, sid, n_rows = _first_fit(lengths, T, self.max_segments, None)
+            row, sid, n_rows = place(lengths, T, self.max_segments)
             cost = sum(r for r, _ in self.plan(n_rows, T)) * T
             if best is None or cost < best[0]:
                 best = (cost, T, row, sid, n_rows)
