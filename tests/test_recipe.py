@@ -1,0 +1,46 @@
+"""The recipe ablation study (`python -m bmretriever_jax.studies.recipe`) end to end at smoke size on a tiny model:
+every row trains, evaluates alone and fused with BM25 on the three test sets, and a rerun resumes (trains nothing)."""
+import json
+import os
+
+import pytest
+
+from hf_tiny import tiny_model_dir
+
+from bmretriever_jax.studies import recipe
+
+
+@pytest.mark.slow
+def test_recipe_smoke_every_row_and_resume(tmp_path, capsys):
+    model = tiny_model_dir(str(tmp_path / "m"), "gemma3")
+    cfg_path = os.path.join(model, "config.json")  # room for the recipe's 256-token passages (rotary positions)
+    cfg = json.load(open(cfg_path))
+    cfg["max_position_embeddings"] = 512
+    json.dump(cfg, open(cfg_path, "w"))
+    out = tmp_path / "r"
+    assert recipe.main(["--smoke", "--model", model, "--out", str(out)]) == 0
+    res = json.load(open(out / "results.json"))
+    assert list(res["rows"]) == list(recipe.ROWS)
+    names = [os.path.basename(d) for d in res["data"]]
+    assert len(names) == 3
+    for row in recipe.ROWS:
+        for n in names:
+            for kind in ("alone", "fused"):
+                m = res["rows"][row][n][kind]
+                assert 0 <= m["ndcg@10"] <= 1 and 0 <= m["recall@100"] <= 1, (row, n, kind)
+    assert set(res["baselines"]) == {"bm25", "minilm"}
+    # stage 1 ran once and the stage-2 rows after it started from its weights
+    s1 = json.load(open(out / "stage1" / "done.json"))
+    assert "model.name=" + str(out / "stage1") in json.load(open(out / "s1" / "done.json"))["overrides"]
+    assert s1["config"] == "recipe/stage1-pretrain.yaml"
+    # the hard-negative rows trained on mined pairs with one negative each
+    first = json.loads(open(out / "data" / "all-hn1.jsonl").readline())
+    assert len(first["negatives"]) == 1
+    table = (out / "table.md").read_text()
+    assert table.count("fused with BM25") == len(recipe.ROWS)
+    # a rerun trains nothing and evaluates nothing: every row is in results.json
+    mtime = os.path.getmtime(out / "s1" / "done.json")
+    capsys.readouterr()
+    assert recipe.main(["--smoke", "--model", model, "--out", str(out)]) == 0
+    assert "--- train" not in capsys.readouterr().out
+    assert os.path.getmtime(out / "s1" / "done.json") == mtime
