@@ -60,7 +60,8 @@ def make_dev_folder(out: str, docs: int, seed: int = 0) -> dict:
 
 def child(args) -> None:
     pid = int(os.environ["BMR_PROCESS_ID"])
-    os.sched_setaffinity(0, {pid % os.cpu_count()})
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[pid % len(cores)]})
     from bmretriever_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize()
@@ -160,13 +161,23 @@ def main():
         with open(logs[i], "w") as log:  # each process's own output, kept for a post-mortem
             procs.append(subprocess.Popen(cmd, env=dict(env, BMR_PROCESS_ID=str(i)), stdout=log,
                                           stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + 3600
+    while any(p.poll() is None for p in procs):  # a process that fails leaves the other at a barrier: end it
+        if any(p.returncode for p in procs) or time.time() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(1)
     for p in procs:
-        p.wait(timeout=3600)
+        p.wait()
     for i, p in enumerate(procs):
         if p.returncode:
             lines = [x for x in open(logs[i]).read().splitlines() if not x.startswith("    @")]
             raise SystemExit(f"process {i} failed ({p.returncode}), whole log {logs[i]}:\n" + "\n".join(lines[-40:]))
     result = json.loads([line for line in open(logs[0]).read().splitlines() if line.startswith("RESULT ")][-1][7:])
+    if abs(result["ndcg@10"]["mesh"] - result["ndcg@10"]["host-0"]) > 1e-4:
+        raise SystemExit(f"the two evaluations disagree: NDCG@10 {result['ndcg@10']}")
     steady = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in result["times_s"].items()}
     res = {"command": "python benchmarks/dev_eval.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_info(),

@@ -44,3 +44,7 @@ def test_recipe_smoke_every_row_and_resume(tmp_path, capsys):
     assert recipe.main(["--smoke", "--model", model, "--out", str(out)]) == 0
     assert "--- train" not in capsys.readouterr().out
     assert os.path.getmtime(out / "s1" / "done.json") == mtime
+    # the folder is bound to its sizes: a full-size run there is refused, not fed the smoke models
+    with pytest.raises(SystemExit) as e:
+        recipe.main(["--model", model, "--out", str(out)])
+    assert e.value.code == 2 and "another --out" in capsys.readouterr().err

@@ -130,6 +130,27 @@ def test_packed_batches_fill_rows_and_never_compute_more_than_padded(family_serv
         assert packed <= sum(r for r, _ in b.plan(len(seqs), T)) * T
 
 
+def test_packed_batches_keep_to_the_token_budget(family_server):
+    """A packed batch holds at most the largest compiled shape's tokens, so long texts never queue a batch of
+    several chunks that every text in it waits for; the texts left over stay queued, in order."""
+    import collections
+
+    from bmretriever_jax.serve.batcher import Batcher, Job
+
+    b = family_server.state.models["gemma3"].backend
+    budget = b.token_budget()
+    assert budget == max(r * T for r, T in b.shapes()) == 4 * MAX_LENGTH
+
+    class Waiting:
+        def done(self):
+            return False
+
+    q = collections.deque(Job([1] * 30, str(i), Waiting(), None) for i in range(20))
+    chosen = Batcher({"m": b})._form(q, b, b.bucket(30), b.max_rows(b.bucket(30)))
+    assert len(chosen) == budget // 30 and sum(len(j.ids) for j in chosen) <= budget
+    assert [j.text for j in q] == [str(i) for i in range(len(chosen), 20)]
+
+
 def test_unpacked_backend_gives_the_same_vectors(tmp_path):
     """`bmr serve --no-pack`: one text per row, padded to its length bucket; the same vectors as packed rows."""
     from bmretriever_jax.serve.batcher import Job

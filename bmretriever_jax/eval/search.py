@@ -165,7 +165,7 @@ def topk_search(query_vecs, corpus: "np.ndarray | jax.Array | Iterable[np.ndarra
       block_size: corpus rows scored per step; device memory ~ Q * block_size * 4 bytes for the scores.
       similarity: "cos" (rows L2-normalised in float32 first) or "dot".
       dtype: "float32" (exact, HIGHEST precision) or "bfloat16" (bf16 operands, float32 accumulation).
-      mesh: "auto" = all devices when there are several; None = one device; or a Mesh whose axes are all
+      mesh: "auto" = this process's devices when it has several; None = one device; or a Mesh whose axes are all
         used to split each block's rows.
     Returns:
       (scores [Q, k] float32, indices [Q, k] int64), best first; ties -> lower index first.

@@ -142,6 +142,11 @@ class JaxBackend:
         """Texts per batch: the largest compiled row count (packed: 4 texts a row, e.g. short queries)."""
         return self.max_rows_any * 4 if self.pack else self.rows[T][-1]
 
+    def token_budget(self) -> Optional[int]:
+        """Packed: the real tokens one batch may hold, the largest compiled shape's (rows x length), so a batch
+        of long texts is not a queue of chunks that every text in it waits for. Padded: None (rows bound it)."""
+        return max(r * T for r, T in self.shapes()) if self.pack else None
+
     def plan(self, n: int, T: int) -> List[Tuple[int, int]]:
         """n texts of bucket T -> [(compiled rows, texts)]: one padded batch, unless padding would cost more than
         half the real rows; then the largest compiled size that fits, and the rest the same way (n=2 with sizes
@@ -382,8 +387,11 @@ class Batcher:
                 self._cv.wait()
 
     def _form(self, q: collections.deque, backend, T0: int, limit: int) -> List[Job]:
-        """The oldest job, then (in arrival order, within a window) others that fit its length bucket."""
+        """The oldest job, then (in arrival order, within a window) others that fit its length bucket (and the
+        backend's token budget, if it has one)."""
         chosen, keep = [], collections.deque()
+        budget = getattr(backend, "token_budget", lambda: None)()
+        tokens = 0
         window = 4 * limit
         while q and window > 0:
             job = q.popleft()
@@ -394,8 +402,10 @@ class Batcher:
                 if self.metrics is not None:
                     self.metrics.dropped.inc()
                 continue
-            if len(chosen) < limit and backend.bucket(len(job.ids)) <= T0:
+            if len(chosen) < limit and backend.bucket(len(job.ids)) <= T0 and \
+                    (budget is None or not chosen or tokens + len(job.ids) <= budget):
                 chosen.append(job)
+                tokens += len(job.ids)
                 self._queued -= 1
             else:
                 keep.append(job)

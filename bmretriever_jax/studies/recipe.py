@@ -9,14 +9,16 @@ Rows (each one change on top of the row before; Gemma 3 270M + LoRA, configs/rec
   ft256   + 256-token passages
   s1      + stage 1 first: contrastive pre-training on title -> abstract pairs of the SciFact corpus, used
           unlabelled (no query, no qrels: domain-adaptive pre-training); stage 2 starts from its weights
-  hn      + one BM25-mined hard negative per training pair (`bmr mine` over each data set's own positives)
+  hn      + one BM25-mined hard negative per training pair (`bmr mine` over the pooled positives of the
+          row's training data; the merge row's experts mine over their own data's)
   merge   + two stage-2 experts (literature: SciFact + PubMedQA; consumer: MedQuAD) merged linearly
 Every row is evaluated on the test splits of SciFact (all 5,183 abstracts), MedQuAD and PubMedQA (NDCG@10,
 recall@100), alone and fused with BM25 (min-max weighted sum, weights chosen on the data set's dev split where it
 has one, else equal: never on test), with BM25 and all-MiniLM-L6-v2 in the same table.
 
 A stage that finished is not run again (its folder holds `done.json`), so an interrupted study resumes where it
-stopped. Results: OUT/results.json after every row, and OUT/table.md.
+stopped; a study folder is bound to its sizes and model (results.json says which), and another --smoke / --model
+is refused there. Results: OUT/results.json after every row, and OUT/table.md.
 """
 from __future__ import annotations
 
@@ -174,7 +176,7 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join("runs", "recipe"))
+    p.add_argument("--out", default=None, help="study folder (default runs/recipe, runs/recipe-smoke with --smoke)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (2 steps, 120-document corpora)")
@@ -184,6 +186,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--rows {','.join(bad)}: allowed: {', '.join(ROWS)}")
     size = SIZES["smoke" if a.smoke else "full"]
+    a.out = a.out or os.path.join("runs", "recipe-smoke" if a.smoke else "recipe")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from bmretriever_jax.data.beir import subset_beir
     from bmretriever_jax.util.machine import cpu_info
@@ -195,7 +198,10 @@ def main(argv=None) -> int:
     cache = os.path.join(a.out, "vector_cache")
     path = os.path.join(a.out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else {"rows": {}}
-    results.update(data=data, cpu=cpu_info(), sizes=size, command="python -m bmretriever_jax.studies.recipe " +
+    if results.get("sizes", size) != size or results.get("model", a.model) != a.model:
+        p.error(f"--out {a.out}: that study ran with sizes {results['sizes']} and model {results.get('model')}; "
+                "give another --out for these settings")
+    results.update(data=data, cpu=cpu_info(), sizes=size, model=a.model, command="python -m bmretriever_jax.studies.recipe " +
                    " ".join(argv if argv is not None else sys.argv[1:]))
 
     def save():
