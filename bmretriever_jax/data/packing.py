@@ -269,4 +269,3 @@ def plan_packing(profile: Dict[str, List[int]], *, global_batch: int, group: int
     out["computed_tokens"] = int(sum(n * T for n, T in out["row_groups"]))
     out["text_share"] = text / out["computed_tokens"]
     return out
-
