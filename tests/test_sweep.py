@@ -213,6 +213,7 @@ STUDY_KEYS = ("point", "steps", "examples", "lr", "final_loss", "final_accuracy"
               "dev_ndcg@10:dev", "dev_recall@100")
 
 
+@pytest.mark.slow  # ~3.5 min of subprocess training: `make test-slow`
 def test_fixed_examples_study_resumes_after_a_kill_with_the_same_table(tmp_path):
     """A tiny-model study as `bmr sweep` runs it: the same 16 training queries at every point (4 steps of 4,
     2 steps of 8), sqrt lr scaling, a dev metric for every point and for the untrained model; killed (SIGKILL
