@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,27 +35,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_dev_folder(out: str, docs: int, seed: int = 0) -> dict:
-    """SciFact's dev claims over a corpus of their relevant abstracts + random others (`docs` in all)."""
-    src = os.path.join(ROOT, "data", "scifact")
-    qrels = [line.rstrip("\n").split("\t") for line in open(os.path.join(src, "qrels", "dev.tsv"), encoding="utf-8")]
-    qrels = [r for r in qrels if r and r[0] != "query-id"]
-    relevant = {r[1] for r in qrels}
-    corpus = [json.loads(line) for line in open(os.path.join(src, "corpus.jsonl"), encoding="utf-8")]
-    others = [d for d in corpus if d["_id"] not in relevant]
-    random.Random(seed).shuffle(others)
-    keep = [d for d in corpus if d["_id"] in relevant] + others[:max(0, docs - len(relevant))]
-    os.makedirs(os.path.join(out, "qrels"), exist_ok=True)
-    with open(os.path.join(out, "corpus.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(d) + "\n" for d in keep)
-    qids = {r[0] for r in qrels}
-    with open(os.path.join(out, "queries.jsonl"), "w", encoding="utf-8") as f:
-        for line in open(os.path.join(src, "queries.jsonl"), encoding="utf-8"):
-            if json.loads(line)["_id"] in qids:
-                f.write(line)
-    with open(os.path.join(out, "qrels", "dev.tsv"), "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        f.writelines("\t".join(r) + "\n" for r in qrels)
-    return {"queries": len(qids), "documents": len(keep)}
+    """SciFact with its dev-judged abstracts + seeded random others (`docs` in all), dev qrels only."""
+    from bmretriever_jax.data.beir import load_beir, subset_beir
+
+    shutil.rmtree(out, ignore_errors=True)  # subset_beir reuses a folder it finds: --docs may have changed
+    subset_beir(os.path.join(ROOT, "data", "scifact"), out, docs, seed=seed, splits=["dev"])
+    corpus, queries, _ = load_beir(out, "dev")
+    return {"queries": len(queries), "documents": len(corpus)}
 
 
 def child(args) -> None:

@@ -37,11 +37,9 @@ FINETUNE = dict(global_batch=512, hosts=4, chips=16, max_length=512, query_max_l
 
 def _tail_sigmas(cfg: dict) -> float:
     """The packing tail room (data.pack_tail_sigmas) the paper config this benchmark stands for trains with."""
-    import yaml
+    from bmretriever_jax.config import load_config
 
-    with open(os.path.join(ROOT, "configs", "papers", cfg["config"]), encoding="utf-8") as f:
-        data = yaml.safe_load(f).get("data") or {}
-    return float(data.get("pack_tail_sigmas", 6.0))
+    return load_config(os.path.join(ROOT, "configs", "papers", cfg["config"]), []).data.pack_tail_sigmas
 
 
 def _run_config(prepared: str, cfg: dict, *, packing: bool, num_negatives: int, workers: int = 0):
