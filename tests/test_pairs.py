@@ -150,6 +150,33 @@ def test_pretrain_pairs(tmp_path):
         ("a", "A title", "An abstract.", "custom")]
 
 
+def test_untitled_documents_pair_their_opening_sentence_with_the_rest(tmp_path):
+    rest = "It spreads in hospitals. Treatment depends on the strain and on the patient's condition today."
+    docs = [
+        {"_id": "u", "title": "", "text": "Acinetobacter is often resistant to many antibiotics. " + rest},
+        {"_id": "short-lead", "title": "", "text": "See below. " + rest},  # a 2-word lead says nothing
+        {"_id": "short-rest", "title": "", "text": "Acinetobacter is often resistant to many antibiotics. Yes."},
+        {"_id": "one-sentence", "title": "", "text": "Acinetobacter is often resistant to many antibiotics"},
+        {"_id": "t", "title": "A title", "text": "Acinetobacter is often resistant to many antibiotics. " + rest}]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    got = builders.pretrain_pairs_from_beir(str(corpus))
+    assert [(p.id, p.query, p.positive["text"], p.instruction) for p in got] == [
+        ("u", "Acinetobacter is often resistant to many antibiotics.", rest, builders.LEAD_INSTRUCTION),
+        ("t", "A title", docs[-1]["text"], builders.PRETRAIN_INSTRUCTION)]
+    assert [p.id for p in builders.pretrain_pairs_from_beir(str(corpus), lead=False)] == ["t"]
+    # the prepared-data stream (bmr prepare) makes the very same pairs
+    from bmretriever_jax.data.prepared import _stream_pretrain
+    assert list(_stream_pretrain(str(corpus))) == got
+    # the shipped untitled corpora: most documents make a pair, none is split inside an abbreviation like "e.g. x"
+    for name in ("pubmedqa_pqal", "medquad"):
+        path = os.path.join(DATA, name, "corpus.jsonl")
+        pairs = builders.pretrain_pairs_from_beir(path)
+        n_docs = sum(1 for _ in open(path))
+        assert len(pairs) >= 0.8 * n_docs, (name, len(pairs), n_docs)
+        assert all(not p.query.endswith((" e.g.", " i.e.", " et al.")) for p in pairs)
+
+
 @pytest.fixture(scope="module")
 def medquad_rows():
     with gzip.open(os.path.join(DATA, "medquad_train", "pairs.jsonl.gz"), "rt") as f:

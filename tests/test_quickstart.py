@@ -34,7 +34,10 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
         assert cfg["train"]["steps"] == steps
     res = json.load(open(os.path.join(out, "eval.json")))
     rows = {k.split(" | ")[0] for k in res}
-    assert {"bm25", "merged"} <= rows and len(rows) == 3
+    assert {"bm25", "merged", "wsum(merged + bm25)"} <= rows and len(rows) == 4
+    fused = {k.split(" | ")[1]: r for k, r in res.items() if k.startswith("wsum(")}
+    assert set(fused) == {"scifact-400", "pubmedqa_pqal"}  # retrieval sets only; weights from dev where there is one
+    assert "chosen on dev" in fused["scifact-400"]["fusion"] and "default" in fused["pubmedqa_pqal"]["fusion"]
     for key, r in res.items():  # every row has its metric: NDCG@10 for retrieval, Spearman for BIOSSES
         if key.endswith("biosses.tsv"):
             assert -1.0 <= r["spearman"] <= 1.0, key

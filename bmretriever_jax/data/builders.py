@@ -1,6 +1,7 @@
 """Training-pair builders for the data sets this project ships (and any BEIR folder).
 
-    pretrain_pairs_from_beir(corpus.jsonl)      title -> abstract (BMRetriever's unsupervised stage)
+    pretrain_pairs_from_beir(corpus.jsonl)      title -> abstract (BMRetriever's unsupervised stage); untitled
+                                                documents: opening sentence -> the rest
     scifact_train_pairs(dir)                    SciFact claim -> abstract, qrels/train.tsv only
     pubmedqa_train_pairs(dir)                   PubMedQA PQA-L question -> abstract, qrels/train.tsv only
     medquad_pairs(pairs.jsonl.gz, exclude_documents=...)   consumer-health question -> answer
@@ -40,22 +41,61 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def pretrain_pairs_from_beir(corpus_path: str, *, instruction: str = PRETRAIN_INSTRUCTION) -> list[Pair]:
-    """Title -> abstract pairs from a BEIR corpus.jsonl, in file order.
+# For documents without a title (PubMedQA's contexts, MedQuAD's answers): the opening sentence -> the rest, the
+# inverse cloze task (Lee et al. 2019) restricted to the lead, which in abstracts and answers states the topic.
+LEAD_INSTRUCTION = "Given the opening sentence of a biomedical text, retrieve the rest of the text"
+LEAD_MIN_WORDS = (5, 12)  # the opening sentence and the rest need at least this many words to make a pair
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
 
-    Documents without a title or without a text are skipped (nothing to pair), and so are documents whose
-    title is their text (the pair would teach string matching).
+
+def lead_split(text: str):
+    """(first sentence, the rest) of a text, or None when either is shorter than LEAD_MIN_WORDS."""
+    parts = _SENTENCE_END.split(text.strip(), maxsplit=1)
+    if len(parts) != 2:
+        return None
+    lead, rest = parts[0].strip(), parts[1].strip()
+    if len(lead.split()) < LEAD_MIN_WORDS[0] or len(rest.split()) < LEAD_MIN_WORDS[1]:
+        return None
+    return lead, rest
+
+
+def pretrain_pair(doc_id: str, title: str, text: str, *, instruction: str = PRETRAIN_INSTRUCTION,
+                  lead: bool = True) -> Pair | None:
+    """One unlabelled document -> its pre-training pair: title -> text; without a title (and `lead`), opening
+    sentence -> the rest (instruction LEAD_INSTRUCTION); None when there is nothing to pair (no text, no title
+    and no usable lead, or a title that is the text: the pair would teach string matching)."""
+    title, text = title.strip(), text.strip()
+    if not text:
+        return None
+    if title:
+        if _norm(title) == _norm(text):
+            return None
+        return Pair(query=title, positive={"title": "", "text": text, "id": doc_id}, instruction=instruction,
+                    id=doc_id)
+    split = lead_split(text) if lead else None
+    if split is None:
+        return None
+    return Pair(query=split[0], positive={"title": "", "text": split[1], "id": doc_id},
+                instruction=LEAD_INSTRUCTION, id=doc_id)
+
+
+def pretrain_pairs_from_beir(corpus_path: str, *, instruction: str = PRETRAIN_INSTRUCTION,
+                             lead: bool = True) -> list[Pair]:
+    """Pre-training pairs from a BEIR corpus.jsonl, in file order: title -> abstract (BMRetriever's first
+    stage), and for documents without a title, opening sentence -> the rest (`lead=False`: skip them).
+
+    Documents without a text are skipped (nothing to pair), and so are documents whose title is their text
+    (the pair would teach string matching) and untitled ones whose lead or rest is too short (LEAD_MIN_WORDS).
     """
     pairs = []
     skipped = 0
     for doc_id, doc in load_corpus(corpus_path).items():
-        title, text = doc["title"].strip(), doc["text"].strip()
-        if not title or not text or _norm(title) == _norm(text):
+        pair = pretrain_pair(doc_id, doc["title"], doc["text"], instruction=instruction, lead=lead)
+        if pair is None:
             skipped += 1
-            continue
-        pairs.append(Pair(query=title, positive={"title": "", "text": text, "id": doc_id},
-                          instruction=instruction, id=doc_id))
-    log.info("%s: %d title->abstract pairs, %d documents skipped", corpus_path, len(pairs), skipped)
+        else:
+            pairs.append(pair)
+    log.info("%s: %d pre-training pairs, %d documents skipped", corpus_path, len(pairs), skipped)
     return pairs
 
 

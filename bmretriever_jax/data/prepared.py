@@ -88,21 +88,20 @@ def _files_of(path: str) -> List[str]:
 def _stream_pretrain(corpus_path: str) -> Iterator[Pair]:
     """`builders.pretrain_pairs_from_beir` without holding the corpus: the same pairs, in file order."""
     from bmretriever_jax.data.beir import _string_field, jsonl_records
-    from bmretriever_jax.data.builders import PRETRAIN_INSTRUCTION, _norm
+    from bmretriever_jax.data.builders import pretrain_pair
     from bmretriever_jax.util.errors import DataFormatError
 
     first_line: Dict[str, int] = {}
     for lineno, obj in jsonl_records(corpus_path):
         doc_id = _string_field(obj, "_id", corpus_path, lineno)
-        title = _string_field(obj, "title", corpus_path, lineno, required=False).strip()
-        text = _string_field(obj, "text", corpus_path, lineno).strip()
+        title = _string_field(obj, "title", corpus_path, lineno, required=False)
+        text = _string_field(obj, "text", corpus_path, lineno)
         if doc_id in first_line:
             raise DataFormatError(f"{corpus_path}:{lineno}: duplicate _id {doc_id!r} (first on line {first_line[doc_id]})")
         first_line[doc_id] = lineno
-        if not title or not text or _norm(title) == _norm(text):
-            continue
-        yield Pair(query=title, positive={"title": "", "text": text, "id": doc_id}, instruction=PRETRAIN_INSTRUCTION,
-                   id=doc_id)
+        pair = pretrain_pair(doc_id, title, text)
+        if pair is not None:
+            yield pair
 
 
 def source_pairs(entries: Sequence[str]) -> Tuple[Iterator[Pair], List[dict]]:

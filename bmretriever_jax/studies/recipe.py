@@ -7,8 +7,9 @@
 Rows (each one change on top of the row before; Gemma 3 270M + LoRA, configs/recipe/*.yaml):
   ft128   fine-tune only, passages at 128 tokens: SciFact-train + PubMedQA-train + MedQuAD (the quickstart data)
   ft256   + 256-token passages
-  s1      + stage 1 first: contrastive pre-training on title -> abstract pairs of the SciFact corpus, used
-          unlabelled (no query, no qrels: domain-adaptive pre-training); stage 2 starts from its weights
+  s1      + stage 1 first: contrastive pre-training on the SciFact, MedQuAD and PubMedQA corpora used unlabelled
+          (no query, no qrels: domain-adaptive pre-training): title -> abstract, and for the untitled documents
+          opening sentence -> the rest (9,591 pairs); stage 2 starts from its weights
   hn      + one BM25-mined hard negative per training pair (`bmr mine` over the pooled positives of the
           row's training data; the merge row's experts mine over their own data's)
   merge   + two stage-2 experts (literature: SciFact + PubMedQA; consumer: MedQuAD) merged linearly
@@ -34,7 +35,7 @@ from bmretriever_jax.util import paths
 
 ROWS = ("ft128", "ft256", "s1", "hn", "merge")
 ROW_TITLES = {"ft128": "fine-tune only, 128-token passages (the quickstart recipe)", "ft256": "+ 256-token passages",
-              "s1": "+ stage 1: title -> abstract pre-training", "hn": "+ 1 BM25 hard negative per pair",
+              "s1": "+ stage 1: title / lead -> text pre-training", "hn": "+ 1 BM25 hard negative per pair",
               "merge": "+ merge of two experts (literature, consumer)"}
 DATA = ("scifact", "medquad", "pubmedqa_pqal")
 EXPERTS = {"literature": ["scifact", "pubmedqa"], "consumer": ["medquad"]}
@@ -92,10 +93,11 @@ def build_row(row: str, a, size: dict) -> str:
     base = [f"model.name={a.model}", f"model.max_length={length}", f"train.global_batch_size={size['batch']}"]
     start = []
     if row in ("s1", "hn", "merge"):
-        corpus = "pretrain:" + paths.shipped_data("scifact", "corpus.jsonl")  # unlabelled: no query, no qrels
+        # the three corpora, unlabelled: no query, no qrels of any split
+        corpora = ["pretrain:" + paths.shipped_data(name, "corpus.jsonl") for name in DATA]
         s1 = train_stage("recipe/stage1-pretrain.yaml", os.path.join(out, "stage1"),
                          [f"model.name={a.model}", f"train.steps={size['stage1_steps']}",
-                          f"train.global_batch_size={size['batch']}", f"data.train={json.dumps([corpus])}"])
+                          f"train.global_batch_size={size['batch']}", f"data.train={json.dumps(corpora)}"])
         start = [f"model.name={s1}"]
     if row != "merge":
         data = [n for names in EXPERTS.values() for n in names]
