@@ -23,8 +23,8 @@ state / frozen params / mesh (mesh.data=1) / batches built as `train()` builds t
                       the same numerics as ours bf16.
   torch bf16 weights  base model cast to bf16, peft's default keeps the adapters (and their matmuls) in f32:
                       how people usually run LoRA in bf16; less memory traffic for the frozen weights.
-The contenders run round-robin, one training step each per round (after a warm-up step: compilation, lazy
-init), and report the median step. Memory: see train_memory.py (compiled-program memory of our step vs
+The contenders run round-robin, one training step each per round (after --warmup steps each: compilation,
+lazy init, and our heap reaching its steady size), and report the median step. Memory: see train_memory.py (compiled-program memory of our step vs
 global batch with and without the gradient cache; measured process RSS of single steps of both sides).
 Writes benchmarks/results/train.json (train-fp32.json with --precisions fp32) and
 benchmarks/results/train_memory.png; prints markdown tables.
@@ -215,10 +215,12 @@ def speed(args, model_cfg, base_np, tok, folder) -> dict:
                                                                      jax.random.PRNGKey(0))[0])
 
     losses = {}
-    for name, fn in contenders.items():
-        t = time.perf_counter()
-        losses[name] = fn()
-        log(f"warm-up {name}: {time.perf_counter() - t:.1f} s (loss {losses[name]:.4f})")
+    for i in range(args.warmup):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            loss = fn()
+            losses.setdefault(name, loss)  # the first step's loss: the same batch and weights on every side
+            log(f"warm-up {i + 1}/{args.warmup} {name}: {time.perf_counter() - t:.1f} s (loss {loss:.4f})")
     timing = common.interleaved(contenders, args.steps, log)
     real = int(batch_np["q_mask"].sum() + batch_np["p_mask"].sum())
     positions = batch_np["q_ids"].size + batch_np["p_ids"].size
@@ -255,6 +257,9 @@ def main() -> None:
     ap.add_argument("--passage-len", type=int, default=128)
     ap.add_argument("--negatives", type=int, default=1, help="hard negatives per query")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per contender (interleaved, median)")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps per contender first: compilation and lazy init, and on our side the heap "
+                         "reaching its steady size (the first steps page-fault fresh temporaries: util/allocator.py)")
     ap.add_argument("--mem-batches", default="16,32,64,128,256,512,1024,2048,4096",
                     help="global batches of the compiled-memory analysis of our step")
     ap.add_argument("--grad-cache", default="16", help="chunk sizes (sequences) of the gradient cache, comma list")
@@ -279,6 +284,7 @@ def main() -> None:
     if args.quick:
         args.plot = args.plot.replace("train_memory.png", "train_memory_quick.png")
         args.batch, args.passage_len, args.steps, args.mem_batches, args.rss_batches = 2, 64, 1, "64,512", "4"
+        args.warmup = 1
 
     import torch
 
@@ -337,7 +343,7 @@ def tables(result, args, cpu, load_start, load_end):
                   f"(positive + {args.negatives} hard negative) x {args.passage_len} tokens, real SciFact pairs, "
                   f"left padded ({sp['real_tokens'] / sp['positions']:.0%} real tokens), InfoNCE t={TEMPERATURE} "
                   f"over all {args.batch * G} passages, AdamW, clip {CLIP}; median of {args.steps} interleaved "
-                  f"steps after a warm-up step. CPU: {cpu['model']}, {cpu['logical_cpus']} cores, torch threads "
+                  f"steps after {args.warmup} warm-up step(s). CPU: {cpu['model']}, {cpu['logical_cpus']} cores, torch threads "
                   f"{sp['torch_threads']} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}), torch attention '{sp['info']['torch_attention']}'; load average "
                   f"{load_start[0]:.1f} at start, {sp['load_average_after'][0]:.1f} after the speed runs. Trainable "
                   f"params: ours {sp['info']['ours_trainable_params']:,}, torch {sp['info']['torch_trainable_params']:,}.",

@@ -114,3 +114,46 @@ def test_sharded_checkpoint(tmp_path):
     _, a = _ours(str(tmp_path / "one"), ids, mask)
     _, b = _ours(str(tmp_path / "sharded"), ids, mask)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_attention_in_query_blocks(family, tmp_path, monkeypatch):
+    """On CPU, causal attention runs in query blocks (decoder.CPU_CAUSAL_BLOCKS), each against the keys up to
+    its end. Forced here at 16 tokens (sliding windows of 5 and 6 bite): the same hidden states as
+    transformers, as one block (up to summation order), for packed rows too, and the same gradients."""
+    import jax
+
+    from bmretriever_jax.models import decoder, encode
+
+    model = tiny_hf_model(family, str(tmp_path))
+    ids, mask = padded_batch(length=16)
+    ref = _hf_hidden(model, ids, mask)
+    cfg, params = load_hf(str(tmp_path))
+    jids, jmask = jnp.asarray(ids.numpy(), jnp.int32), jnp.asarray(mask.numpy(), jnp.int32)
+    seg = jnp.asarray(np.repeat([[1] * 5 + [2] * 7 + [3] * 4], 3, axis=0), jnp.int32)  # packed: 3 texts a row
+    monkeypatch.setattr(decoder, "CPU_CAUSAL_MIN_TOKENS", 0)
+
+    def run(blocks):
+        monkeypatch.setattr(decoder, "CPU_CAUSAL_BLOCKS", blocks)
+        hidden = forward(cfg, params, jids, jmask, dtype=jnp.float32)
+        packed = encode(cfg, params, jids, seg, dtype=jnp.float32, max_segments=3)
+        grads = jax.grad(lambda p: jnp.sum(forward(cfg, p, jids, jmask, dtype=jnp.float32) * (jmask[..., None] > 0)))(params)
+        return np.asarray(hidden), np.asarray(packed), grads
+
+    one, packed_one, grads_one = run(1)
+    for blocks in (2, 4):
+        out, packed, grads = run(blocks)
+        m = mask.numpy().astype(bool)
+        assert np.abs(out[m] - ref[m]).max() <= 1e-4
+        # one block vs several: the same sums in another order (float32 rounding, relative to the values' size)
+        assert np.abs(out[m] - one[m]).max() <= 1e-5 * np.abs(one[m]).max()
+        assert np.abs(packed - packed_one).max() <= 1e-5 * np.abs(packed_one).max()
+        for (path, g), g1 in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_one)):
+            scale = float(np.abs(g1).max()) or 1.0
+            assert np.abs(np.asarray(g) - np.asarray(g1)).max() <= 1e-5 * scale, jax.tree_util.keystr(path)
+    # and the blocks were really used: the traced program has more dot products than one block's
+    monkeypatch.setattr(decoder, "CPU_CAUSAL_BLOCKS", 4)
+    blocked = jax.jit(lambda p: forward(cfg, p, jids, jmask, dtype=jnp.float32)).lower(params).as_text()
+    monkeypatch.setattr(decoder, "CPU_CAUSAL_BLOCKS", 1)
+    whole = jax.jit(lambda p: forward(cfg, p, jids, jmask, dtype=jnp.float32)).lower(params).as_text()
+    assert blocked.count("dot_general") > whole.count("dot_general")

@@ -56,6 +56,8 @@ class Context:
     rope_local: Any = None
     bias_local: Any = None
     return_kv: bool = struct.field(pytree_node=False, default=False)  # prefill: each layer's keys/values out
+    # causal attention computed in this many query blocks, block i against keys [0, its end) only (see Attention)
+    causal_blocks: int = struct.field(pytree_node=False, default=1)
 
 
 def _pin(x: jax.Array, sharding) -> jax.Array:
@@ -156,13 +158,15 @@ class Attention(nn.Module):
         return s
 
     @nn.compact
-    def __call__(self, x: jax.Array, rope, bias: jax.Array, cache=None, return_kv: bool = False):
+    def __call__(self, x: jax.Array, rope, bias: jax.Array, cache=None, return_kv: bool = False,
+                 causal_blocks: int = 1):
         """x [B, T, D] float32 -> (out [B, T, D] float32, kv).
 
         cache None: the T tokens attend to each other under bias [B, 1, T, T] (query, key); kv = this
         layer's (k, v) [B, K, T, hd] in `dtype` if return_kv, else None.
         cache (k, v) [B, K, S, hd] in `dtype`: one token per row (T = 1) attends to the S cache slots under
         bias [B, 1, 1, S] and to itself; kv = its (k, v) [B, K, hd] for the caller to store.
+        causal_blocks n > 1 (no cache; `bias` causal, T divisible by n): the same, computed in n query blocks.
         """
         cfg, dtype = self.cfg, self.dtype
         B, T, _ = x.shape
@@ -183,7 +187,24 @@ class Attention(nn.Module):
         q = (q * scale).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, hd)
         k = k.transpose(0, 2, 1, 3)                                                    # [B, K, T, hd]
         v = v.transpose(0, 2, 1, 3)
-        if cache is None:
+        if cache is None and causal_blocks > 1:
+            # Causal: query block i (of n) sees keys up to its own end only, so its scores, softmax and
+            # probabilities x values skip the keys after it: (n + 1) / 2n of the full T x T work. The keys
+            # skipped are masked in `bias` anyway (their exp is exactly 0), so every real token's output
+            # is the full computation's up to summation order.
+            c = T // causal_blocks
+            qb = q.reshape(B * K, G, T, hd)
+            kf, vf = k.reshape(B * K, T, hd), v.reshape(B * K, T, hd)
+            outs = []
+            for i in range(causal_blocks):
+                lo, hi = i * c, (i + 1) * c
+                s = self._scores(qb[:, :, lo:hi].reshape(B * K, G * c, hd), kf[:, :hi])
+                s = s.reshape(B, K, G, c, hi) + bias[:, :, None, lo:hi, :hi]
+                probs = jax.nn.softmax(s, axis=-1).reshape(B * K, G * c, hi)
+                outs.append(mp_einsum("bqs,bsd->bqd", probs, vf[:, :hi], dtype).reshape(B * K, G, c, hd))
+            o = jnp.concatenate(outs, axis=2).reshape(B * K, G * T, hd)
+            kv = (k.astype(dtype), v.astype(dtype)) if return_kv else None
+        elif cache is None:
             s = self._scores(q, k.reshape(B * K, T, hd)).reshape(B, K, G, T, T) + bias[:, :, None]
             probs = jax.nn.softmax(s, axis=-1).reshape(B * K, G * T, T)
             o = mp_einsum("bqs,bsd->bqd", probs, v.reshape(B * K, T, hd), dtype)
@@ -249,7 +270,7 @@ class Block(nn.Module):
         rope = _select(layer["sliding"], ctx.rope_local, ctx.rope_global)
         bias = _select(layer["sliding"], ctx.bias_local, ctx.bias_full)
         x = _pin(x, self.activation_sharding)
-        h, kv = attn(norm_("attn_norm")(x), rope, bias, layer.get("cache"), ctx.return_kv)
+        h, kv = attn(norm_("attn_norm")(x), rope, bias, layer.get("cache"), ctx.return_kv, ctx.causal_blocks)
         if cfg.sandwich_norm:
             h = norm_("post_attn_norm")(h)
         if cfg.parallel_residual:
@@ -279,6 +300,8 @@ class Decoder(nn.Module):
     dropout: float = 0.0
     activation_sharding: Any = None
     scan_layers: bool = True
+    causal_blocks: int = 1  # causal attention in this many query blocks when T divides (see Attention)
+    causal_blocks_min_tokens: int = 0  # ... for sequences of at least this many tokens
 
     def setup(self):
         cfg = self.cfg
@@ -330,7 +353,9 @@ class Decoder(nn.Module):
         return Context(
             rope_global=rope_tables(cfg, positions, cfg.rope_theta), bias_full=bias(None),
             rope_local=rope_tables(cfg, positions, cfg.rope_local_theta) if cfg.rope_local_theta else None,
-            bias_local=bias(cfg.sliding_window) if window_bites else None, return_kv=return_kv)
+            bias_local=bias(cfg.sliding_window) if window_bites else None, return_kv=return_kv,
+            causal_blocks=self.causal_blocks if causal and self.causal_blocks > 1 and T % self.causal_blocks == 0
+            and T >= self.causal_blocks_min_tokens else 1)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, packed: bool = False) -> jax.Array:
         """input_ids, attention_mask [B, T] (left padded) -> final hidden states [B, T, D] float32.
