@@ -175,11 +175,14 @@ def main(argv=None):
                       f"{r['rss_after_import_mb']} | {r['peak_rss_mb']} | "
                       f"{r.get('max_abs_diff_vs_mergekit', float('nan')):.2g} |" for r in rows]
     table = "\n".join(lines)
+    from bmretriever_jax.util.machine import cpu_info
+
+    cpu = cpu_info()
     print(f"\n{N_MODELS} x Gemma 3 270M float32 checkpoints ({size_mb:.0f} MB each), "
           f"{os.cpu_count()} CPUs:\n\n{table}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"checkpoint_mb": round(size_mb), "n_models": N_MODELS, "cpus": os.cpu_count(),
+        json.dump({"checkpoint_mb": round(size_mb), "n_models": N_MODELS, "cpus": os.cpu_count(), "cpu": cpu,
                    "machine": platform.machine(), "python": platform.python_version(), "rows": rows,
                    "command": "python benchmarks/merge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "table": table}, f, indent=1)
@@ -189,7 +192,9 @@ def main(argv=None):
     common.replace_section(os.path.join(HERE, "..", "BENCHMARKS.md"), "merge",
                            f"Command: `python benchmarks/merge.py{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`"
                            f"\n\n{N_MODELS} x Gemma 3 270M float32 checkpoints ({size_mb:.0f} MB each), "
-                           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end:\n\n{table}")
+                           f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs "
+                           f"({', '.join(cpu['isa']) or 'no AVX-512'}), load average {os.getloadavg()[0]:.1f} at the "
+                           f"end:\n\n{table}")
     return rows
 
 

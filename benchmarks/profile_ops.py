@@ -74,7 +74,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INST = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
-_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-, %]+)\}?")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)")
 _OPNAME = re.compile(r'op_name="([^"]*)"')
 
 
@@ -85,7 +85,7 @@ def hlo_instructions(hlo_text: str) -> Dict[str, dict]:
     comp = None
     for line in hlo_text.splitlines():
         m = _COMP.match(line)
-        if m and "=" not in line.split("{")[0]:
+        if m and not _INST.match(line):
             comp = m.group(1)
             out["%comp:" + comp] = []
             continue
@@ -93,9 +93,7 @@ def hlo_instructions(hlo_text: str) -> Dict[str, dict]:
         if not m or comp is None:
             continue
         name, op, rest = m.group(1), m.group(3), m.group(4)
-        calls = []
-        for c in _CALLS.findall(rest):
-            calls += [x.strip().lstrip("%") for x in c.split(",") if x.strip()]
+        calls = [x.strip().lstrip("%") for c in _CALLS.findall(rest) for x in c.strip("{}").split(",") if x.strip()]
         out[name] = {"op": op, "calls": calls, "op_names": _OPNAME.findall(rest),
                      "batched_dot": op == "dot" and "lhs_batch_dims" in rest}
         out["%comp:" + comp].append(name)
@@ -122,19 +120,18 @@ def classify_xla(insts: Dict[str, dict], name: str) -> str:
     parts = _closure(insts, name)
     if not parts:
         return "other elementwise"
-    ops = {p["op"] for p in parts}
+    ops = {p["op"] for p in parts} - {"fusion"}  # the fusion instruction itself: what it holds decides
     names = " ".join(n for p in parts for n in p["op_names"])
     if "dot" in ops or "convolution" in ops:
-        return "attention matmuls" if any(p["batched_dot"] for p in parts) else "dense matmuls"
+        attention = any(p["batched_dot"] and any("/attn/" in n for n in p["op_names"]) for p in parts)
+        return "attention matmuls" if attention else "dense matmuls"
     if "gather" in ops or "scatter" in ops:
         return "embedding gather"
     if ops <= LAYOUT_OPS:
         return "copies / layout"
-    if "/attn/" in names and ({"exponential", "reduce", "maximum"} & ops or "softmax" in names):
-        return "softmax / masks"
-    if "rsqrt" in ops or re.search(r"/(?:\w*_)?norm\b", names):
+    if "rsqrt" in ops or re.search(r"/(?:\w*_)?norm\b", names):  # before attention: q/k norms live under attn/
         return "norms"
-    if "/attn/" in names and ("softmax" in names or "add" in ops and "select" in ops):
+    if "/attn/" in names and ({"exponential", "reduce", "maximum", "select"} & ops or "softmax" in names):
         return "softmax / masks"
     return "other elementwise"
 
@@ -249,7 +246,7 @@ def _variants(build):
     try:
         for label, blocks in (("ours, 1 attention block", 1), ("ours", default)):
             decoder.CPU_CAUSAL_BLOCKS = blocks
-            out[label] = build()  # traces and compiles now
+            out[label] = build()  # traces and compiles now; the calls below reuse that executable (same shapes)
     finally:
         decoder.CPU_CAUSAL_BLOCKS = default
     return out

@@ -110,8 +110,11 @@ def main() -> None:
         row["fraction_of_peak"] = row["gflops"] / row.pop("peak")
         row["speedup_vs_faiss"] = t_faiss / row["seconds"]
 
+    from bmretriever_jax.util.machine import cpu_info
+
+    cpu = cpu_info()
     lines = [f"Exact top-{args.k}: {args.queries} queries x {args.docs:,} x {args.dim} float32 corpus, "
-             f"{os.cpu_count()} CPU cores; matmul peak (2048^2, jax): fp32 {peak['float32']:.0f} GFLOP/s, "
+             f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs ({', '.join(cpu['isa']) or 'no AVX-512'}); matmul peak (2048^2, jax): fp32 {peak['float32']:.0f} GFLOP/s, "
              f"bf16->f32 {peak['bfloat16']:.0f} GFLOP/s; load average at start {load[0]:.1f} "
              "(other processes share the cores when > 0.5)", "",
              "| method | seconds | queries/s | GFLOP/s | fraction of peak | vs faiss | check |",

@@ -276,6 +276,8 @@ def main() -> None:
                     help="results JSON (default: benchmarks/results/train.json, or train-fp32.json for fp32 only)")
     ap.add_argument("--plot", default=os.path.join(HERE, "results", "train_memory.png"))
     args = ap.parse_args()
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1 (the first step compiles)")
     if args.precisions == "auto":
         from bmretriever_jax.util.precision import bf16_is_fast
 

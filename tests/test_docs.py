@@ -147,6 +147,8 @@ SECTIONS = [
     ("benchmarks/search.py", "BENCHMARKS.md", ["search"]),
     ("benchmarks/merge.py", "BENCHMARKS.md", ["merge"]),
     ("benchmarks/generate.py", "BENCHMARKS.md", ["generate"]),
+    ("benchmarks/profile_ops.py", "BENCHMARKS.md", ["profile"]),
+    ("benchmarks/int8_matmul.py", "BENCHMARKS.md", ["int8"]),
 ]
 
 

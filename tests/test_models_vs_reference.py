@@ -130,14 +130,15 @@ def test_causal_attention_in_query_blocks(family, tmp_path, monkeypatch):
     ref = _hf_hidden(model, ids, mask)
     cfg, params = load_hf(str(tmp_path))
     jids, jmask = jnp.asarray(ids.numpy(), jnp.int32), jnp.asarray(mask.numpy(), jnp.int32)
-    seg = jnp.asarray(np.repeat([[1] * 5 + [2] * 7 + [3] * 4], 3, axis=0), jnp.int32)  # packed: 3 texts a row
+    seg = jnp.asarray(np.repeat([[1] * 5 + [2] * 7 + [3] * 2 + [0] * 2], 3, axis=0), jnp.int32)  # 3 texts + padding
     monkeypatch.setattr(decoder, "CPU_CAUSAL_MIN_TOKENS", 0)
 
     def run(blocks):
         monkeypatch.setattr(decoder, "CPU_CAUSAL_BLOCKS", blocks)
         hidden = forward(cfg, params, jids, jmask, dtype=jnp.float32)
         packed = encode(cfg, params, jids, seg, dtype=jnp.float32, max_segments=3)
-        grads = jax.grad(lambda p: jnp.sum(forward(cfg, p, jids, jmask, dtype=jnp.float32) * (jmask[..., None] > 0)))(params)
+        grads = jax.grad(lambda p: jnp.sum(forward(cfg, p, jids, jmask, dtype=jnp.float32, remat=True)
+                                           * (jmask[..., None] > 0)))(params)  # remat: as the training configs
         return np.asarray(hidden), np.asarray(packed), grads
 
     one, packed_one, grads_one = run(1)
@@ -151,9 +152,16 @@ def test_causal_attention_in_query_blocks(family, tmp_path, monkeypatch):
         for (path, g), g1 in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_one)):
             scale = float(np.abs(g1).max()) or 1.0
             assert np.abs(np.asarray(g) - np.asarray(g1)).max() <= 1e-5 * scale, jax.tree_util.keystr(path)
-    # and the blocks were really used: the traced program has more dot products than one block's
-    monkeypatch.setattr(decoder, "CPU_CAUSAL_BLOCKS", 4)
-    blocked = jax.jit(lambda p: forward(cfg, p, jids, jmask, dtype=jnp.float32)).lower(params).as_text()
-    monkeypatch.setattr(decoder, "CPU_CAUSAL_BLOCKS", 1)
-    whole = jax.jit(lambda p: forward(cfg, p, jids, jmask, dtype=jnp.float32)).lower(params).as_text()
-    assert blocked.count("dot_general") > whole.count("dot_general")
+    # and the blocks were really used: the traced program has more dot products than one block's; not where the
+    # rule does not hold: bidirectional attention, T not divisible by the blocks, T under the minimum (a fresh
+    # jit each time: the settings are read when tracing)
+    def dots(blocks, min_tokens=0, length=16, **kw):
+        monkeypatch.setattr(decoder, "CPU_CAUSAL_BLOCKS", blocks)
+        monkeypatch.setattr(decoder, "CPU_CAUSAL_MIN_TOKENS", min_tokens)
+        fn = jax.jit(lambda p: forward(cfg, p, jids[:, :length], jmask[:, :length], dtype=jnp.float32, **kw))
+        return fn.lower(params).as_text().count("dot_general")
+
+    assert dots(4) > dots(1)
+    assert dots(4, bidirectional=True) == dots(1, bidirectional=True)
+    assert dots(4, length=15) == dots(1, length=15)
+    assert dots(4, min_tokens=32) == dots(1)

@@ -164,13 +164,16 @@ def test_every_paper_config_compiles_and_fits_on_its_target(path):
 
 
 def test_target_compile_traces_without_cpu_row_chunking():
-    """forward's CPU-only row chunking (a lax.map over row blocks) must not reach a TPU / GPU compile made from a
-    CPU process: it would measure another program than the chips run (it also hid the gradient cache's
+    """forward's CPU-only row chunking (a lax.map over row blocks) and causal query blocks must not reach a TPU /
+    GPU compile made from a CPU process: it would measure another program than the chips run (it also hid the gradient cache's
     (data, fsdp) sharding bug behind a different one)."""
     from bmretriever_jax.models import decoder
 
+    blocks = lambda: decoder._module_kw("float32", False, False, 0.0, None, None)[0]["causal_blocks"]  # noqa: E731
     assert decoder._row_chunks(64, 512) > 1  # this test session is on CPU
+    assert blocks() == decoder.CPU_CAUSAL_BLOCKS > 1  # and so is causal attention in query blocks
     for platform in ("tpu", "cuda"):
         with decoder.compiling_for(platform):
             assert decoder._row_chunks(64, 512) == 1
+            assert blocks() == 1
     assert decoder._row_chunks(64, 512) > 1

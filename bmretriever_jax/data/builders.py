@@ -46,17 +46,26 @@ def _norm(text: str) -> str:
 LEAD_INSTRUCTION = "Given the opening sentence of a biomedical text, retrieve the rest of the text"
 LEAD_MIN_WORDS = (5, 12)  # the opening sentence and the rest need at least this many words to make a pair
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+# a full stop after these ends no sentence ("U.S. Food", "et al. (2019)", "vs. 10", "Fig. 2")
+_ABBREVIATIONS = {"e.g.", "i.e.", "al.", "vs.", "u.s.", "u.k.", "st.", "dr.", "fig.", "figs.", "no.", "ca.",
+                  "approx.", "ref.", "refs.", "resp.", "cf.", "mr.", "mrs.", "ms.", "prof.", "inc.", "ltd.", "jr."}
 
 
 def lead_split(text: str):
-    """(first sentence, the rest) of a text, or None when either is shorter than LEAD_MIN_WORDS."""
-    parts = _SENTENCE_END.split(text.strip(), maxsplit=1)
-    if len(parts) != 2:
-        return None
-    lead, rest = parts[0].strip(), parts[1].strip()
-    if len(lead.split()) < LEAD_MIN_WORDS[0] or len(rest.split()) < LEAD_MIN_WORDS[1]:
-        return None
-    return lead, rest
+    """(first sentence, the rest) of a text, or None: when either is shorter than LEAD_MIN_WORDS, and when the
+    opening sentence is a question. A question lead would be a query, not unlabelled text: many of MedQuAD's
+    answers open with their own question ("What are the signs and symptoms of X?"), which is what its test
+    queries ask."""
+    text = text.strip()
+    for m in _SENTENCE_END.finditer(text):
+        lead = text[:m.start()].strip()
+        if lead.split()[-1].lower() in _ABBREVIATIONS:
+            continue
+        rest = text[m.end():].strip()
+        if lead.endswith("?") or len(lead.split()) < LEAD_MIN_WORDS[0] or len(rest.split()) < LEAD_MIN_WORDS[1]:
+            return None
+        return lead, rest
+    return None
 
 
 def pretrain_pair(doc_id: str, title: str, text: str, *, instruction: str = PRETRAIN_INSTRUCTION,

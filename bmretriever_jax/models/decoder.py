@@ -73,8 +73,9 @@ CPU_CHUNK_TOKENS = 2048
 # the T x T scores, softmax and probabilities x values (modules.Attention), for sequences of at least
 # CPU_CAUSAL_MIN_TOKENS (below that attention is a sliver of the work and the blocks' small matmuls cost more).
 # Measured (benchmarks/profile_ops.py, Gemma 3 270M, 32 x 256 tokens, fp32, 2-core AMD EPYC AVX2): the attention
-# ops took 1.12-1.19 s with 4 blocks, 1.82-2.03 s with 1; results are bit-identical. Accelerators get one
-# block: the pod plans are compiled for that program.
+# ops took 1.12-1.19 s with 4 blocks, 1.82-2.03 s with 1 (BENCHMARKS.md, "Where the time goes"); results equal
+# the one-block ones up to float32 summation order (bit-identical in that run). Accelerators get one block: the
+# pod plans are compiled for that program.
 CPU_CAUSAL_BLOCKS = 4
 CPU_CAUSAL_MIN_TOKENS = 128
 

@@ -9,7 +9,7 @@ Rows (each one change on top of the row before; Gemma 3 270M + LoRA, configs/rec
   ft256   + 256-token passages
   s1      + stage 1 first: contrastive pre-training on the SciFact, MedQuAD and PubMedQA corpora used unlabelled
           (no query, no qrels: domain-adaptive pre-training): title -> abstract, and for the untitled documents
-          opening sentence -> the rest (9,591 pairs); stage 2 starts from its weights
+          opening sentence -> the rest (8,627 pairs; no question lead); stage 2 starts from its weights
   hn      + one BM25-mined hard negative per training pair (`bmr mine` over the pooled positives of the
           row's training data; the merge row's experts mine over their own data's)
   merge   + two stage-2 experts (literature: SciFact + PubMedQA; consumer: MedQuAD) merged linearly
@@ -61,7 +61,11 @@ def train_stage(config: str, out: str, overrides: List[str]) -> str:
     from bmretriever_jax.config import load_config
     from bmretriever_jax.training import train
 
-    if _done(out) is None:
+    done = _done(out)
+    if done is not None and (done.get("config"), done.get("overrides")) != (config, overrides):
+        raise SystemExit(f"{out} holds a finished {done.get('config')} run with other settings "
+                         f"({' '.join(done.get('overrides') or [])}); remove it or give another --out")
+    if done is None:
         t = time.time()
         print(f"--- train {config} -> {out} {' '.join(overrides)}", flush=True)
         run = load_config(paths.shipped_config(config), [f"out={out}", *overrides])

@@ -19,6 +19,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
+import uuid
 from typing import Dict, Tuple
 
 from bmretriever_jax.util.errors import InputPathError
@@ -94,10 +97,7 @@ def fetch(path: str, quiet: bool = True) -> str:
     dest = os.path.join(dest_root, name)
     stamp = os.path.join(dest_root, ".listing.json")
     os.makedirs(os.path.dirname(dest_root), exist_ok=True)
-    import fcntl
-    import shutil
-    import socket
-    import uuid
+    import fcntl  # POSIX only: imported where the lock is taken, so the module itself imports anywhere
 
     # one copy at a time per cache entry (processes on one host, or hosts sharing a home folder): the others
     # wait, then find the copy current
