@@ -29,14 +29,18 @@ SHAPES = [(2048, 640, 1024), (2048, 640, 2048), (2048, 2048, 640), (2048, 1024, 
 INT8_ISA = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 
-def median_time(fn, *args, reps: int = 10) -> float:
-    fn(*args).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def interleaved_medians(calls, reps: int = 15):
+    """[(fn, args)] -> median seconds of each, timed round-robin (A B C A B C ...) after one call each, so load
+    from other processes falls on every contender alike."""
+    for fn, args in calls:
         fn(*args).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    times = [[] for _ in calls]
+    for _ in range(reps):
+        for i, (fn, args) in enumerate(calls):
+            t = time.perf_counter()
+            fn(*args).block_until_ready()
+            times[i].append(time.perf_counter() - t)
+    return [float(np.median(t)) for t in times]
 
 
 @jax.jit
@@ -71,7 +75,7 @@ def main() -> None:
         qb = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
         ws = jnp.ones((1, n), jnp.float32)
         flop = 2.0 * m * k * n
-        t32, t8, tdyn = median_time(f32, a, b), median_time(i8, qa, qb), median_time(dynamic, a, qb, ws)
+        t32, t8, tdyn = interleaved_medians([(f32, (a, b)), (i8, (qa, qb)), (dynamic, (a, qb, ws))])
         rows.append({"shape": [m, k, n], "fp32_gflops": flop / t32 / 1e9, "int8_gops": flop / t8 / 1e9,
                      "dynamic_int8_gops": flop / tdyn / 1e9, "int8_vs_fp32": t32 / t8, "dynamic_vs_fp32": t32 / tdyn})
         print(rows[-1], flush=True)
@@ -82,7 +86,7 @@ def main() -> None:
     lines = ["Command: `python benchmarks/int8_matmul.py`\n",
              f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; int8 dot units: "
              f"{', '.join(int8_units) or 'none (no AMX-INT8, AVX512-VNNI or AVX-VNNI)'}; jax {jax.__version__}; "
-             f"load average {out['load_average'][0]} -> {out['load_average'][1]}. Median of 10 calls.\n",
+             f"load average {out['load_average'][0]} -> {out['load_average'][1]}. Median of 15 interleaved calls.\n",
              "| M x K x N | fp32 GFLOP/s | int8 -> int32 GOP/s | dynamic int8 GOP/s | int8 / fp32 | dynamic / fp32 |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
