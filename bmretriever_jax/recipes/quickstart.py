@@ -224,7 +224,8 @@ def main(argv=None) -> int:
     results = evaluate_all(models, data, max_length=run.model.max_length, cache_dir=cache)
     # hybrid retrieval: the merged model fused with BM25 (min-max weighted sum), the weights chosen on the data
     # set's dev split where it has one (SciFact), equal otherwise; reuses the vectors computed above
-    print("\nfused with BM25 (bmr eval ... --baseline bm25 --fusion wsum):", flush=True)
+    print("\nthe merged model fused with BM25 (min-max weighted sum; weights chosen on dev where there is one):",
+          flush=True)
     results.update({k: v for k, v in evaluate_all(
         [trained_dir, "bm25"], [d for d in data if not d.endswith(".tsv")], max_length=run.model.max_length,
         cache_dir=cache, quiet=True, fusion_method="wsum").items() if k.startswith("wsum(")})
