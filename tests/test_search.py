@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from bmretriever_jax.eval import search
 from bmretriever_jax.eval.search import merge_topk, topk_search
 
 
@@ -107,6 +108,24 @@ def test_sharded_over_8_devices_equals_single_device():
     ref_s, ref_i = brute_force(qf, cf, 10, "cos")
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(s, ref_s, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 10, 20, 37])
+def test_tiled_blocks_and_grouped_topk_exact_with_ties(k):
+    """Blocks of several TILEs (a scan), the grouped top-k of a tile (k * GROUP * 2 <= TILE) and the plain one
+    (k = 37), a padded last block, single device and 8 devices: equal to the brute force, ties included."""
+    assert (search.TILE, search.GROUP) == (4096, 64), "the sizes below are chosen for these"
+    rng = np.random.default_rng(k)
+    q, c = tie_heavy(rng, 9, 6), tie_heavy(rng, 40000, 6)   # last block: 7232 rows, padded to 8192 (2 tiles)
+    ref_s, ref_i = brute_force(q, c, k)
+    # One device: 16384-row blocks (4 tiles); 8 devices: one 65536-row block, 8192 rows (2 tiles) a device.
+    for mesh, block_size in ((None, 16384), ("auto", 65536)):
+        s, i = topk_search(q, c, k, block_size=block_size, similarity="dot", mesh=mesh)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_array_equal(s, ref_s.astype(np.float32))
+    qf, cf = rng.normal(size=(5, 32)).astype(np.float32), rng.normal(size=(20000, 32)).astype(np.float32)
+    s, i = topk_search(qf, cf, k, block_size=8192, similarity="cos", mesh=None)
+    np.testing.assert_array_equal(i, brute_force(qf, cf, k, "cos")[1])
 
 
 def test_merge_topk_prefers_first_argument_on_ties():
