@@ -184,13 +184,14 @@ def main(argv=None):
     with open(a.out, "w") as f:
         json.dump({"checkpoint_mb": round(size_mb), "n_models": N_MODELS, "cpus": os.cpu_count(), "cpu": cpu,
                    "machine": platform.machine(), "python": platform.python_version(), "rows": rows,
-                   "command": "python benchmarks/merge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "command": " ".join(["python benchmarks/merge.py", *(argv if argv is not None else sys.argv[1:])]),
                    "table": table}, f, indent=1)
     sys.path.insert(0, HERE)
     import common
 
+    command = " ".join(["python benchmarks/merge.py", *(argv if argv is not None else sys.argv[1:])])
     common.replace_section(os.path.join(HERE, "..", "BENCHMARKS.md"), "merge",
-                           f"Command: `python benchmarks/merge.py{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`"
+                           f"Command: `{command}`"
                            f"\n\n{N_MODELS} x Gemma 3 270M float32 checkpoints ({size_mb:.0f} MB each), "
                            f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs "
                            f"({', '.join(cpu['isa']) or 'no AVX-512'}), load average {os.getloadavg()[0]:.1f} at the "

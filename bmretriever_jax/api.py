@@ -67,12 +67,13 @@ def train(config: Optional[str], overrides: Overrides = None, *, quiet: bool = F
 def evaluate(models: Union[str, Sequence[str]], data: Union[str, Sequence[str]], *, split: str = "test",
              instruction: Optional[str] = None, max_length: Optional[int] = None, dtype: str = "auto",
              cache_dir: Optional[str] = None, quiet: bool = True, fusion: Optional[str] = None,
-             fusion_dev_split: str = "dev", save_runs: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+             fusion_dev_split: str = "dev", fuse: Optional[Sequence[str]] = None,
+             save_runs: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """`bmr eval`: every model (a name or path as `load` takes, or the baselines "bm25" and "minilm") on every
     data set (BEIR folders: NDCG@10, recall@100, ...; STS .tsv files: Spearman). Returns
     {"model | data": {metric: value}}; corpus vectors are cached, so a second call re-encodes nothing.
-    `fusion="rrf"|"wsum"` adds a row per BEIR folder fusing all the systems (parameters chosen on
-    `fusion_dev_split`, k=60 / equal weights where there is none; the row's "fusion" entry says which);
+    `fusion="rrf"|"wsum"` adds a row per BEIR folder fusing the systems of `fuse` (default all of them; parameters
+    chosen on `fusion_dev_split`, k=60 / equal weights where there is none; the row's "fusion" entry says which);
     `save_runs` a folder for TREC run files."""
     from bmretriever_jax.eval.suite import evaluate_all
 
@@ -80,7 +81,7 @@ def evaluate(models: Union[str, Sequence[str]], data: Union[str, Sequence[str]],
     data = [data] if isinstance(data, str) else list(data)
     return evaluate_all(models, data, split=split, instruction=instruction, max_length=max_length, dtype=dtype,
                         cache_dir=cache_dir, quiet=quiet, fusion_method=fusion, fusion_dev_split=fusion_dev_split,
-                        save_runs=save_runs)
+                        fuse=fuse, save_runs=save_runs)
 
 
 def index(corpus: str, models: Union[str, Sequence[str]], out: str, *, task: Optional[str] = None,

@@ -161,6 +161,29 @@ def test_eval_fusion_without_a_dev_split_uses_defaults_and_says_so(two_split_bei
     assert suite.print_table(res).count("default: no dev split") == 1
 
 
+def test_eval_fuse_a_subset_of_the_systems(two_split_beir, fake_systems, monkeypatch, tmp_path):
+    """fuse=[...] fuses only those systems; the others are scored alone and never retrieve for dev."""
+    monkeypatch.setitem(RUNS, "C", {"dev": RUNS["B"]["dev"], "test": RUNS["A"]["test"]})
+    asked = []
+    inner = suite._system_runs
+    monkeypatch.setattr(suite, "_system_runs", lambda enc, name, d, splits, *a: (asked.append((name, tuple(splits))),
+                                                                                   inner(enc, name, d, splits, *a))[1])
+    monkeypatch.setattr(suite, "evaluate_retrieval", lambda enc, d, split, *a, **kw: metrics.evaluate_run(
+        TEST_QRELS, RUNS[enc][split], missing="zero"))  # a system scored alone (no run kept)
+    res = suite.evaluate_all(["C", "A", "B"], [two_split_beir], cache_dir=str(tmp_path), quiet=True,
+                             fusion_method="wsum", fuse=["A", "B"])
+    assert sorted(res) == ["A | toy", "B | toy", "C | toy", "wsum(A + B) | toy"]
+    assert res["wsum(A + B) | toy"]["fusion"] == "A 1 + B 0 (chosen on dev: ndcg@10 1.0000)"
+    assert res["C | toy"]["ndcg@10"] == pytest.approx(res["A | toy"]["ndcg@10"])  # C's test run is A's
+    assert asked == [("A", ("test", "dev")), ("B", ("test", "dev"))]  # C: evaluate_retrieval, test only
+    with pytest.raises(ConfigError, match=r"--fuse D: not among the systems evaluated; allowed: A, B"):
+        suite.evaluate_all(["A", "B"], [two_split_beir], fusion_method="wsum", fuse=["A", "D"])
+    with pytest.raises(ConfigError, match="at least two systems"):
+        suite.evaluate_all(["A", "B"], [two_split_beir], fusion_method="wsum", fuse=["A", "A"])
+    with pytest.raises(ConfigError, match="give --fusion"):
+        suite.evaluate_all(["A", "B"], [two_split_beir], fuse=["A", "B"])
+
+
 def test_eval_fusion_refuses_to_tune_on_the_scored_split_or_fuse_one_system(two_split_beir, tmp_path):
     with pytest.raises(ConfigError, match="split being scored"):
         suite.evaluate_all(["A", "B"], [two_split_beir], split="dev", fusion_method="rrf", fusion_dev_split="dev")

@@ -12,6 +12,7 @@ from bmretriever_jax.data import builders
 from bmretriever_jax.data.loader import PairLoader
 from bmretriever_jax.data.pairs import Pair, PairsFormatError, read_pairs, resolve_instruction, write_pairs
 from bmretriever_jax.data.beir import DataWarning, load_qrels
+from bmretriever_jax.util.errors import ConfigError
 
 
 # the shipped data sets, found from the repository (a missing file fails the test that reads it)
@@ -165,6 +166,13 @@ def test_untitled_documents_pair_their_opening_sentence_with_the_rest(tmp_path):
         ("u", "Acinetobacter is often resistant to many antibiotics.", rest, builders.LEAD_INSTRUCTION),
         ("t", "A title", docs[-1]["text"], builders.PRETRAIN_INSTRUCTION)]
     assert [p.id for p in builders.pretrain_pairs_from_beir(str(corpus), lead=False)] == ["t"]
+    # `bmr pairs pretrain --instruction A --lead-instruction B`: each kind of pair gets its own
+    out = tmp_path / "own.jsonl"
+    assert builders.main(["pretrain", "--source", str(corpus), "--out", str(out), "--instruction", "A",
+                          "--lead-instruction", "B"]) == 0
+    assert [(p.id, p.instruction) for p in read_pairs(out)] == [("u", "B"), ("t", "A")]
+    with pytest.raises(ConfigError, match="--lead-instruction applies to pretrain only"):
+        builders.main(["scifact", "--out", str(out), "--lead-instruction", "B"])
     # the prepared-data stream (bmr prepare) makes the very same pairs
     from bmretriever_jax.data.prepared import _stream_pretrain
     assert list(_stream_pretrain(str(corpus))) == got

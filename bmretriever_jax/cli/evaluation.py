@@ -20,7 +20,7 @@ def cmd_eval(a):
         check_writable_dir(a.save_runs, "--save-runs")
     res = evaluate_all(models, a.data, split=a.split, instruction=a.instruction, max_length=a.max_length,
                        dtype=a.dtype, cache_dir=a.cache_dir, quiet=a.quiet, fusion_method=a.fusion,
-                       fusion_dev_split=a.fusion_dev_split, save_runs=a.save_runs)
+                       fusion_dev_split=a.fusion_dev_split, fuse=a.fuse, save_runs=a.save_runs)
     print_table(res)
     if a.out:
         with atomic_write(a.out, "w") as f:
@@ -41,6 +41,8 @@ def add_commands(sub) -> None:
     s.add_argument("--fusion", choices=["rrf", "wsum"], default=None,
                    help="add a row fusing every model/baseline named (top-1000 lists): reciprocal-rank fusion or "
                         "weighted sum of min-max normalised scores; see docs/retrieval.md")
+    s.add_argument("--fuse", nargs="+", default=None, metavar="SYSTEM",
+                   help="fuse only these of the models / baselines named (default: all of them)")
     s.add_argument("--fusion-dev-split", default="dev",
                    help="split the fusion parameters (RRF k, wsum weights) are chosen on (default dev; a data set "
                         "without it uses k=60 / equal weights)")

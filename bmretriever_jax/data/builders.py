@@ -69,9 +69,9 @@ def lead_split(text: str):
 
 
 def pretrain_pair(doc_id: str, title: str, text: str, *, instruction: str = PRETRAIN_INSTRUCTION,
-                  lead: bool = True) -> Pair | None:
-    """One unlabelled document -> its pre-training pair: title -> text; without a title (and `lead`), opening
-    sentence -> the rest (instruction LEAD_INSTRUCTION); None when there is nothing to pair (no text, no title
+                  lead: bool = True, lead_instruction: str = LEAD_INSTRUCTION) -> Pair | None:
+    """One unlabelled document -> its pre-training pair: title -> text (`instruction`); without a title (and
+    `lead`), opening sentence -> the rest (`lead_instruction`); None when there is nothing to pair (no text, no title
     and no usable lead, or a title that is the text: the pair would teach string matching)."""
     title, text = title.strip(), text.strip()
     if not text:
@@ -85,11 +85,11 @@ def pretrain_pair(doc_id: str, title: str, text: str, *, instruction: str = PRET
     if split is None:
         return None
     return Pair(query=split[0], positive={"title": "", "text": split[1], "id": doc_id},
-                instruction=LEAD_INSTRUCTION, id=doc_id)
+                instruction=lead_instruction, id=doc_id)
 
 
 def pretrain_pairs_from_beir(corpus_path: str, *, instruction: str = PRETRAIN_INSTRUCTION,
-                             lead: bool = True) -> list[Pair]:
+                             lead: bool = True, lead_instruction: str = LEAD_INSTRUCTION) -> list[Pair]:
     """Pre-training pairs from a BEIR corpus.jsonl, in file order: title -> abstract (BMRetriever's first
     stage), and for documents without a title, opening sentence -> the rest (`lead=False`: skip them).
 
@@ -99,7 +99,8 @@ def pretrain_pairs_from_beir(corpus_path: str, *, instruction: str = PRETRAIN_IN
     pairs = []
     skipped = 0
     for doc_id, doc in load_corpus(corpus_path).items():
-        pair = pretrain_pair(doc_id, doc["title"], doc["text"], instruction=instruction, lead=lead)
+        pair = pretrain_pair(doc_id, doc["title"], doc["text"], instruction=instruction, lead=lead,
+                             lead_instruction=lead_instruction)
         if pair is None:
             skipped += 1
         else:
@@ -286,7 +287,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--exclude-documents", help=f"medquad: held-out document list (default data/{MEDQUAD_HELDOUT})")
     group.add_argument("--no-exclude", action="store_true", help="medquad: keep every pair")
-    parser.add_argument("--instruction", help="pretrain: the query instruction")
+    parser.add_argument("--instruction", help="pretrain: the query instruction of title -> text pairs")
+    parser.add_argument("--lead-instruction", help="pretrain: the query instruction of opening sentence -> rest "
+                                                   "pairs (untitled documents)")
     parser.add_argument("--max-pairs", type=int, help="keep a seeded random sample of at most N pairs (e.g. to "
                                                       "balance a large source against small ones)")
     parser.add_argument("--seed", type=int, default=0, help="with --max-pairs: the sample's seed")
@@ -301,10 +304,11 @@ def run(args: argparse.Namespace) -> int:
             kwargs["exclude_documents"] = args.exclude_documents
     elif args.exclude_documents or args.no_exclude:
         raise ConfigError("--exclude-documents / --no-exclude apply to medquad only")
-    if args.instruction:
-        if args.name != "pretrain":
-            raise ConfigError("--instruction applies to pretrain only (the others name their task)")
-        kwargs["instruction"] = args.instruction
+    for flag, value in (("instruction", args.instruction), ("lead_instruction", args.lead_instruction)):
+        if value:
+            if args.name != "pretrain":
+                raise ConfigError(f"--{flag.replace('_', '-')} applies to pretrain only (the others name their task)")
+            kwargs[flag] = value
     pairs = build(args.name, args.source, **kwargs)
     if args.max_pairs is not None:
         if args.max_pairs < 1:

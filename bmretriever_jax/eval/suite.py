@@ -86,24 +86,31 @@ def _fused_rows(method, runs, qrels, labels, data_dir, split, dev_split, quiet):
 
 
 def evaluate_all(models, datasets, *, split="test", instruction=None, max_length=None, dtype="auto",
-                 cache_dir=None, quiet=False, fusion_method=None, fusion_dev_split="dev",
+                 cache_dir=None, quiet=False, fusion_method=None, fusion_dev_split="dev", fuse=None,
                  save_runs=None) -> Dict[str, Dict[str, float]]:
     """models: names (bm25, minilm, gemma3-270m, paths); datasets: BEIR folders or STS .tsv files.
     -> {"model | data": {metric: value}} with NDCG@10 etc. (retrieval) or Spearman/Pearson (STS).
 
-    fusion_method "rrf" / "wsum" adds a row per BEIR folder fusing every named system's top-1000 lists
-    (eval.fusion), its parameters chosen on `fusion_dev_split` when the folder has it (defaults otherwise; the
-    row's "fusion" entry says which). save_runs: a folder that receives TREC run files
+    fusion_method "rrf" / "wsum" adds a row per BEIR folder fusing the top-1000 lists of the systems in `fuse`
+    (default: every named system; eval.fusion), its parameters chosen on `fusion_dev_split` when the folder has
+    it (defaults otherwise; the row's "fusion" entry says which). Only fused systems retrieve for the dev split. save_runs: a folder that receives TREC run files
     <save_runs>/<data>/<split>/<system>.trec, fused runs included."""
     cache_dir = cache_dir or os.path.join(cache_root(), "vectors")  # $BMR_CACHE/vectors
     if fusion_method is not None:
         if fusion_method not in fusion.METHODS:
             raise ConfigError(f"--fusion {fusion_method}: allowed: {', '.join(fusion.METHODS)}")
-        if len(models) < 2:
+        fuse = list(models) if fuse is None else list(fuse)
+        unknown = [f for f in fuse if f not in models]
+        if unknown:
+            raise ConfigError(f"--fuse {','.join(unknown)}: not among the systems evaluated; allowed: "
+                              f"{', '.join(models)}")
+        if len(set(fuse)) < 2:
             raise ConfigError("--fusion needs at least two systems (models and/or baselines) to fuse")
         if fusion_dev_split == split:
             raise ConfigError(f"--fusion-dev-split {fusion_dev_split}: that is the split being scored; fusion "
                               "parameters are never chosen on it")
+    elif fuse is not None:
+        raise ConfigError("--fuse names the systems to fuse: give --fusion rrf|wsum with it")
     for d in datasets:  # every data set is read (and so checked) before any model loads
         if d.endswith(".tsv"):
             load_sts_tsv(d)
@@ -113,7 +120,7 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
             load_beir(d, split)
     results = {}
     labels = model_labels(models)
-    keep_runs = fusion_method is not None or save_runs is not None
+    fused_systems = set(fuse or ())
     kept: Dict[str, Dict[str, dict]] = {}  # data -> model -> {split: run}
     kept_qrels: Dict[str, dict] = {}
     for m in models:
@@ -126,8 +133,8 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
                 if enc is None:
                     continue  # BM25 has no sentence similarity
                 row = evaluate_sts(enc, d)
-            elif keep_runs:
-                splits = [split] + ([fusion_dev_split] if fusion_method and _split_exists(d, fusion_dev_split)
+            elif m in fused_systems or save_runs is not None:
+                splits = [split] + ([fusion_dev_split] if m in fused_systems and _split_exists(d, fusion_dev_split)
                                     else [])
                 runs, qrels = _system_runs(enc, m, d, splits, instruction, cache_dir, quiet)
                 kept.setdefault(d, {})[m] = runs
@@ -149,8 +156,8 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
     for d, runs in kept.items():
         fused = {}
         if fusion_method is not None:
-            key, row, fused_run, _ = _fused_rows(fusion_method, runs, kept_qrels[d], labels, d, split,
-                                                 fusion_dev_split, quiet)
+            key, row, fused_run, _ = _fused_rows(fusion_method, {m: runs[m] for m in fuse}, kept_qrels[d],
+                                                 labels, d, split, fusion_dev_split, quiet)
             results[key] = row
             fused = {key.split(" | ")[0]: fused_run}
         if save_runs is not None:

@@ -221,17 +221,10 @@ def main(argv=None) -> int:
     banner("6. evaluation (test splits)")
     data = [scifact, paths.shipped_data("pubmedqa_pqal"), paths.shipped_data("biosses", "biosses.tsv")]
     models = ["bm25"] + ([] if a.skip_minilm else ["minilm"]) + [a.model, trained_dir]
-    results = evaluate_all(models, data, max_length=run.model.max_length, cache_dir=cache)
-    # hybrid retrieval: the merged model fused with BM25 (min-max weighted sum), the weights chosen on the data
-    # set's dev split where it has one (SciFact), equal otherwise; reuses the vectors computed above
-    print("\nthe merged model fused with BM25 (min-max weighted sum; weights chosen on dev where there is one):",
-          flush=True)
-    results.update({k: v for k, v in evaluate_all(
-        [trained_dir, "bm25"], [d for d in data if not d.endswith(".tsv")], max_length=run.model.max_length,
-        cache_dir=cache, quiet=True, fusion_method="wsum").items() if k.startswith("wsum(")})
-    for key, row in results.items():
-        if key.startswith("wsum("):
-            print(f"  {key}: ndcg@10={row['ndcg@10']:.4f}, recall@100={row['recall@100']:.4f}  [{row['fusion']}]")
+    # hybrid retrieval: the merged model fused with BM25 (min-max weighted sum, a row per retrieval set), the
+    # weights chosen on the data set's dev split where it has one (SciFact), equal otherwise
+    results = evaluate_all(models, data, max_length=run.model.max_length, cache_dir=cache, fusion_method="wsum",
+                           fuse=[trained_dir, "bm25"])
     table = print_table(results)
     with open(os.path.join(a.out, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
