@@ -74,6 +74,24 @@ def rows_needed(lengths: Sequence[int], length: int, max_segments: int) -> int:
     return _first_fit(lengths, length, max_segments, None)[2]
 
 
+def write_rows(seqs: Sequence[Sequence[int]], row: Sequence[int], sid: Sequence[int], *, rows: int, length: int,
+               pad_id: int, max_segments: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Texts placed by `place` (the row and 1-based segment of each) -> ids and segment ids [rows, length], and
+    each text's slot row * max_segments + segment - 1. Texts are written in the given order, so segments ascend
+    along each row."""
+    ids = np.full((rows, length), pad_id, np.int32)
+    seg = np.zeros((rows, length), np.int32)
+    slot = np.zeros((len(seqs),), np.int32)
+    fill = [0] * rows
+    for j, toks in enumerate(seqs):
+        r, a = row[j], fill[row[j]]
+        ids[r, a:a + len(toks)] = toks
+        seg[r, a:a + len(toks)] = sid[j]
+        fill[r] = a + len(toks)
+        slot[j] = r * max_segments + sid[j] - 1
+    return ids, seg, slot
+
+
 def pack(seqs: Sequence[Sequence[int]], *, n_shards: int, rows: int, length: int, max_segments: int,
          pad_id: int) -> Optional[Dict[str, np.ndarray]]:
     """Pack token lists (see the module docstring) into n_shards blocks of `rows` rows of `length` tokens, at
@@ -91,14 +109,9 @@ def pack(seqs: Sequence[Sequence[int]], *, n_shards: int, rows: int, length: int
         if placed is None:
             return None
         row, sid, _ = placed
-        fill = [0] * rows
-        for j, toks in enumerate(block):  # text order, so segments ascend along each row
-            r = s * rows + row[j]
-            a = fill[row[j]]
-            ids[r, a:a + len(toks)] = toks
-            seg[r, a:a + len(toks)] = sid[j]
-            fill[row[j]] = a + len(toks)
-            slot[s * per + j] = row[j] * max_segments + sid[j] - 1
+        rows_of = slice(s * rows, (s + 1) * rows)
+        ids[rows_of], seg[rows_of], slot[s * per:(s + 1) * per] = write_rows(
+            block, row, sid, rows=rows, length=length, pad_id=pad_id, max_segments=max_segments)
     return {"ids": ids, "seg": seg, "slot": slot}
 
 

@@ -166,7 +166,7 @@ class JaxBackend:
     def _packed_chunks(self, seqs: Sequence[Sequence[int]]):
         """Texts -> chunks ((rows, T), ids, segment ids, (texts, their slots)): the compiled length T whose rows hold them
         in the fewest computed tokens (first-fit decreasing, `data.packing`), split as `plan` splits rows."""
-        from bmretriever_jax.data.packing import place
+        from bmretriever_jax.data.packing import place, write_rows
 
         lengths = [len(t) for t in seqs]
         best = None
@@ -179,20 +179,12 @@ class JaxBackend:
                 best = (cost, T, row, sid, n_rows)
         _, T, row, sid, n_rows = best
         chunks, first = [], 0
-        K = self.max_segments
         for rows, take in self.plan(n_rows, T):
             members = [i for i in range(len(seqs)) if first <= row[i] < first + take]
-            ids = np.full((rows, T), self.encoder.pad_id, np.int32)
-            seg = np.zeros((rows, T), np.int32)
-            fill = [0] * rows
-            slots = np.zeros(len(members), np.int64)
-            for j, i in enumerate(members):  # text order, so segments ascend along each row
-                r, a = row[i] - first, fill[row[i] - first]
-                ids[r, a:a + lengths[i]] = seqs[i]
-                seg[r, a:a + lengths[i]] = sid[i]
-                fill[r] = a + lengths[i]
-                slots[j] = r * K + sid[i] - 1
-            chunks.append(((rows, T), ids, seg, (np.asarray(members, np.int64), slots)))
+            ids, seg, slots = write_rows([seqs[i] for i in members], [row[i] - first for i in members],
+                                         [sid[i] for i in members], rows=rows, length=T,
+                                         pad_id=self.encoder.pad_id, max_segments=self.max_segments)
+            chunks.append(((rows, T), ids, seg, (np.asarray(members, np.int64), slots.astype(np.int64))))
             first += take
         return chunks
 
