@@ -79,6 +79,7 @@ def evaluate(models: Union[str, Sequence[str]], data: Union[str, Sequence[str]],
 
     models = [models] if isinstance(models, str) else list(models)
     data = [data] if isinstance(data, str) else list(data)
+    fuse = [fuse] if isinstance(fuse, str) else fuse
     return evaluate_all(models, data, split=split, instruction=instruction, max_length=max_length, dtype=dtype,
                         cache_dir=cache_dir, quiet=quiet, fusion_method=fusion, fusion_dev_split=fusion_dev_split,
                         fuse=fuse, save_runs=save_runs)

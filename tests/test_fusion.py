@@ -176,6 +176,13 @@ def test_eval_fuse_a_subset_of_the_systems(two_split_beir, fake_systems, monkeyp
     assert res["wsum(A + B) | toy"]["fusion"] == "A 1 + B 0 (chosen on dev: ndcg@10 1.0000)"
     assert res["C | toy"]["ndcg@10"] == pytest.approx(res["A | toy"]["ndcg@10"])  # C's test run is A's
     assert asked == [("A", ("test", "dev")), ("B", ("test", "dev"))]  # C: evaluate_retrieval, test only
+    # with run files every system keeps its runs; a later one that is not fused must not hide the dev qrels
+    asked.clear()
+    res = suite.evaluate_all(["A", "B", "C"], [two_split_beir], cache_dir=str(tmp_path), quiet=True,
+                             fusion_method="wsum", fuse=["A", "B"], save_runs=str(tmp_path / "runs"))
+    assert res["wsum(A + B) | toy"]["fusion"] == "A 1 + B 0 (chosen on dev: ndcg@10 1.0000)"
+    assert asked == [("A", ("test", "dev")), ("B", ("test", "dev")), ("C", ("test",))]
+    assert sorted(os.listdir(tmp_path / "runs" / "toy" / "test")) == ["A.trec", "B.trec", "C.trec", "wsum_A_B.trec"]
     with pytest.raises(ConfigError, match=r"--fuse D: not among the systems evaluated; allowed: A, B"):
         suite.evaluate_all(["A", "B"], [two_split_beir], fusion_method="wsum", fuse=["A", "D"])
     with pytest.raises(ConfigError, match="at least two systems"):

@@ -126,6 +126,30 @@ def test_tiled_blocks_and_grouped_topk_exact_with_ties(k):
     qf, cf = rng.normal(size=(5, 32)).astype(np.float32), rng.normal(size=(20000, 32)).astype(np.float32)
     s, i = topk_search(qf, cf, k, block_size=8192, similarity="cos", mesh=None)
     np.testing.assert_array_equal(i, brute_force(qf, cf, k, "cos")[1])
+    # Every score negative: the zero padding rows (score 0) of the last block's tiles must still never win.
+    qn, cn = np.ones((2, 6), np.float32), -(np.abs(tie_heavy(rng, 40000, 6)) + 1)
+    ref_s, ref_i = brute_force(qn, cn, k)
+    for mesh, block_size in ((None, 16384), ("auto", 65536)):
+        s, i = topk_search(qn, cn, k, block_size=block_size, similarity="dot", mesh=mesh)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_array_equal(s, ref_s.astype(np.float32))
+
+
+def test_nan_scores_count_as_minus_infinity():
+    """A NaN vector never wins, wherever it lies among the tiles' groups; with too few other rows its place is
+    the -inf / -1 padding."""
+    rng = np.random.default_rng(7)
+    c = np.zeros((8192, 4), np.float32)
+    c[:, 0] = rng.uniform(0, 1, size=8192)
+    c[3000, 0] = 5.0
+    c[100, 0] = np.nan
+    q = np.array([[1.0, 0, 0, 0]], np.float32)
+    for block_size in (8192, 100):  # tiled + grouped top-k, and the plain one
+        s, i = topk_search(q, c, 2, block_size=block_size, similarity="dot", mesh=None)
+        finite = np.where(np.isnan(c[:, 0]), -np.inf, c[:, 0])
+        np.testing.assert_array_equal(i[0], np.argsort(-finite, kind="stable")[:2])
+    s, i = topk_search(q, c[99:101], 2, similarity="dot", mesh=None)
+    assert i.tolist() == [[0, -1]] and np.isneginf(s[0, 1])
 
 
 def test_merge_topk_prefers_first_argument_on_ties():

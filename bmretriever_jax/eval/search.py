@@ -80,7 +80,9 @@ def _tile_topk(q, tile, row0, n_valid, *, k, similarity, dtype):
     s = _scores(q, tile, similarity, dtype)                                  # [Q, t]
     t = tile.shape[0]
     rows = row0 + jnp.arange(t, dtype=jnp.int32)
-    s = jnp.where((rows < n_valid)[None, :], s, -jnp.inf)                    # padding rows never win
+    # Padding rows never win, and neither does a NaN score (a NaN vector): it becomes -inf, so the group maxima
+    # and lax.top_k see one order on every platform.
+    s = jnp.where((rows < n_valid)[None, :] & ~jnp.isnan(s), s, -jnp.inf)
     kk = min(k, t)
     if t % GROUP or kk * GROUP * 2 > t:                                      # pruning would not pay
         ls, li = lax.top_k(s, kk)
@@ -205,14 +207,16 @@ def topk_search(query_vecs, corpus: "np.ndarray | jax.Array | Iterable[np.ndarra
       corpus: [N, d] array (numpy, np.memmap, jax.Array: read block by block) or an iterable of [n_i, d]
         blocks in corpus order (indices count rows across blocks).
       k: results per query. If k > N the tail is padded with score -inf and index -1.
-      block_size: corpus rows sent to the device per step (device memory ~ block_size * d * 4 bytes); they are
-        scored TILE rows at a time, so the scores take ~ Q * TILE * 4 bytes.
+      block_size: corpus rows sent to the device per step (device memory ~ block_size * d * 4 bytes). When a
+        device's share of a block is a multiple of TILE (the default on 1, 2, 4, 8, ... devices) it is scored
+        TILE rows at a time and the scores take ~ Q * TILE * 4 bytes, else ~ Q * block_size * 4 bytes.
       similarity: "cos" (rows L2-normalised in float32 first) or "dot".
       dtype: "float32" (exact, HIGHEST precision) or "bfloat16" (bf16 operands, float32 accumulation).
       mesh: "auto" = this process's devices when it has several; None = one device; or a Mesh whose axes are all
         used to split each block's rows.
     Returns:
-      (scores [Q, k] float32, indices [Q, k] int64), best first; ties -> lower index first.
+      (scores [Q, k] float32, indices [Q, k] int64), best first; ties -> lower index first. A NaN score counts
+      as -inf.
     """
     if similarity not in ("cos", "dot"):
         raise ValueError(f"similarity must be 'cos' or 'dot', got {similarity!r}")

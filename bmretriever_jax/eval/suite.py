@@ -91,9 +91,10 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
     """models: names (bm25, minilm, gemma3-270m, paths); datasets: BEIR folders or STS .tsv files.
     -> {"model | data": {metric: value}} with NDCG@10 etc. (retrieval) or Spearman/Pearson (STS).
 
-    fusion_method "rrf" / "wsum" adds a row per BEIR folder fusing the top-1000 lists of the systems in `fuse`
-    (default: every named system; eval.fusion), its parameters chosen on `fusion_dev_split` when the folder has
-    it (defaults otherwise; the row's "fusion" entry says which). Only fused systems retrieve for the dev split. save_runs: a folder that receives TREC run files
+    fusion_method "rrf" / "wsum" adds a row per BEIR folder fusing the top-1000 lists of the systems in
+    `fuse` (default: every named system; eval.fusion), its parameters chosen on `fusion_dev_split` when the
+    folder has it (defaults otherwise; the row's "fusion" entry says which). Only fused systems retrieve for
+    the dev split. save_runs: a folder that receives TREC run files
     <save_runs>/<data>/<split>/<system>.trec, fused runs included."""
     cache_dir = cache_dir or os.path.join(cache_root(), "vectors")  # $BMR_CACHE/vectors
     if fusion_method is not None:
@@ -138,7 +139,7 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
                                     else [])
                 runs, qrels = _system_runs(enc, m, d, splits, instruction, cache_dir, quiet)
                 kept.setdefault(d, {})[m] = runs
-                kept_qrels[d] = qrels
+                kept_qrels.setdefault(d, {}).update(qrels)  # a system outside `fuse` reads test only
                 row = metrics.evaluate_run(qrels[split], runs[split], metrics.DEFAULT_K, missing="zero")
             elif enc is None:
                 row = evaluate_bm25(d, split)
