@@ -48,3 +48,26 @@ def test_recipe_smoke_every_row_and_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         recipe.main(["--model", model, "--out", str(out)])
     assert e.value.code == 2 and "another --out" in capsys.readouterr().err
+
+
+def test_status_reads_where_a_study_stands(tmp_path, capsys):
+    """--status runs nothing: rows scored, stages trained or at their newest checkpoint, chunks encoded."""
+    out = tmp_path / "r"
+    assert recipe.main(["--status", "--out", str(out)]) == 0
+    assert "no study here yet" in capsys.readouterr().out
+    (out / "ft128").mkdir(parents=True)
+    (out / "ft128" / "done.json").write_text("{}")
+    (out / "stage1" / "checkpoints" / "40").mkdir(parents=True)
+    (out / "stage1" / "checkpoints" / "20").mkdir()
+    (out / "stage1" / "config.yaml").write_text("train: {steps: 300}\n")
+    (out / "vector_cache" / "scifact-x").mkdir(parents=True)
+    for i in range(3):
+        (out / "vector_cache" / "scifact-x" / f"chunk_0000{i}.npy").write_bytes(b"")
+    (out / "results.json").write_text(json.dumps({"model": "m", "sizes": {}, "baselines": {},
+                                                  "rows": {"ft128": {}}, "seconds": {"ft128": 12.5}}))
+    assert recipe.main(["--status", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  baselines: scored" in lines and "  ft128: scored (12.5 s)" in lines
+    assert "  ft256: to do" in lines
+    assert "  s1: to do (stage1 training: checkpoint at step 40 of 300)" in lines
+    assert lines[-1] == "  vector cache: 1 corpus encodings, 3 chunks of 1,024 vectors"

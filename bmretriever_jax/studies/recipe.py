@@ -3,6 +3,7 @@
     python -m bmretriever_jax.studies.recipe                 # every row, full SciFact / MedQuAD / PubMedQA test
     python -m bmretriever_jax.studies.recipe --smoke         # tiny sizes: checks the flow in minutes
     python -m bmretriever_jax.studies.recipe --rows ft128,ft256
+    python -m bmretriever_jax.studies.recipe --status        # where the study folder stands (nothing runs)
 
 Rows (each one change on top of the row before; Gemma 3 270M + LoRA, configs/recipe/*.yaml):
   ft128   fine-tune only, passages at 128 tokens: SciFact-train + PubMedQA-train + MedQuAD (the quickstart data)
@@ -139,7 +140,8 @@ def evaluate_row(model: str, data: List[str], cache: str) -> Dict[str, dict]:
     """{data name: {"alone": metrics, "fused": metrics}} for one model (fused: + BM25, weights on dev)."""
     from bmretriever_jax.eval.suite import evaluate_all
 
-    res = evaluate_all([model, "bm25"], data, max_length=256, cache_dir=cache, quiet=True, fusion_method="wsum")
+    # not quiet: an evaluation encodes three corpora for about an hour on 2 AVX2 cores, so it shows its bars
+    res = evaluate_all([model, "bm25"], data, max_length=256, cache_dir=cache, quiet=False, fusion_method="wsum")
     out = {}
     for key, row in res.items():
         system, _, dname = key.partition(" | ")
@@ -152,7 +154,7 @@ def evaluate_row(model: str, data: List[str], cache: str) -> Dict[str, dict]:
 def baselines(data: List[str], cache: str) -> Dict[str, Dict[str, dict]]:
     from bmretriever_jax.eval.suite import evaluate_all
 
-    res = evaluate_all(["bm25", "minilm"], data, max_length=256, cache_dir=cache, quiet=True)
+    res = evaluate_all(["bm25", "minilm"], data, max_length=256, cache_dir=cache, quiet=False)
     out: Dict[str, Dict[str, dict]] = {}
     for key, row in res.items():
         system, _, dname = key.partition(" | ")
@@ -180,12 +182,55 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _stage_state(folder: str) -> str:
+    """'trained', 'training: step N of M' (its newest checkpoint) or '' for a stage folder."""
+    if _done(folder) is not None:
+        return "trained"
+    ck = os.path.join(folder, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ck) if d.isdigit()) if os.path.isdir(ck) else []
+    if not steps and not os.path.isdir(folder):
+        return ""
+    total = "?"
+    cfg = os.path.join(folder, "config.yaml")
+    if os.path.exists(cfg):
+        import yaml
+
+        total = (yaml.safe_load(open(cfg)) or {}).get("train", {}).get("steps", "?")
+    return f"training: checkpoint at step {steps[-1] if steps else 0} of {total}"
+
+
+def status(out: str) -> str:
+    """Where a study folder stands, read from its files (nothing runs): rows scored, stages trained or in
+    progress, corpus chunks encoded."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return f"{out}: no study here yet (no results.json)"
+    results = json.load(open(path))
+    lines = [f"{out}: model {results.get('model')}, sizes {results.get('sizes')}",
+             f"  baselines: {'scored' if 'baselines' in results else 'to do'}"]
+    stages = {"ft128": ["ft128"], "ft256": ["ft256"], "s1": ["stage1", "s1"], "hn": ["stage1", "hn"],
+              "merge": ["stage1", "merge/literature", "merge/consumer", "merge/merged"]}
+    for row in ROWS:
+        if row in results.get("rows", {}):
+            lines.append(f"  {row}: scored ({results.get('seconds', {}).get(row, '?')} s)")
+            continue
+        parts = [f"{name} {state}" for name in stages[row]
+                 for state in [_stage_state(os.path.join(out, name))] if state]
+        lines.append(f"  {row}: to do" + (f" ({'; '.join(parts)})" if parts else ""))
+    cache = os.path.join(out, "vector_cache")
+    if os.path.isdir(cache):
+        chunks = sum(f.endswith(".npy") for d in os.listdir(cache) for f in os.listdir(os.path.join(cache, d)))
+        lines.append(f"  vector cache: {len(os.listdir(cache))} corpus encodings, {chunks} chunks of 1,024 vectors")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="study folder (default runs/recipe, runs/recipe-smoke with --smoke)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (2 steps, 120-document corpora)")
+    p.add_argument("--status", action="store_true", help="print where the study folder stands and exit")
     a = p.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
@@ -193,6 +238,9 @@ def main(argv=None) -> int:
         p.error(f"--rows {','.join(bad)}: allowed: {', '.join(ROWS)}")
     size = SIZES["smoke" if a.smoke else "full"]
     a.out = a.out or os.path.join("runs", "recipe-smoke" if a.smoke else "recipe")
+    if a.status:
+        print(status(a.out))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from bmretriever_jax.data.beir import subset_beir
     from bmretriever_jax.util.machine import cpu_info
