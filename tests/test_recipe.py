@@ -57,8 +57,11 @@ def test_status_reads_where_a_study_stands(tmp_path, capsys):
     assert "no study here yet" in capsys.readouterr().out
     (out / "ft128").mkdir(parents=True)
     (out / "ft128" / "done.json").write_text("{}")
-    (out / "stage1" / "checkpoints" / "40").mkdir(parents=True)
-    (out / "stage1" / "checkpoints" / "20").mkdir()
+    (out / "stage1" / "checkpoints" / "40" / "state").mkdir(parents=True)
+    (out / "stage1" / "checkpoints" / "20" / "state").mkdir(parents=True)
+    (out / "stage1" / "checkpoints" / "60.orbax-checkpoint-tmp-7").mkdir()  # a save being written
+    (out / "merge" / "literature" / "done.json").parent.mkdir(parents=True)
+    (out / "merge" / "literature" / "done.json").write_text("{}")
     (out / "stage1" / "config.yaml").write_text("train: {steps: 300}\n")
     (out / "vector_cache" / "scifact-x").mkdir(parents=True)
     for i in range(3):
@@ -70,4 +73,6 @@ def test_status_reads_where_a_study_stands(tmp_path, capsys):
     assert "  baselines: scored" in lines and "  ft128: scored (12.5 s)" in lines
     assert "  ft256: to do" in lines
     assert "  s1: to do (stage1 training: checkpoint at step 40 of 300)" in lines
+    assert ("  merge: to do (stage1 training: checkpoint at step 40 of 300; merge/literature trained)"
+            in lines)
     assert lines[-1] == "  vector cache: 1 corpus encodings, 3 chunks of 1,024 vectors"

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from bmretriever_jax.training import checkpoint as ckpt
 from bmretriever_jax.convert import hub
 from bmretriever_jax.models import lora as lora_lib
-from bmretriever_jax.util import treeutil
+from bmretriever_jax.util import paths, treeutil
 from bmretriever_jax.convert.hf import PICKLE_FILES, config_from_hf
 from bmretriever_jax.convert.names import Rule, _hf_to_jax, _jax_to_hf, rules_for, strip_prefix
 from bmretriever_jax.embed import PASSAGE_TEMPLATE, QUERY_TEMPLATE, TASK_INSTRUCTIONS
@@ -245,8 +245,7 @@ def _step_dir(path: str, step: Optional[int]) -> Optional[str]:
             raise ModelSourceError(f"{path} is the checkpoint of one step; do not pass step={step}")
         return path
     root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()
-                   and os.path.isdir(os.path.join(root, d, "state"))) if os.path.isdir(root) else []
+    steps = paths.checkpoint_steps(root)
     if not steps:
         if root != path:
             raise ModelFileNotFound(f"{root}: no checkpoint")

@@ -46,6 +46,14 @@ SIZES = {  # steps x batch; eval_docs: corpus subsets (0 = whole corpora); pairs
 }
 
 
+def row_stages(row: str) -> List[str]:
+    """The stage folders (relative to the study folder) that row `row` trains, in order; the last is its model."""
+    first = ["stage1"] if row in ("s1", "hn", "merge") else []
+    if row != "merge":
+        return first + [row]
+    return first + [f"merge/{name}" for name in EXPERTS] + ["merge/merged"]
+
+
 def _done(folder: str):
     path = os.path.join(folder, "done.json")
     return json.load(open(path)) if os.path.exists(path) else None
@@ -96,11 +104,13 @@ def build_row(row: str, a, size: dict) -> str:
     out = a.out
     length = 128 if row == "ft128" else 256
     base = [f"model.name={a.model}", f"model.max_length={length}", f"train.global_batch_size={size['batch']}"]
+    names = row_stages(row)
+    folders = [os.path.join(out, *name.split("/")) for name in names]
     start = []
-    if row in ("s1", "hn", "merge"):
+    if names[0] == "stage1":
         # the three corpora, unlabelled: no query, no qrels of any split
         corpora = ["pretrain:" + paths.shipped_data(name, "corpus.jsonl") for name in DATA]
-        s1 = train_stage("recipe/stage1-pretrain.yaml", os.path.join(out, "stage1"),
+        s1 = train_stage("recipe/stage1-pretrain.yaml", folders[0],
                          [f"model.name={a.model}", f"train.steps={size['stage1_steps']}",
                           f"train.global_batch_size={size['batch']}", f"data.train={json.dumps(corpora)}"])
         start = [f"model.name={s1}"]
@@ -112,14 +122,14 @@ def build_row(row: str, a, size: dict) -> str:
             over += [f"data.train={json.dumps([hn])}", "data.num_negatives=1"]
         else:
             over += [f"data.train={json.dumps(data)}"]
-        return train_stage("recipe/stage2-finetune.yaml", os.path.join(out, row), over)
+        return train_stage("recipe/stage2-finetune.yaml", folders[-1], over)
     experts = []
-    for name, data in EXPERTS.items():
+    for (name, data), folder in zip(EXPERTS.items(), folders[-1 - len(EXPERTS):-1]):
         hn = mined(data, os.path.join(out, "data", name + "-hn1.jsonl"), size["pairs"])
         over = base + start + [f"train.steps={size['expert_steps']}", f"data.train={json.dumps([hn])}",
                                "data.num_negatives=1"]
-        experts.append(train_stage("recipe/stage2-finetune.yaml", os.path.join(out, "merge", name), over))
-    merged = os.path.join(out, "merge", "merged")
+        experts.append(train_stage("recipe/stage2-finetune.yaml", folder, over))
+    merged = folders[-1]
     if _done(merged) is None:
         import yaml
 
@@ -187,7 +197,7 @@ def _stage_state(folder: str) -> str:
     if _done(folder) is not None:
         return "trained"
     ck = os.path.join(folder, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ck) if d.isdigit()) if os.path.isdir(ck) else []
+    steps = paths.checkpoint_steps(ck)
     if not steps and not os.path.isdir(folder):
         return ""
     total = "?"
@@ -208,14 +218,12 @@ def status(out: str) -> str:
     results = json.load(open(path))
     lines = [f"{out}: model {results.get('model')}, sizes {results.get('sizes')}",
              f"  baselines: {'scored' if 'baselines' in results else 'to do'}"]
-    stages = {"ft128": ["ft128"], "ft256": ["ft256"], "s1": ["stage1", "s1"], "hn": ["stage1", "hn"],
-              "merge": ["stage1", "merge/literature", "merge/consumer", "merge/merged"]}
     for row in ROWS:
         if row in results.get("rows", {}):
             lines.append(f"  {row}: scored ({results.get('seconds', {}).get(row, '?')} s)")
             continue
-        parts = [f"{name} {state}" for name in stages[row]
-                 for state in [_stage_state(os.path.join(out, name))] if state]
+        parts = [f"{name} {state}" for name in row_stages(row)
+                 for state in [_stage_state(os.path.join(out, *name.split("/")))] if state]
         lines.append(f"  {row}: to do" + (f" ({'; '.join(parts)})" if parts else ""))
     cache = os.path.join(out, "vector_cache")
     if os.path.isdir(cache):

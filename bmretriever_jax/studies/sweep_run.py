@@ -12,6 +12,7 @@ import time
 from typing import Dict, Optional, Sequence
 
 from bmretriever_jax.config import ConfigError, load_config
+from bmretriever_jax.util import paths
 from bmretriever_jax.util.machine import run_facts
 
 POINT_FILE = "point.json"
@@ -87,7 +88,7 @@ def run_point(config: Optional[str], overrides: Sequence[str], dev_sets: Sequenc
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     try:
         ckpt = os.path.join(run.out, "checkpoints")
-        done_steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()] if os.path.isdir(ckpt) else []
+        done_steps = paths.checkpoint_steps(ckpt)
         t0 = time.time()
         train(run, quiet=quiet)
         res = summarize_run(run.out)

@@ -46,3 +46,12 @@ def shipped_data(*parts: str) -> str:
 
 def shipped_config(*parts: str) -> str:
     return os.path.join(configs_dir(), *parts)
+
+
+def checkpoint_steps(root: str) -> list:
+    """The steps saved under a run's checkpoint folder (digit-named folders holding `state/`), oldest first;
+    [] when there is none. Reads the folder only (no jax, no Orbax), so status commands stay instant; Orbax's
+    manager still decides which of them finished writing."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
