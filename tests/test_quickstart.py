@@ -25,8 +25,17 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
 
     out = str(tmp_path / "qs")
     assert quickstart.main(["--out", out, "--model", tiny, "--steps", "literature=2,consumer=1", "--skip-minilm",
-                            "--scifact-docs", "400",
+                            "--scifact-docs", "400", "--eval-length", "48",
                             "--hard-negatives", "1", "--batch", "8"]) == 0
+    # the table's vectors are at --eval-length, step 2's (untrained) at the training length: two SciFact caches
+    lengths = sorted(json.load(open(os.path.join(out, "vector_cache", d, "manifest.json")))["key"]["max_length"]
+                     for d in os.listdir(os.path.join(out, "vector_cache")) if d.startswith("scifact-400-"))
+    train_length = yaml.safe_load(open(os.path.join(out, "literature", "config.yaml")))["model"]["max_length"]
+    assert lengths == sorted([48, train_length])
+    res = json.load(open(os.path.join(out, "eval.json")))  # SciFact and BIOSSES at --eval-length, PubMedQA not
+    assert {k: r.get("tokens") for k, r in res.items() if k.startswith("merged | ")} == {
+        "merged | scifact-400": 48, "merged | biosses.tsv": 48, "merged | pubmedqa_pqal": train_length}
+    assert list(res)[0].startswith("bm25 | ") and list(res)[-1].startswith("wsum(")
     assert os.path.exists(os.path.join(out, "data", "consumer-hn1.jsonl"))
     for expert, steps in (("literature", 2), ("consumer", 1)):  # --steps, --batch, --hard-negatives reach the runs
         cfg = yaml.safe_load(open(os.path.join(out, expert, "config.yaml")))
@@ -34,7 +43,7 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
         assert cfg["train"]["steps"] == steps
     res = json.load(open(os.path.join(out, "eval.json")))
     rows = {k.split(" | ")[0] for k in res}
-    assert {"bm25", "merged", "wsum(merged + bm25)"} <= rows and len(rows) == 4
+    assert rows == {"bm25", "merged", "wsum(merged + bm25)"}  # the untrained model is scored in step 2
     fused = {k.split(" | ")[1]: r for k, r in res.items() if k.startswith("wsum(")}
     assert set(fused) == {"scifact-400", "pubmedqa_pqal"}  # retrieval sets only; weights from dev where there is one
     assert "chosen on dev" in fused["scifact-400"]["fusion"] and "default" in fused["pubmedqa_pqal"]["fusion"]

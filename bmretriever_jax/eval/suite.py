@@ -171,7 +171,7 @@ def evaluate_all(models, datasets, *, split="test", instruction=None, max_length
 
 
 def print_table(results: Dict[str, Dict[str, float]]) -> str:
-    cols = ["ndcg@10", "mrr@10", "recall@100", "spearman", "pearson", "seconds", "fusion"]
+    cols = ["ndcg@10", "mrr@10", "recall@100", "spearman", "pearson", "tokens", "seconds", "fusion"]
     cols = [c for c in cols if any(c in r for r in results.values())]
     shown = {k: {c: (f"{v:.1f}" if c == "seconds" else v) for c, v in r.items()} for k, r in results.items()}
     table = tables.from_records(shown, cols, first="model | data")
