@@ -36,11 +36,12 @@ def add_commands(sub) -> None:
     s.add_argument("--instruction", default=None, help="task name or literal query instruction (default: by data)")
     s.add_argument("--max-length", type=int, default=None)
     s.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
-    s.add_argument("--cache-dir", default=None, help="corpus vector cache (default $BMR_CACHE/vectors, i.e. ~/.cache/bmretriever_jax/vectors)")
+    s.add_argument("--cache-dir", default=None,
+                   help="corpus vector cache (default $BMR_CACHE/vectors, i.e. ~/.cache/bmretriever_jax/vectors)")
     s.add_argument("--out", default=None, help="write the results as JSON")
     s.add_argument("--fusion", choices=["rrf", "wsum"], default=None,
-                   help="add a row fusing every model/baseline named, or those of --fuse (top-1000 lists): reciprocal-rank fusion or "
-                        "weighted sum of min-max normalised scores; see docs/retrieval.md")
+                   help="add a row fusing every model/baseline named, or those of --fuse (top-1000 lists): "
+                        "reciprocal-rank fusion or weighted sum of min-max normalised scores; see docs/retrieval.md")
     s.add_argument("--fuse", nargs="+", default=None, metavar="SYSTEM",
                    help="fuse only these of the models / baselines named (default: all of them)")
     s.add_argument("--fusion-dev-split", default="dev",

@@ -4,9 +4,9 @@ The corpus never has to be in device memory at once: it arrives as blocks (slice
 np.memmap, or any iterator of [n_i, d] arrays, e.g. cached chunks read from disk), and a running top-k is
 merged after each block with `jax.lax.top_k`. Inside a block the rows are scored TILE at a time, and each
 tile's top-k looks only at its best groups of GROUP scores (exact: see `_tile_topk`). With more than one
-device, each block's rows are split over a 1-D view of the mesh with `jax.shard_map`; every device scores its rows and keeps a local top-k, the local
-results are all-gathered (k per device, tiny) and merged, so only the queries and the running top-k are
-replicated.
+device, each block's rows are split over a 1-D view of the mesh with `jax.shard_map`; every device scores its
+rows and keeps a local top-k, the local results are all-gathered (k per device, tiny) and merged, so only the
+queries and the running top-k are replicated.
 
 Ties are deterministic: among equal scores the lower corpus index wins, whatever the block size or number
 of devices. `lax.top_k` puts the lower position first, and every concatenation here is in corpus order (the
