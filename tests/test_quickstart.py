@@ -32,18 +32,26 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
                      for d in os.listdir(os.path.join(out, "vector_cache")) if d.startswith("scifact-400-"))
     train_length = yaml.safe_load(open(os.path.join(out, "literature", "config.yaml")))["model"]["max_length"]
     assert lengths == sorted([48, train_length])
-    res = json.load(open(os.path.join(out, "eval.json")))  # SciFact and BIOSSES at --eval-length, PubMedQA not
-    assert {k: r.get("tokens") for k, r in res.items() if k.startswith("merged | ")} == {
-        "merged | scifact-400": 48, "merged | biosses.tsv": 48, "merged | pubmedqa_pqal": train_length}
-    assert list(res)[0].startswith("bm25 | ") and list(res)[-1].startswith("wsum(")
+    (pubmedqa_cache,) = [d for d in os.listdir(os.path.join(out, "vector_cache")) if d.startswith("pubmedqa_pqal-")]
+    manifest = json.load(open(os.path.join(out, "vector_cache", pubmedqa_cache, "manifest.json")))
+    assert manifest["key"]["max_length"] == train_length  # PubMedQA is encoded at the training length only
+    assert json.load(open(os.path.join(out, "merged-st", "sentence_bert_config.json")))["max_seq_length"] == 48
+    # SciFact and BIOSSES at --eval-length, PubMedQA at the training length; systems in order, the untrained
+    # model (step 2, training length) before the merged one, fused rows last
+    res = json.load(open(os.path.join(out, "eval.json")))
+    assert {k: r.get("tokens") for k, r in res.items()} == {
+        "bm25 | scifact-400": None, "bm25 | pubmedqa_pqal": None, "model | scifact-400": train_length,
+        "merged | scifact-400": 48, "merged | pubmedqa_pqal": train_length, "merged | biosses.tsv": 48,
+        "wsum(merged + bm25) | scifact-400": 48, "wsum(merged + bm25) | pubmedqa_pqal": train_length}
+    assert list(res) == ["bm25 | scifact-400", "bm25 | pubmedqa_pqal", "model | scifact-400", "merged | scifact-400",
+                         "merged | pubmedqa_pqal", "merged | biosses.tsv", "wsum(merged + bm25) | scifact-400",
+                         "wsum(merged + bm25) | pubmedqa_pqal"]
     assert os.path.exists(os.path.join(out, "data", "consumer-hn1.jsonl"))
     for expert, steps in (("literature", 2), ("consumer", 1)):  # --steps, --batch, --hard-negatives reach the runs
         cfg = yaml.safe_load(open(os.path.join(out, expert, "config.yaml")))
         assert cfg["train"]["global_batch_size"] == 8 and cfg["data"]["num_negatives"] == 1
         assert cfg["train"]["steps"] == steps
     res = json.load(open(os.path.join(out, "eval.json")))
-    rows = {k.split(" | ")[0] for k in res}
-    assert rows == {"bm25", "merged", "wsum(merged + bm25)"}  # the untrained model is scored in step 2
     fused = {k.split(" | ")[1]: r for k, r in res.items() if k.startswith("wsum(")}
     assert set(fused) == {"scifact-400", "pubmedqa_pqal"}  # retrieval sets only; weights from dev where there is one
     assert "chosen on dev" in fused["scifact-400"]["fusion"] and "default" in fused["pubmedqa_pqal"]["fusion"]
@@ -53,6 +61,17 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
         else:
             assert 0.0 <= r["ndcg@10"] <= 1.0, key
     assert os.path.exists(os.path.join(out, "merged-st", "modules.json"))
+
+
+def test_quickstart_refuses_an_eval_length_beyond_the_context_before_training(tiny, tmp_path, capsys):
+    from bmretriever_jax.recipes import quickstart
+
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--out", str(tmp_path / "qs"), "--model", tiny, "--scifact-docs", "400",
+                         "--eval-length", "4096"])
+    assert e.value.code == 2 and "--eval-length 4096: exceeds the model's context; allowed: 8 to 2048" in \
+        capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "qs" / "literature")  # nothing trained
 
 
 @pytest.mark.slow

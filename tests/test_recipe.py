@@ -60,6 +60,7 @@ def test_status_reads_where_a_study_stands(tmp_path, capsys):
     (out / "stage1" / "checkpoints" / "40" / "state").mkdir(parents=True)
     (out / "stage1" / "checkpoints" / "20" / "state").mkdir(parents=True)
     (out / "stage1" / "checkpoints" / "60.orbax-checkpoint-tmp-7").mkdir()  # a save being written
+    (out / "stage1" / "checkpoints" / "80" / "meta").mkdir(parents=True)  # no state/: not a checkpoint
     (out / "merge" / "literature" / "done.json").parent.mkdir(parents=True)
     (out / "merge" / "literature" / "done.json").write_text("{}")
     (out / "stage1" / "config.yaml").write_text("train: {steps: 300}\n")
@@ -76,3 +77,31 @@ def test_status_reads_where_a_study_stands(tmp_path, capsys):
     assert ("  merge: to do (stage1 training: checkpoint at step 40 of 300; merge/literature trained)"
             in lines)
     assert lines[-1] == "  vector cache: 1 corpus encodings, 3 chunks of 1,024 vectors"
+
+
+def test_build_row_trains_in_the_folders_row_stages_names(tmp_path, monkeypatch):
+    """build_row and --status read one map of a row's stage folders, and it is the layout earlier studies wrote
+    (a study resumes from those folders)."""
+    import argparse
+
+    from bmretriever_jax.merging import folder as merging_folder
+
+    assert {row: recipe.row_stages(row) for row in recipe.ROWS} == {
+        "ft128": ["ft128"], "ft256": ["ft256"], "s1": ["stage1", "s1"], "hn": ["stage1", "hn"],
+        "merge": ["stage1", "merge/literature", "merge/consumer", "merge/merged"]}
+    seen = []
+
+    def fake_train(config, out, overrides):
+        os.makedirs(out, exist_ok=True)
+        seen.append(os.path.relpath(out, tmp_path).replace(os.sep, "/"))
+        return out
+
+    monkeypatch.setattr(recipe, "train_stage", fake_train)
+    monkeypatch.setattr(recipe, "mined", lambda names, out, limit=None: out)
+    monkeypatch.setattr(merging_folder, "merge_to_folder", lambda spec, out: os.makedirs(out))
+    a = argparse.Namespace(out=str(tmp_path), model="m")
+    for row in recipe.ROWS:
+        seen.clear()
+        model = recipe.build_row(row, a, recipe.SIZES["smoke"])
+        assert seen + (["merge/merged"] if row == "merge" else []) == recipe.row_stages(row), row
+        assert os.path.relpath(model, tmp_path).replace(os.sep, "/") == recipe.row_stages(row)[-1]

@@ -59,8 +59,9 @@ class MiniLMEncoder:
 
     Texts are sorted by length before batching (less padding: ~2x faster on CPU) and returned in input order.
     """
+    DEFAULT_MAX_LENGTH = 256  # wordpieces: the model's own max_seq_length
 
-    def __init__(self, path: str | None = None, *, max_length: int = 256, device: str = "cpu"):
+    def __init__(self, path: str | None = None, *, max_length: int = DEFAULT_MAX_LENGTH, device: str = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch  # an optional extra (mteb / demo / test), as is this baseline's model package
         from transformers import AutoModel, AutoTokenizer

@@ -6,8 +6,9 @@
    health (MedQuAD, its benchmark documents held out)
 4. a linear merge of the two (mergekit YAML), exported for sentence-transformers and loaded there
 5. the same claims with the merged model
-6. the evaluation table (passages at 256 tokens): BM25, MiniLM and the merged model on SciFact, PubMedQA,
-   BIOSSES, and the merged model fused with BM25 (weights chosen on SciFact's dev split)
+6. the evaluation table: BM25, MiniLM and the merged model on SciFact, PubMedQA, BIOSSES (SciFact and BIOSSES
+   with passages at 256 tokens, PubMedQA at the training length), the merged model fused with BM25 (weights chosen
+   on SciFact's dev split), and step 2's untrained score
 
 Everything long has a progress bar; corpus vectors are cached, so a second run re-encodes nothing.
 """
@@ -117,8 +118,9 @@ def main(argv=None) -> int:
                    help="BM25-mined hard negatives per training pair (bmr mine over each expert's pool of positives); "
                         "0 = in-batch negatives only (default: the profile's)")
     p.add_argument("--eval-length", type=int, default=None,
-                   help="passage tokens when scoring the trained model (default: the profile's, 256; training "
-                        "cuts passages shorter)")
+                   help="passage tokens of the trained model on SciFact and BIOSSES in the table, and of its "
+                        "sentence-transformers export (default: the profile's, 256; training cuts passages shorter, "
+                        "PubMedQA is scored at the training length)")
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--model", default="gemma3-270m", help="backbone (a smoke run can pass a tiny model folder)")
     p.add_argument("--scifact-docs", type=int, default=None,
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
     from bmretriever_jax.convert.export import export
     from bmretriever_jax.embed import Encoder, instruction_for
     from bmretriever_jax.eval.evaluate import cached_corpus_vectors, evaluate_retrieval
+    from bmretriever_jax.eval.baselines import MiniLMEncoder
     from bmretriever_jax.eval.suite import evaluate_all, model_labels, print_table
     from bmretriever_jax.merging.folder import merge_to_folder
     from bmretriever_jax.training import train
@@ -173,9 +176,13 @@ def main(argv=None) -> int:
     enc = Encoder.load(a.model, max_length=run.model.max_length, dtype=run.model.dtype)
     print(f"{enc.cfg.family}: {enc.cfg.num_layers} layers, hidden {enc.cfg.hidden_size}, "
           f"{enc.cfg.num_params() / 1e6:.0f}M parameters; compute {enc.dtype} with f32 accumulation")
+    if size["eval_length"] > enc.cfg.max_position_embeddings:  # fail now, not after the training
+        p.error(f"--eval-length {size['eval_length']}: exceeds the model's context; allowed: 8 to "
+                f"{enc.cfg.max_position_embeddings}")
+    steps_text = ", ".join(f"{k} {n}" for k, n in size["steps"].items())
     print(f"profile '{profile}': SciFact corpus {size['scifact_docs'] or 'all'} docs, passages {size['max_length']} "
-          f"tokens in training and {size['eval_length']} in the table, experts {', '.join(f'{k} {n}' for k, n in size['steps'].items())} steps x {size['batch']} pairs, "
-          f"{size['hard_negatives']} hard negative(s) each (--profile full|lite to choose)")
+          f"tokens in training and {size['eval_length']} for SciFact in the table, experts {steps_text} steps x "
+          f"{size['batch']} pairs, {size['hard_negatives']} hard negative(s) each (--profile full|lite to choose)")
 
     banner("2. SciFact corpus -> vectors, top 3 abstracts for a few claims (untrained)")
     corpus, queries, _ = load_beir(scifact, "test")
@@ -183,9 +190,10 @@ def main(argv=None) -> int:
     vecs = np.concatenate(cached_corpus_vectors(enc, corpus, scifact, cache))
     claims = sorted(queries.items(), key=lambda kv: int(kv[0]))[:CLAIMS]
     show_top3(enc, ids, vecs, corpus, claims, instruction_for("scifact"))
-    # the untrained score, from the vectors above (the table below scores only trained models: at 256 tokens
-    # the untrained model would cost minutes more for a number near 0)
+    # the untrained score from the vectors above, at the training length (its row of the table: scoring the
+    # untrained model at 256 tokens, and on the other data sets, would cost minutes for numbers near 0)
     untrained = evaluate_retrieval(enc, scifact, "test", instruction_for("scifact"), cache_dir=cache)
+    untrained["tokens"] = run.model.max_length
     print(f"\nuntrained, all {len(queries)} test claims: NDCG@10 {untrained['ndcg@10']:.4f}")
     del enc
 
@@ -235,20 +243,24 @@ def main(argv=None) -> int:
     banner("6. evaluation (test splits)")
     models = ["bm25"] + ([] if a.skip_minilm else ["minilm"]) + [trained_dir]
     # Passages at eval_length where that pays (SciFact's abstracts; BIOSSES' sentences are short either way), at
-    # the training length for PubMedQA, where 256 tokens scored no higher and took 3x the time (docs/quickstart.md).
+    # the training length for PubMedQA, where 256 tokens scored lower and took twice the time (docs/quickstart.md).
     # Hybrid retrieval: the merged model fused with BM25 (min-max weighted sum, a row per retrieval set), the
     # weights chosen on the data set's dev split where it has one (SciFact), equal otherwise.
-    results = {}
+    untrained_label = model_labels([*models, a.model])[a.model]
+    results = {f"{untrained_label} | {os.path.basename(os.path.normpath(scifact))}": untrained}
     for data, length in (([scifact, paths.shipped_data("biosses", "biosses.tsv")], size["eval_length"]),
                          ([paths.shipped_data("pubmedqa_pqal")], run.model.max_length)):
         res = evaluate_all(models, data, max_length=length, cache_dir=cache, fusion_method="wsum",
                            fuse=[trained_dir, "bm25"])
         for key, row in res.items():
             system = key.split(" | ")[0]
-            if system != "bm25":  # BM25 reads whole documents; MiniLM stops at its own 256 wordpieces
-                row["tokens"] = 256 if system == "minilm" else length
+            if system == "minilm":  # it stops at its own limit
+                row["tokens"] = MiniLMEncoder.DEFAULT_MAX_LENGTH
+            elif system != "bm25":  # BM25 reads whole documents; fused rows: their dense half's length
+                row["tokens"] = length
         results.update(res)
-    order = {label: i for i, label in enumerate(model_labels(models).values())}  # systems as listed, fused last
+    order = {label: i for i, label in enumerate(model_labels(models).values())}  # as listed, fused last
+    order[untrained_label] = len(models) - 1.5                                     # just before the merged model
     results = dict(sorted(results.items(), key=lambda kv: (order.get(kv[0].split(" | ")[0], len(order)),
                                                            kv[0].endswith(".tsv"))))
     table = print_table(results)

@@ -104,10 +104,10 @@ def build_row(row: str, a, size: dict) -> str:
     out = a.out
     length = 128 if row == "ft128" else 256
     base = [f"model.name={a.model}", f"model.max_length={length}", f"train.global_batch_size={size['batch']}"]
-    names = row_stages(row)
-    folders = [os.path.join(out, *name.split("/")) for name in names]
+    stages = row_stages(row)
+    folders = [os.path.join(out, *stage.split("/")) for stage in stages]
     start = []
-    if names[0] == "stage1":
+    if stages[0] == "stage1":
         # the three corpora, unlabelled: no query, no qrels of any split
         corpora = ["pretrain:" + paths.shipped_data(name, "corpus.jsonl") for name in DATA]
         s1 = train_stage("recipe/stage1-pretrain.yaml", folders[0],
@@ -124,7 +124,7 @@ def build_row(row: str, a, size: dict) -> str:
             over += [f"data.train={json.dumps(data)}"]
         return train_stage("recipe/stage2-finetune.yaml", folders[-1], over)
     experts = []
-    for (name, data), folder in zip(EXPERTS.items(), folders[-1 - len(EXPERTS):-1]):
+    for (name, data), folder in zip(EXPERTS.items(), folders[-1 - len(EXPERTS):-1], strict=True):
         hn = mined(data, os.path.join(out, "data", name + "-hn1.jsonl"), size["pairs"])
         over = base + start + [f"train.steps={size['expert_steps']}", f"data.train={json.dumps([hn])}",
                                "data.num_negatives=1"]

@@ -49,8 +49,8 @@ def shipped_config(*parts: str) -> str:
 
 
 def checkpoint_steps(root: str) -> list:
-    """The steps saved under a run's checkpoint folder (digit-named folders holding `state/`), oldest first;
-    [] when there is none. Reads the folder only (no jax, no Orbax), so status commands stay instant; Orbax's
+    """The steps saved under a run's local checkpoint folder (digit-named folders holding `state/`), oldest
+    first; [] when there is none (and for gs:// folders, which this does not list). Reads the folder only (no jax, no Orbax), so status commands stay instant; Orbax's
     manager still decides which of them finished writing."""
     if not os.path.isdir(root):
         return []
